@@ -1,0 +1,1 @@
+//! Held-mail journal and index (being written).
