@@ -46,7 +46,10 @@ impl DomainName {
                 return Err(DomainError::Length);
             }
             let bytes = label.as_bytes();
-            if !bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-') {
+            if !bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+            {
                 return Err(DomainError::Syntax);
             }
             if bytes[0] == b'-' || bytes[bytes.len() - 1] == b'-' {
@@ -227,9 +230,20 @@ mod tests {
 
     #[test]
     fn domain_names_are_lowercase_ldh() {
-        assert_eq!(DomainName::parse("Example.COM.").unwrap().as_str(), "example.com");
+        assert_eq!(
+            DomainName::parse("Example.COM.").unwrap().as_str(),
+            "example.com"
+        );
         assert_eq!(DomainName::parse("a-b.c1").unwrap().label_count(), 2);
-        for bad in ["", "a..b", "-a.b", "a-.b", "a_b.c", "[1.2.3.4]", "ex ample.com"] {
+        for bad in [
+            "",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a_b.c",
+            "[1.2.3.4]",
+            "ex ample.com",
+        ] {
             assert!(DomainName::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(DomainName::parse(&"a".repeat(64)), Err(DomainError::Length));
@@ -247,6 +261,9 @@ mod tests {
     #[test]
     fn shard_hash_is_stable() {
         // FNV-1a of "example.com": must never change, it decides which core owns a domain.
-        assert_eq!(DomainName::parse("example.com").unwrap().shard_hash(), 0x5768_4663_4e27_14c6);
+        assert_eq!(
+            DomainName::parse("example.com").unwrap().shard_hash(),
+            0x5768_4663_4e27_14c6
+        );
     }
 }

@@ -1,0 +1,195 @@
+//! A connection that is plain TCP or TLS (rustls) over either I/O driver.
+//!
+//! rustls runs in its buffered mode over owned buffers: ciphertext is read into `cipher_in`
+//! with the same append-read as plaintext, fed to rustls, and plaintext is appended to the
+//! caller's buffer. That costs one copy each way compared with plaintext (RUNTIME.md measured
+//! the unbuffered API as the way to remove it; a later optimisation).
+//!
+//! The TLS role is fixed when TLS starts and never changes: after ATRN the provider becomes
+//! the SMTP client but stays the TLS server (PROTOCOL.md §2, RFC 3207 notes), so the same
+//! `Conn` simply carries on.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use super::io::Stream;
+
+/// Size of one ciphertext read. A TLS record is at most 16 KiB plus overhead.
+const CIPHER_READ: usize = 18 * 1024;
+
+/// Plain or TLS byte stream with owned-buffer reads and writes.
+pub struct Conn {
+    stream: Stream,
+    tls: Option<Box<rustls::Connection>>,
+    cipher_in: Vec<u8>,
+    cipher_out: Vec<u8>,
+}
+
+impl Conn {
+    /// A plaintext connection.
+    pub fn plain(stream: Stream) -> Conn {
+        Conn {
+            stream,
+            tls: None,
+            cipher_in: Vec::new(),
+            cipher_out: Vec::new(),
+        }
+    }
+
+    /// True once a TLS handshake has completed on this connection.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The negotiated TLS protocol version and cipher suite, for logs and Received: lines.
+    pub fn tls_description(&self) -> Option<String> {
+        let tls = self.tls.as_ref()?;
+        let version = tls
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default();
+        let suite = tls
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite()));
+        Some(format!("{version} {}", suite.unwrap_or_default()))
+    }
+
+    /// Runs a TLS handshake as the server (STARTTLS on our listeners, or implicit TLS).
+    pub async fn start_tls_server(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
+        let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+        self.handshake(rustls::Connection::Server(conn)).await
+    }
+
+    /// Runs a TLS handshake as the client (test customers, the outbound relay).
+    pub async fn start_tls_client(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> io::Result<()> {
+        let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+        self.handshake(rustls::Connection::Client(conn)).await
+    }
+
+    async fn handshake(&mut self, conn: rustls::Connection) -> io::Result<()> {
+        self.tls = Some(Box::new(conn));
+        loop {
+            let tls = self.tls.as_mut().expect("set above");
+            if !tls.is_handshaking() {
+                break;
+            }
+            if tls.wants_write() {
+                self.flush_tls().await?;
+            } else if self.fill_tls().await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed during TLS handshake",
+                ));
+            }
+        }
+        // The final handshake flight (e.g. the server's session tickets) may still be queued.
+        self.flush_tls().await
+    }
+
+    /// Appends at least one byte of plaintext to `out`; returns 0 when the peer closed.
+    pub async fn read_append(&mut self, out: &mut Vec<u8>, want: usize) -> io::Result<usize> {
+        if self.tls.is_none() {
+            return self.stream.read_append(out, want).await;
+        }
+        loop {
+            let tls = self.tls.as_mut().expect("checked above");
+            let start = out.len();
+            out.resize(start + want, 0);
+            let got = tls.reader().read(&mut out[start..]);
+            match got {
+                Ok(n) => {
+                    out.truncate(start + n);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.truncate(start),
+                Err(e) => {
+                    out.truncate(start);
+                    return Err(e);
+                }
+            }
+            if tls.wants_write() {
+                self.flush_tls().await?;
+            }
+            if self.fill_tls().await? == 0 {
+                return Ok(0);
+            }
+        }
+    }
+
+    /// Reads ciphertext and feeds it to rustls. Returns the ciphertext bytes read (0 = EOF).
+    async fn fill_tls(&mut self) -> io::Result<usize> {
+        let n = if self.cipher_in.is_empty() {
+            self.stream
+                .read_append(&mut self.cipher_in, CIPHER_READ)
+                .await?
+        } else {
+            // Left over from a feed that rustls refused because its plaintext buffer was full.
+            self.cipher_in.len()
+        };
+        if n == 0 {
+            return Ok(0);
+        }
+        let tls = self.tls.as_mut().expect("fill_tls only with TLS");
+        let mut rd = &self.cipher_in[..];
+        while !rd.is_empty() {
+            // read_tls refuses more input while rustls holds undelivered plaintext; stop and
+            // keep the rest in cipher_in, the caller drains the plaintext first.
+            match tls.read_tls(&mut rd) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Let the peer learn why (rustls queued an alert), then fail.
+                let _ = self.flush_tls().await;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+        let consumed = self.cipher_in.len() - rd.len();
+        self.cipher_in.drain(..consumed);
+        Ok(n)
+    }
+
+    /// Writes everything rustls has queued.
+    async fn flush_tls(&mut self) -> io::Result<()> {
+        loop {
+            let tls = self.tls.as_mut().expect("flush_tls only with TLS");
+            if !tls.wants_write() {
+                return Ok(());
+            }
+            self.cipher_out.clear();
+            while tls.wants_write() {
+                tls.write_tls(&mut self.cipher_out)?;
+            }
+            let (res, buf) = self
+                .stream
+                .write_all_owned(std::mem::take(&mut self.cipher_out))
+                .await;
+            self.cipher_out = buf;
+            res?;
+        }
+    }
+
+    /// Writes all of `buf` (encrypting under TLS) and hands the buffer back.
+    pub async fn write_owned(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let Some(tls) = self.tls.as_mut() else {
+            return self.stream.write_all_owned(buf).await;
+        };
+        if let Err(e) = tls.writer().write_all(&buf) {
+            return (Err(e), buf);
+        }
+        (self.flush_tls().await, buf)
+    }
+
+    /// Sends TLS close_notify (if TLS) and half-closes the socket.
+    pub async fn close(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.send_close_notify();
+            let _ = self.flush_tls().await;
+        }
+        self.stream.shutdown_write();
+    }
+}
