@@ -1,1 +1,282 @@
-//! (being written)
+//! The local control socket (`<data>/control.sock`) and the `turnpike queue` views.
+//!
+//! Protocol: the client writes one line (`summary`, `domain <name>` or `reload`), the server
+//! answers with one JSON document and closes. The server side runs on its own thread and asks
+//! the cores over the mesh, so it never touches a core's state directly. When no server is
+//! running, `turnpike queue` builds the same views by reading the journal (recovery is
+//! read-only), so the operator sees the same thing either way.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::provider::core::{MeshMsg, Query, QueryAnswer};
+use crate::runtime::mesh::Mesh;
+use crate::spool;
+use crate::types::DomainName;
+
+/// How long the control thread waits for the cores to answer.
+const CORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Held mail per domain, as `turnpike queue` prints it.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueSummary {
+    /// One row per domain with held mail, sorted by domain.
+    pub domains: Vec<DomainRow>,
+}
+
+/// One domain's totals.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DomainRow {
+    /// The domain.
+    pub domain: String,
+    /// Held message parts.
+    pub messages: u64,
+    /// Held bytes.
+    pub bytes: u64,
+    /// Arrival of the oldest held part, unix seconds.
+    pub oldest: u64,
+}
+
+/// The held messages of one domain, as `turnpike queue show DOMAIN` prints them.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DomainListing {
+    /// The domain.
+    pub domain: String,
+    /// Held parts, oldest first.
+    pub messages: Vec<MessageRow>,
+}
+
+/// One held message part.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MessageRow {
+    /// Message id (32 hex digits).
+    pub id: String,
+    /// Stored size in bytes (with our Received: line).
+    pub size: u64,
+    /// Arrival, unix seconds.
+    pub received: u64,
+    /// Envelope sender; empty for the null sender `<>`.
+    pub sender: String,
+    /// The recipients in this domain.
+    pub recipients: Vec<String>,
+    /// True when the part passed the maximum hold time and waits for its bounce.
+    pub expired: bool,
+}
+
+fn summary_from(stats: impl IntoIterator<Item = spool::DomainStats>) -> QueueSummary {
+    let mut domains: Vec<DomainRow> = stats
+        .into_iter()
+        .map(|s| DomainRow {
+            domain: s.domain.to_string(),
+            messages: s.messages,
+            bytes: s.bytes,
+            oldest: s.oldest,
+        })
+        .collect();
+    domains.sort_by(|a, b| a.domain.cmp(&b.domain));
+    QueueSummary { domains }
+}
+
+fn listing_from(domain: &DomainName, parts: impl IntoIterator<Item = spool::HeldPart>) -> DomainListing {
+    let mut messages: Vec<MessageRow> = parts
+        .into_iter()
+        .map(|p| MessageRow {
+            id: p.id.to_string(),
+            size: p.bytes,
+            received: p.received_at,
+            sender: p.sender.as_ref().map(|m| m.to_string()).unwrap_or_default(),
+            recipients: p.recipients.iter().map(|r| r.mailbox.to_string()).collect(),
+            expired: p.expired,
+        })
+        .collect();
+    messages.sort_by(|a, b| (a.received, &a.id).cmp(&(b.received, &b.id)));
+    DomainListing { domain: domain.to_string(), messages }
+}
+
+/// Removes the socket file when the server stops.
+pub struct ControlGuard(PathBuf);
+
+impl Drop for ControlGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts the control socket thread.
+pub fn spawn_server(data_dir: &Path, mesh: Arc<Mesh<MeshMsg>>) -> io::Result<ControlGuard> {
+    let path = data_dir.join("control.sock");
+    // A stale socket from a killed server; the data-dir lock proves no server owns it now.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::thread::Builder::new().name("turnpike-control".into()).spawn(move || {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(s) => {
+                    if let Err(e) = answer(s, &mesh) {
+                        tracing::debug!(error = %e, "control request failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "control accept failed"),
+            }
+        }
+    })?;
+    Ok(ControlGuard(path))
+}
+
+fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let line = line.trim();
+    let json = if line == "summary" {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for core in 0..mesh.cores() {
+            mesh.send(core, MeshMsg::Query(Query::Summary, tx.clone()));
+        }
+        let mut stats = Vec::new();
+        for _ in 0..mesh.cores() {
+            if let Ok(QueryAnswer::Summary(s)) = rx.recv_timeout(CORE_ANSWER_TIMEOUT) {
+                stats.extend(s);
+            }
+        }
+        serde_json::to_string(&summary_from(stats))?
+    } else if let Some(name) = line.strip_prefix("domain ") {
+        let domain = DomainName::parse(name)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let shard = (domain.shard_hash() % mesh.cores() as u64) as usize;
+        let (tx, rx) = std::sync::mpsc::channel();
+        mesh.send(shard, MeshMsg::Query(Query::Domain(domain.clone()), tx));
+        let parts = match rx.recv_timeout(CORE_ANSWER_TIMEOUT) {
+            Ok(QueryAnswer::Domain(p)) => p,
+            _ => Vec::new(),
+        };
+        serde_json::to_string(&listing_from(&domain, parts))?
+    } else if line == "reload" {
+        // The main thread owns reloads; SIGHUP is how it is told.
+        // SAFETY: sending a signal to our own process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
+        "{\"reload\":\"requested\"}".to_string()
+    } else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown request {line:?}")));
+    };
+    (&stream).write_all(json.as_bytes())?;
+    (&stream).write_all(b"\n")
+}
+
+/// Sends one request to a running server; `Ok(None)` when no server is listening.
+pub fn request(data_dir: &Path, line: &str) -> io::Result<Option<String>> {
+    let path = data_dir.join("control.sock");
+    let stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    (&stream).write_all(format!("{line}\n").as_bytes())?;
+    let mut out = String::new();
+    BufReader::new(&stream).read_line(&mut out)?;
+    Ok(Some(out))
+}
+
+/// The queue summary, from the running server or, if none runs, from the journal.
+pub fn queue_summary(data_dir: &Path) -> io::Result<QueueSummary> {
+    if let Some(json) = request(data_dir, "summary")? {
+        return serde_json::from_str(&json).map_err(io::Error::other);
+    }
+    let recovered = spool::recover(&data_dir.join("journal")).map_err(io::Error::other)?;
+    let mut index = spool::Index::default();
+    for part in recovered.parts {
+        index.insert(part);
+    }
+    Ok(summary_from(index.stats()))
+}
+
+/// One domain's held messages, from the running server or from the journal.
+pub fn queue_domain(data_dir: &Path, domain: &DomainName) -> io::Result<DomainListing> {
+    if let Some(json) = request(data_dir, &format!("domain {domain}"))? {
+        return serde_json::from_str(&json).map_err(io::Error::other);
+    }
+    let recovered = spool::recover(&data_dir.join("journal")).map_err(io::Error::other)?;
+    let parts = recovered.parts.into_iter().filter(|p| &p.domain == domain);
+    Ok(listing_from(domain, parts))
+}
+
+/// Renders the summary like `mailq`: one row per domain and a total line.
+pub fn render_summary(s: &QueueSummary, now: u64) -> String {
+    if s.domains.is_empty() {
+        return "Hold is empty.\n".to_string();
+    }
+    let mut out = format!("{:<40} {:>9} {:>12}  {}\n", "DOMAIN", "MESSAGES", "BYTES", "OLDEST");
+    let (mut msgs, mut bytes) = (0, 0);
+    for d in &s.domains {
+        msgs += d.messages;
+        bytes += d.bytes;
+        out += &format!(
+            "{:<40} {:>9} {:>12}  {}\n",
+            d.domain,
+            d.messages,
+            d.bytes,
+            age(now.saturating_sub(d.oldest))
+        );
+    }
+    out += &format!("-- {msgs} held message parts, {bytes} bytes in {} domains\n", s.domains.len());
+    out
+}
+
+/// Renders one domain's messages, oldest first.
+pub fn render_listing(l: &DomainListing, now: u64) -> String {
+    if l.messages.is_empty() {
+        return format!("No mail held for {}.\n", l.domain);
+    }
+    let mut out = format!("{:<32} {:>10} {:>8}  SENDER -> RECIPIENTS\n", "ID", "SIZE", "AGE");
+    for m in &l.messages {
+        let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
+        out += &format!(
+            "{:<32} {:>10} {:>8}  {} -> {}{}\n",
+            m.id,
+            m.size,
+            age(now.saturating_sub(m.received)),
+            sender,
+            m.recipients.join(", "),
+            if m.expired { "  (expired, awaiting bounce)" } else { "" }
+        );
+    }
+    out
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_naturally() {
+        assert_eq!(age(5), "5s");
+        assert_eq!(age(600), "10m");
+        assert_eq!(age(7200), "2h");
+        assert_eq!(age(3 * 86_400), "3d");
+    }
+
+    #[test]
+    fn empty_hold_says_so() {
+        assert_eq!(render_summary(&QueueSummary::default(), 0), "Hold is empty.\n");
+    }
+}

@@ -1,1 +1,206 @@
-fn main() {}
+//! The `turnpike` command: `serve`, `account`, `queue`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use turnpike::accounts::Accounts;
+use turnpike::config::Config;
+use turnpike::control;
+use turnpike::provider::server::{self, IoChoice};
+use turnpike::types::DomainName;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// On-Demand Mail Relay (RFC 2645): hold mail for customers' domains and hand it over on ATRN.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Data directory (journal, accounts, TLS material, control socket). Overrides the config.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file. Without one, the embedded loopback defaults apply.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the provider: MX, ODMR and submission listeners.
+    Serve {
+        /// I/O driver: io_uring, epoll, or probe and pick (auto).
+        #[arg(long, value_enum, default_value_t = IoArg::Auto)]
+        io: IoArg,
+        /// Number of cores (threads) to run; default: the config, else all online CPUs.
+        #[arg(long)]
+        cores: Option<usize>,
+    },
+    /// Manage customer accounts and the domains they own.
+    Account {
+        #[command(subcommand)]
+        action: AccountAction,
+    },
+    /// Show held mail per domain (asks the running server, or reads the journal).
+    Queue {
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<QueueAction>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum IoArg {
+    Auto,
+    Uring,
+    Epoll,
+}
+
+#[derive(Subcommand)]
+enum AccountAction {
+    /// Add an account owning one or more domains; the password is read from standard input.
+    Add {
+        /// Account name (the SASL user name).
+        name: String,
+        /// A domain this account owns (repeat for more).
+        #[arg(long = "domain", required = true)]
+        domains: Vec<String>,
+        /// Read the password from standard input (the only way: never on the command line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// Do not store a CRAM-MD5 key (fetchmail speaks only CRAM-MD5).
+        #[arg(long)]
+        no_cram_md5: bool,
+    },
+    /// List accounts and their domains.
+    List,
+    /// Remove an account.
+    Remove {
+        /// Account name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// List the held messages of one domain.
+    Show {
+        /// The domain.
+        domain: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TURNPIKE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("turnpike: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = cli.data_dir {
+        config.server.data_dir = dir;
+    }
+    let data_dir = config.server.data_dir.clone();
+    match cli.command {
+        Command::Serve { io, cores } => {
+            let choice = match io {
+                IoArg::Auto => IoChoice::Auto,
+                IoArg::Uring => IoChoice::Uring,
+                IoArg::Epoll => IoChoice::Epoll,
+            };
+            server::serve(config, choice, cores)?;
+        }
+        Command::Account { action } => {
+            std::fs::create_dir_all(&data_dir)?;
+            let path = data_dir.join("accounts.toml");
+            let mut accounts = Accounts::load(&path)?;
+            match action {
+                AccountAction::Add { name, domains, password_stdin: _, no_cram_md5 } => {
+                    let domains = domains
+                        .iter()
+                        .map(|d| DomainName::parse(d).map_err(|e| format!("--domain {d}: {e}")))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let mut password = String::new();
+                    std::io::stdin().read_to_string(&mut password)?;
+                    let password = password.trim_end_matches(['\r', '\n']);
+                    if password.is_empty() {
+                        return Err("empty password on standard input".into());
+                    }
+                    accounts.add(&name, domains, password, !no_cram_md5)?;
+                    accounts.save(&path)?;
+                    notify_server(&data_dir);
+                    println!("account {name} added");
+                }
+                AccountAction::List => {
+                    for a in accounts.iter() {
+                        let domains: Vec<&str> = a.domains.iter().map(|d| d.as_str()).collect();
+                        println!("{}\t{}", a.name, domains.join(","));
+                    }
+                }
+                AccountAction::Remove { name } => {
+                    accounts.remove(&name)?;
+                    accounts.save(&path)?;
+                    notify_server(&data_dir);
+                    println!("account {name} removed");
+                }
+            }
+        }
+        Command::Queue { json, action } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            match action {
+                None => {
+                    let s = control::queue_summary(&data_dir)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&s)?);
+                    } else {
+                        print!("{}", control::render_summary(&s, now));
+                    }
+                }
+                Some(QueueAction::Show { domain }) => {
+                    let d = DomainName::parse(&domain).map_err(|e| format!("{domain}: {e}"))?;
+                    let l = control::queue_domain(&data_dir, &d)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&l)?);
+                    } else {
+                        print!("{}", control::render_listing(&l, now));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tells a running server to reload the accounts file (no-op when none runs).
+fn notify_server(data_dir: &std::path::Path) {
+    match control::request(data_dir, "reload") {
+        Ok(Some(_)) => eprintln!("running server told to reload accounts"),
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: could not reach the running server: {e}"),
+    }
+}

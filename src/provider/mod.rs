@@ -1,1 +1,11 @@
-//! Connection drivers (being written).
+//! Drivers that bind the protocol machines to connections, and the server that runs them.
+//!
+//! - [`server`]: start-up, listeners, core threads, signals.
+//! - [`core`]: what one core owns (journal writer, index shard, hosted snapshot).
+//! - [`hosted`]: the hosted-domain snapshot and quota counters.
+//! - [`mx`]: the MX session driver.
+
+pub mod core;
+pub mod hosted;
+pub mod mx;
+pub mod server;

@@ -1,0 +1,347 @@
+//! `turnpike serve`: start-up, the core threads, signals and shutdown.
+//!
+//! Order matters for "nothing lost": the journal is recovered before any listener accepts, every
+//! listener is bound before any core starts (a bad address fails start-up, not a thread), and
+//! `<data>/listening` appears only when every core is accepting, so scripts and tests can wait
+//! for it instead of sleeping.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::accounts::Accounts;
+use crate::config::Config;
+use crate::runtime::conn::Conn;
+use crate::runtime::io::{bind_reuseport, Listener};
+use crate::runtime::limiter::{Limiter, Refusal};
+use crate::runtime::mesh::Mesh;
+use crate::runtime::{self, IoKind};
+use crate::spool;
+
+use super::core::{Core, MeshMsg, Shared};
+use super::hosted::{CounterTable, Hosted};
+use super::mx;
+
+/// The services a listener can carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Service {
+    /// Port 25: mail for hosted domains.
+    Mx,
+    /// Port 366: ODMR (AUTH + ATRN). Until the ODMR driver exists it serves the MX protocol.
+    Odmr,
+    /// Port 587: authenticated submission (a later issue; serves the MX protocol for now).
+    Submission,
+}
+
+impl Service {
+    fn name(self) -> &'static str {
+        match self {
+            Service::Mx => "mx",
+            Service::Odmr => "odmr",
+            Service::Submission => "submission",
+        }
+    }
+}
+
+/// How to pick the I/O driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoChoice {
+    /// io_uring if the kernel allows it, else epoll.
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// epoll.
+    Epoll,
+}
+
+/// Runs the provider until SIGTERM or SIGINT. SIGHUP reloads the accounts file.
+pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::Result<()> {
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)?;
+    let _lock = lock_data_dir(&data_dir)?;
+
+    // Signals go to the main thread only: block them before any thread starts (threads
+    // inherit the mask), then wait for them with sigwait below.
+    let signals = block_signals();
+
+    let io = match io_choice {
+        IoChoice::Epoll => IoKind::Epoll,
+        IoChoice::Uring => IoKind::detect().map_err(|e| {
+            io::Error::other(format!("--io uring requested but io_uring is unavailable: {e}"))
+        })?,
+        IoChoice::Auto => match IoKind::detect() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring unavailable, falling back to epoll");
+                IoKind::Epoll
+            }
+        },
+    };
+    let cores = cores.filter(|n| *n > 0).unwrap_or_else(|| match config.server.cores {
+        0 => runtime::online_cores(),
+        n => n,
+    });
+
+    let tls = {
+        let (cert, key) = match (&config.tls.cert, &config.tls.key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => crate::tls::ensure_self_signed(&data_dir, &config.server.hostname)
+                .map_err(io::Error::other)?,
+        };
+        Some(crate::tls::load_server_config(&cert, &key).map_err(io::Error::other)?)
+    };
+
+    let accounts_path = data_dir.join("accounts.toml");
+    let accounts = Accounts::load(&accounts_path).map_err(io::Error::other)?;
+    let counters = Arc::new(CounterTable::default());
+    let hosted = Arc::new(Hosted::build(&accounts, &config, &counters));
+    if hosted.is_empty() {
+        tracing::warn!(
+            "no hosted domains yet: every RCPT will be refused until `turnpike account add`"
+        );
+    }
+
+    let recovered = spool::recover(&data_dir.join("journal")).map_err(io::Error::other)?;
+    tracing::info!(parts = recovered.parts.len(), "journal recovered");
+
+    let listeners = bind_all(&config, cores)?;
+    let mesh = Arc::new(Mesh::new(cores));
+    let shared = Arc::new(Shared {
+        limiter: Limiter::new(config.limits.max_connections, config.limits.max_connections_per_ip),
+        config,
+        mesh: mesh.clone(),
+        tls,
+        counters,
+        io,
+    });
+
+    // Split recovered parts by shard core, and the writers' state by core.
+    let mut shards: Vec<spool::Index> = (0..cores).map(|_| spool::Index::default()).collect();
+    for part in recovered.parts.iter().cloned() {
+        let shard = (part.domain.shard_hash() % cores as u64) as usize;
+        shared.counters.counters(&part.domain).add(part.bytes);
+        shards[shard].insert(part);
+    }
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
+    let mut threads = Vec::new();
+    let mut per_core_listeners = listeners.per_core;
+    for (index, shard) in shards.into_iter().enumerate().rev() {
+        let my_listeners = per_core_listeners.pop().unwrap_or_default();
+        let shared = shared.clone();
+        let hosted = hosted.clone();
+        let ready = ready_tx.clone();
+        let journal_dir = data_dir.join("journal");
+        let writer_state = recovered.writer_state(index as u16);
+        let handle = runtime::spawn_core(index, io, true, move || async move {
+            let journal = match spool::JournalHandle::open(
+                &journal_dir,
+                index as u16,
+                shared.io,
+                &shared.config.spool,
+                writer_state,
+            )
+            .await
+            {
+                Ok(j) => j,
+                Err(e) => {
+                    let _ = ready.send(Err(format!("core {index}: journal: {e}")));
+                    return;
+                }
+            };
+            let core = Core::new(index, shared, hosted, journal, shard);
+            tokio::task::spawn_local(core.clone().run_mesh());
+            for (service, l) in my_listeners {
+                match Listener::from_std(core.shared.io, l) {
+                    Ok(l) => {
+                        tokio::task::spawn_local(accept_loop(core.clone(), service, l));
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("core {index}: listener: {e}")));
+                        return;
+                    }
+                }
+            }
+            let _ = ready.send(Ok(index));
+            core.stopped().await;
+            // Give sessions in flight a moment to finish their current command.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        })?;
+        threads.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..cores {
+        match ready_rx.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(io::Error::other(e)),
+            Err(_) => return Err(io::Error::other("a core thread died during start-up")),
+        }
+    }
+
+    let control = crate::control::spawn_server(&data_dir, mesh.clone())?;
+    write_listening(&data_dir, &listeners.bound)?;
+    for (service, addr) in &listeners.bound {
+        tracing::info!(service = service.name(), %addr, "listening");
+    }
+    tracing::info!(cores, io = io.name(), data_dir = %data_dir.display(), "turnpike serving");
+
+    loop {
+        match wait_signal(&signals) {
+            libc::SIGHUP => match Accounts::load(&accounts_path) {
+                Ok(accounts) => {
+                    let snapshot = Arc::new(Hosted::build(&accounts, &shared.config, &shared.counters));
+                    tracing::info!(domains = snapshot.len(), "accounts reloaded");
+                    for core in 0..cores {
+                        mesh.send(core, MeshMsg::Reload(snapshot.clone()));
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reload failed; keeping the old accounts"),
+            },
+            sig => {
+                tracing::info!(signal = sig, "shutting down");
+                break;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(data_dir.join("listening"));
+    for core in 0..cores {
+        mesh.send(core, MeshMsg::Shutdown);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    drop(control);
+    Ok(())
+}
+
+/// Accepts connections on one listener of one core until shutdown.
+async fn accept_loop(core: Rc<Core>, service: Service, listener: Listener) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = core.stopped() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, service = service.name(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let mut conn = Conn::plain(stream);
+        let permit = match core.shared.limiter.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(refusal) => {
+                let text: &[u8] = match refusal {
+                    Refusal::PerAddress => {
+                        b"421 4.7.0 Too many connections from your address, try again later\r\n"
+                    }
+                    Refusal::ServerFull => b"421 4.3.2 Too many connections, try again later\r\n",
+                };
+                tracing::info!(%peer, ?refusal, "connection refused");
+                tokio::task::spawn_local(async move {
+                    let _ = conn.write_owned(text.to_vec()).await;
+                    conn.close().await;
+                });
+                continue;
+            }
+        };
+        let core = core.clone();
+        tokio::task::spawn_local(async move {
+            let _permit = permit;
+            mx::serve(core, conn, peer).await;
+        });
+    }
+}
+
+struct Bound {
+    per_core: Vec<Vec<(Service, std::net::TcpListener)>>,
+    bound: Vec<(Service, SocketAddr)>,
+}
+
+/// Binds one SO_REUSEPORT socket per core per address. Port 0 is resolved once (by the first
+/// bind) and reused for the other cores, so tests can ask for any free port.
+fn bind_all(config: &Config, cores: usize) -> io::Result<Bound> {
+    let mut per_core: Vec<Vec<(Service, std::net::TcpListener)>> =
+        (0..cores).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    let services = [
+        (Service::Mx, &config.listen.mx),
+        (Service::Odmr, &config.listen.odmr),
+        (Service::Submission, &config.listen.submission),
+    ];
+    for (service, addrs) in services {
+        for addr in addrs.iter() {
+            let mut actual = *addr;
+            for listeners in per_core.iter_mut() {
+                let l = bind_reuseport(actual).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on {actual} ({}): {e}", service.name()))
+                })?;
+                actual = l.local_addr()?;
+                listeners.push((service, l));
+            }
+            bound.push((service, actual));
+        }
+    }
+    Ok(Bound { per_core, bound })
+}
+
+fn write_listening(data_dir: &Path, bound: &[(Service, SocketAddr)]) -> io::Result<()> {
+    let text: String = bound.iter().map(|(s, a)| format!("{} {a}\n", s.name())).collect();
+    let tmp = data_dir.join("listening.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, data_dir.join("listening"))
+}
+
+/// Reads `<data>/listening` (written by a running server) into service -> address.
+pub fn read_listening(data_dir: &Path) -> Option<HashMap<String, SocketAddr>> {
+    let text = std::fs::read_to_string(data_dir.join("listening")).ok()?;
+    let mut map = HashMap::new();
+    for line in text.lines() {
+        let (name, addr) = line.split_once(' ')?;
+        map.insert(name.to_string(), addr.parse().ok()?);
+    }
+    Some(map)
+}
+
+/// An exclusive lock on `<data>/lock`, so two servers never append to the same journal.
+fn lock_data_dir(data_dir: &Path) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path: PathBuf = data_dir.join("lock");
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(io::Error::other(format!(
+            "{} is locked: another turnpike server uses this data directory",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-mask calls on a zeroed sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: sigwait with a valid, initialised set.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
