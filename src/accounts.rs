@@ -411,6 +411,9 @@ impl Accounts {
         if password.is_empty() {
             return Err(named(AccountsErrorKind::EmptyPassword));
         }
+        if domains.is_empty() {
+            return Err(named(AccountsErrorKind::NoDomains));
+        }
         // Checked before the (deliberately slow) key derivation.
         self.check_new(&name, &domains)?;
         let scram =

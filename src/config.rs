@@ -52,6 +52,7 @@
 //! max_hold = "30d"
 //! default_quota = "2GiB"             # held bytes per domain
 //! compact_live_ratio = 0.5
+//! # fsync = true                     # accepted; false is refused (always fsync before 250)
 //!
 //! [quota]                            # per-domain overrides of spool.default_quota
 //! "example.com" = "10GiB"

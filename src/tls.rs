@@ -28,6 +28,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+use crate::config::TlsIdentity;
 use crate::types::DomainName;
 
 /// File name of the generated certificate inside `<data_dir>/tls/`.
@@ -82,6 +83,20 @@ pub fn ensure_self_signed(
         .map_err(|e| TlsError::io(&dir, "cannot sync the directory", e))?;
     tracing::info!(cert = %cert.display(), %hostname, "generated a self-signed TLS certificate");
     Ok((cert, key))
+}
+
+/// The certificate and key files for a configured identity: the operator's files as given, or
+/// the self-signed pair in `<data_dir>/tls/` (generated on first run, see
+/// [`ensure_self_signed`]).
+pub fn identity_files(
+    identity: &TlsIdentity,
+    data_dir: &Path,
+    hostname: &DomainName,
+) -> Result<(PathBuf, PathBuf), TlsError> {
+    match identity {
+        TlsIdentity::Files { cert, key } => Ok((cert.clone(), key.clone())),
+        TlsIdentity::SelfSigned => ensure_self_signed(data_dir, hostname),
+    }
 }
 
 /// Who must present a client certificate. The extension point for SASL EXTERNAL.
@@ -462,6 +477,29 @@ mod tests {
             ["cert.pem", "key.pem"],
             "temporary files left behind"
         );
+    }
+
+    #[test]
+    fn identity_files_follow_the_config() {
+        let dir = Scratch::new("tls-identity");
+        let files = TlsIdentity::Files {
+            cert: "/etc/c.pem".into(),
+            key: "/etc/k.pem".into(),
+        };
+        let got = identity_files(&files, &dir.0, &host("localhost")).unwrap();
+        assert_eq!(
+            got,
+            (PathBuf::from("/etc/c.pem"), PathBuf::from("/etc/k.pem"))
+        );
+        assert!(
+            !dir.0.join("tls").exists(),
+            "nothing is generated for configured files"
+        );
+
+        let (cert, key) =
+            identity_files(&TlsIdentity::SelfSigned, &dir.0, &host("localhost")).unwrap();
+        assert_eq!(cert, dir.0.join("tls/cert.pem"));
+        load_server_config(&cert, &key).unwrap();
     }
 
     #[test]
