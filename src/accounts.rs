@@ -50,6 +50,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::config::line_column;
 use crate::types::{DomainError, DomainName};
 
 /// The SCRAM iteration count given to new verifiers, and the least one accepted (RFC 7677 §4).
@@ -843,14 +844,6 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
         .chunks_exact(2)
         .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
         .collect()
-}
-
-/// 1-based line and character column of byte offset `at` in `source`.
-fn line_column(source: &str, at: usize) -> (usize, usize) {
-    let before = &source[..at.min(source.len())];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
 }
 
 /// MD5 (RFC 1321) with a resumable chaining state.

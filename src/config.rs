@@ -429,8 +429,9 @@ impl std::error::Error for ConfigError {
     }
 }
 
-/// 1-based line and character column of byte offset `at` in `source`.
-fn line_column(source: &str, at: usize) -> (usize, usize) {
+/// 1-based line and character column of byte offset `at` in `source`, for TOML errors here and
+/// in the accounts file.
+pub(crate) fn line_column(source: &str, at: usize) -> (usize, usize) {
     let before = &source[..at.min(source.len())];
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
