@@ -1,1 +1,1085 @@
-//! (being written)
+//! The typed TOML configuration (`turnpike.toml`) and its embedded defaults.
+//!
+//! What this owns: turning the operator's file into typed values once, at startup (STYLE
+//! convention 4, "parse, don't validate"). Durations become [`Duration`], sizes become byte counts,
+//! addresses become [`SocketAddr`]s and quota keys become [`DomainName`]s; nothing downstream
+//! re-parses a string.
+//!
+//! Invariants:
+//!
+//! - Zero configuration works: every key has a default, and [`Config::default()`] is exactly
+//!   what an empty file parses to.
+//! - Every error names the file, the key as a dotted path and what is wrong, e.g.
+//!   `turnpike.toml: limits.max_message_size: expected a size like "50MiB", got "fifty"`.
+//! - Unknown keys are errors, named with the keys that would have been accepted, so a typo never
+//!   silently leaves a default in force.
+//! - There is no switch to turn fsync off: held mail must survive power loss once a 250 was sent.
+//!
+//! File format (every key optional; the values shown are the defaults):
+//!
+//! ```toml
+//! [server]
+//! hostname = "mx.example.net"        # default: the system host name, else "localhost"
+//! data_dir = "./turnpike-data"       # the CLI's --data-dir overrides this
+//! cores = 0                          # 0 = every online core
+//! io = "auto"                        # "auto" | "uring" | "epoll"
+//!
+//! [listen]                           # each is one address or a list; [] disables the service
+//! mx = ["127.0.0.1:2525"]
+//! odmr = ["127.0.0.1:3366"]
+//! submission = ["127.0.0.1:2587"]
+//! submissions = []                   # implicit TLS
+//! metrics = ["127.0.0.1:9366"]
+//!
+//! [tls]                              # both or neither; neither = a self-signed certificate
+//! cert = "/etc/turnpike/cert.pem"    # generated in <data_dir>/tls/ on first run
+//! key = "/etc/turnpike/key.pem"
+//!
+//! [limits]
+//! max_message_size = "50MiB"
+//! max_recipients = 100
+//! max_line_length = 2048
+//! max_commands_without_progress = 20
+//! max_errors = 10
+//! max_hops = 50
+//! idle_timeout = "5m"
+//! session_timeout = "30m"
+//! max_connections_per_ip = 20
+//! max_connections = 10000
+//!
+//! [spool]
+//! segment_size = "64MiB"
+//! max_hold = "30d"
+//! default_quota = "2GiB"             # held bytes per domain
+//! compact_live_ratio = 0.5
+//! # fsync = true                     # accepted; false is refused (always fsync before 250)
+//!
+//! [quota]                            # per-domain overrides of spool.default_quota
+//! "example.com" = "10GiB"
+//! ```
+//!
+//! Durations are a whole number followed by `s`, `m`, `h` or `d`. Sizes are a whole number of
+//! bytes, optionally followed by a unit: `KB`, `MB`, `GB`, `TB` (powers of 1000) or `KiB`, `MiB`,
+//! `GiB`, `TiB` (powers of 1024); letter case of the unit does not matter. Relative paths are
+//! relative to the working directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::types::DomainName;
+
+/// The whole configuration, as typed values. `Config::default()` is the zero-config setup.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Config {
+    /// `[server]`: identity, data directory and threading.
+    pub server: ServerSettings,
+    /// `[listen]`: the addresses of each service.
+    pub listen: ListenSettings,
+    /// `[tls]`: where the certificate and key come from.
+    pub tls: TlsSettings,
+    /// `[limits]`: every per-session and per-host limit (DESIGN "Bad input").
+    pub limits: Limits,
+    /// `[spool]`: the held-mail journal.
+    pub spool: SpoolSettings,
+    /// `[quota]`: held-bytes limits for particular domains, overriding
+    /// [`SpoolSettings::default_quota`].
+    pub quota: BTreeMap<DomainName, u64>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// The name this host uses in greetings, EHLO and Received: lines. Defaults to the system
+    /// host name (`gethostname(2)`), or `localhost` when that is not a valid domain name.
+    pub hostname: DomainName,
+    /// Where the journal, accounts file and generated certificate live.
+    pub data_dir: PathBuf,
+    /// How many cores to run on; 0 means every online core.
+    pub cores: usize,
+    /// Which I/O driver to use.
+    pub io: IoBackend,
+}
+
+/// The I/O driver (`server.io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum IoBackend {
+    /// io_uring when the kernel allows it, epoll otherwise.
+    #[default]
+    Auto,
+    /// io_uring only; starting fails where it is blocked.
+    Uring,
+    /// epoll only.
+    Epoll,
+}
+
+impl IoBackend {
+    /// The spelling used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoBackend::Auto => "auto",
+            IoBackend::Uring => "uring",
+            IoBackend::Epoll => "epoll",
+        }
+    }
+}
+
+impl fmt::Display for IoBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[listen]`: each service binds every address in its list; an empty list disables it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSettings {
+    /// Inbound SMTP for hosted domains (port 25 in production).
+    pub mx: Vec<SocketAddr>,
+    /// ODMR, where customers authenticate and send ATRN (port 366 in production).
+    pub odmr: Vec<SocketAddr>,
+    /// Message submission with STARTTLS (port 587 in production).
+    pub submission: Vec<SocketAddr>,
+    /// Message submission over implicit TLS (port 465 in production).
+    pub submissions: Vec<SocketAddr>,
+    /// The Prometheus text endpoint.
+    pub metrics: Vec<SocketAddr>,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsSettings {
+    /// Where the provider's certificate and key come from.
+    pub identity: TlsIdentity,
+}
+
+/// The provider's TLS certificate source.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TlsIdentity {
+    /// Neither `tls.cert` nor `tls.key` is set: use (and on first run generate) a self-signed
+    /// certificate in `<data_dir>/tls/` (see [`crate::tls::ensure_self_signed`]).
+    #[default]
+    SelfSigned,
+    /// Both are set.
+    Files {
+        /// PEM certificate chain, leaf first.
+        cert: PathBuf,
+        /// PEM private key.
+        key: PathBuf,
+    },
+}
+
+/// `[limits]`: every limit is explicit, so every violation gets a precise reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message accepted, in bytes (advertised as SIZE).
+    pub max_message_size: u64,
+    /// Most recipients per message.
+    pub max_recipients: u32,
+    /// Longest command or text line in octets, CRLF included (at least 1000, RFC 5321
+    /// §4.5.3.1.6).
+    pub max_line_length: usize,
+    /// Commands in a row that do not advance a transaction (NOOP, RSET, VRFY...) before the
+    /// session is closed.
+    pub max_commands_without_progress: u32,
+    /// Failed commands per session before it is closed.
+    pub max_errors: u32,
+    /// Most Received: headers before a message is refused as looping.
+    pub max_hops: u32,
+    /// Longest wait for the peer's next bytes.
+    pub idle_timeout: Duration,
+    /// Longest whole session.
+    pub session_timeout: Duration,
+    /// Simultaneous connections from one IP address.
+    pub max_connections_per_ip: u32,
+    /// Simultaneous connections in total.
+    pub max_connections: u32,
+}
+
+/// `[spool]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolSettings {
+    /// Size at which a journal segment file is rotated, in bytes.
+    pub segment_size: u64,
+    /// How long a message part is held before it is bounced to its sender.
+    pub max_hold: Duration,
+    /// Held bytes allowed per domain unless `[quota]` says otherwise.
+    pub default_quota: u64,
+    /// A segment whose live bytes fall below this fraction of its size is compacted
+    /// (strictly between 0 and 1).
+    pub compact_live_ratio: f64,
+}
+
+impl Config {
+    /// Reads and parses the file at `path`. Errors name `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, None, ConfigErrorKind::Read(e)))?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses `source`, the text of the file `file` (used only to name it in errors).
+    pub fn parse(source: &str, file: &Path) -> Result<Config, ConfigError> {
+        let table: Table = source.parse().map_err(|e: toml::de::Error| {
+            let (line, column) = e.span().map_or((0, 0), |s| line_column(source, s.start));
+            let message = e.message().trim_end().to_owned();
+            ConfigError::new(
+                file,
+                None,
+                ConfigErrorKind::Syntax {
+                    line,
+                    column,
+                    message,
+                },
+            )
+        })?;
+        Parser { file }.config(&table)
+    }
+
+    /// Replaces `server.data_dir` (the CLI's `--data-dir` wins over the file).
+    pub fn with_data_dir(mut self, dir: impl Into<PathBuf>) -> Config {
+        self.server.data_dir = dir.into();
+        self
+    }
+
+    /// The held-bytes quota of `domain`: its `[quota]` entry, else `spool.default_quota`.
+    pub fn quota_for(&self, domain: &DomainName) -> u64 {
+        self.quota
+            .get(domain)
+            .copied()
+            .unwrap_or(self.spool.default_quota)
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> ServerSettings {
+        ServerSettings {
+            hostname: system_hostname(),
+            data_dir: PathBuf::from("./turnpike-data"),
+            cores: 0,
+            io: IoBackend::Auto,
+        }
+    }
+}
+
+impl Default for ListenSettings {
+    fn default() -> ListenSettings {
+        let local = |port| vec![SocketAddr::from(([127, 0, 0, 1], port))];
+        ListenSettings {
+            mx: local(2525),
+            odmr: local(3366),
+            submission: local(2587),
+            submissions: Vec::new(),
+            metrics: local(9366),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_message_size: 50 * MIB,
+            max_recipients: 100,
+            max_line_length: 2048,
+            max_commands_without_progress: 20,
+            max_errors: 10,
+            max_hops: 50,
+            idle_timeout: Duration::from_secs(5 * 60),
+            session_timeout: Duration::from_secs(30 * 60),
+            max_connections_per_ip: 20,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Default for SpoolSettings {
+    fn default() -> SpoolSettings {
+        SpoolSettings {
+            segment_size: 64 * MIB,
+            max_hold: Duration::from_secs(30 * DAY),
+            default_quota: 2 * 1024 * MIB,
+            compact_live_ratio: 0.5,
+        }
+    }
+}
+
+const MIB: u64 = 1024 * 1024;
+const DAY: u64 = 24 * 60 * 60;
+
+/// The system host name if it is a valid [`DomainName`], else `localhost`.
+fn system_hostname() -> DomainName {
+    let mut buf = [0u8; 256];
+    // SAFETY: the pointer and length describe `buf`, which outlives the call; gethostname
+    // writes at most `len` bytes into it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        // POSIX leaves truncated names unterminated; treat "no NUL" as unusable.
+        buf.iter()
+            .position(|&b| b == 0)
+            .and_then(|end| std::str::from_utf8(&buf[..end]).ok())
+    } else {
+        None
+    };
+    name.and_then(|n| DomainName::parse(n).ok())
+        .unwrap_or_else(|| DomainName::parse("localhost").expect("\"localhost\" is a domain name"))
+}
+
+/// Why the configuration could not be loaded: which file, which key and what is wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    file: PathBuf,
+    key: Option<String>,
+    kind: ConfigErrorKind,
+}
+
+/// What is wrong, without the file and key (see [`ConfigError`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigErrorKind {
+    /// The file could not be read.
+    Read(io::Error),
+    /// The file is not valid TOML. `line` and `column` count from 1 (0 when unknown).
+    Syntax {
+        /// Line of the offending input.
+        line: usize,
+        /// Column (in characters) of the offending input.
+        column: usize,
+        /// The TOML parser's description.
+        message: String,
+    },
+    /// The key is not one this section accepts.
+    UnknownKey {
+        /// The keys the section does accept.
+        expected: &'static [&'static str],
+    },
+    /// The value has the wrong type or form.
+    Invalid {
+        /// What an acceptable value looks like.
+        expected: String,
+        /// The value as written in the file.
+        got: String,
+    },
+    /// The value is well-formed but not allowed (out of range, conflicting with another key).
+    Rejected(String),
+}
+
+impl ConfigError {
+    fn new(file: &Path, key: Option<String>, kind: ConfigErrorKind) -> ConfigError {
+        ConfigError {
+            file: file.to_path_buf(),
+            key,
+            kind,
+        }
+    }
+
+    /// The configuration file.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The offending key as a dotted path (`limits.max_message_size`), when one is to blame.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// What is wrong.
+    pub fn kind(&self) -> &ConfigErrorKind {
+        &self.kind
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.file.display())?;
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        match &self.kind {
+            ConfigErrorKind::Read(e) => write!(f, "cannot read the file: {e}"),
+            ConfigErrorKind::Syntax {
+                line,
+                column,
+                message,
+            } => {
+                write!(f, "line {line}, column {column}: invalid TOML: {message}")
+            }
+            ConfigErrorKind::UnknownKey { expected } => {
+                write!(f, "unknown key (expected one of: {})", expected.join(", "))
+            }
+            ConfigErrorKind::Invalid { expected, got } => {
+                write!(f, "expected {expected}, got {got}")
+            }
+            ConfigErrorKind::Rejected(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            ConfigErrorKind::Read(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// 1-based line and character column of byte offset `at` in `source`, for TOML errors here and
+/// in the accounts file.
+pub(crate) fn line_column(source: &str, at: usize) -> (usize, usize) {
+    let before = &source[..at.min(source.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+const TOP_KEYS: &[&str] = &["server", "listen", "tls", "limits", "spool", "quota"];
+const SERVER_KEYS: &[&str] = &["hostname", "data_dir", "cores", "io"];
+const LISTEN_KEYS: &[&str] = &["mx", "odmr", "submission", "submissions", "metrics"];
+const TLS_KEYS: &[&str] = &["cert", "key"];
+const LIMITS_KEYS: &[&str] = &[
+    "max_message_size",
+    "max_recipients",
+    "max_line_length",
+    "max_commands_without_progress",
+    "max_errors",
+    "max_hops",
+    "idle_timeout",
+    "session_timeout",
+    "max_connections_per_ip",
+    "max_connections",
+];
+const SPOOL_KEYS: &[&str] = &[
+    "segment_size",
+    "max_hold",
+    "default_quota",
+    "compact_live_ratio",
+    "fsync",
+];
+
+/// Walks the parsed TOML table into a [`Config`], starting from the defaults. Each accessor
+/// takes the dotted path of the value so that errors can name it.
+struct Parser<'f> {
+    file: &'f Path,
+}
+
+impl Parser<'_> {
+    fn config(&self, top: &Table) -> Result<Config, ConfigError> {
+        self.known_keys("", top, TOP_KEYS)?;
+        let mut config = Config::default();
+        if let Some(t) = self.section(top, "server")? {
+            self.server(t, &mut config.server)?;
+        }
+        if let Some(t) = self.section(top, "listen")? {
+            self.listen(t, &mut config.listen)?;
+        }
+        if let Some(t) = self.section(top, "tls")? {
+            config.tls = self.tls(t)?;
+        }
+        if let Some(t) = self.section(top, "limits")? {
+            self.limits(t, &mut config.limits)?;
+        }
+        if let Some(t) = self.section(top, "spool")? {
+            self.spool(t, &mut config.spool)?;
+        }
+        if let Some(t) = self.section(top, "quota")? {
+            config.quota = self.quota(t)?;
+        }
+        Ok(config)
+    }
+
+    fn server(&self, t: &Table, s: &mut ServerSettings) -> Result<(), ConfigError> {
+        self.known_keys("server", t, SERVER_KEYS)?;
+        if let Some(v) = t.get("hostname") {
+            let key = "server.hostname";
+            let name = self.string(key, v, "a host name")?;
+            s.hostname = DomainName::parse(name).map_err(|e| {
+                self.invalid(
+                    key,
+                    format!("a host name (letters, digits, hyphens, dots; {e})"),
+                    v,
+                )
+            })?;
+        }
+        if let Some(v) = t.get("data_dir") {
+            s.data_dir = self.path("server.data_dir", v)?;
+        }
+        if let Some(v) = t.get("cores") {
+            s.cores = self.integer("server.cores", v, 0, 4096)? as usize;
+        }
+        if let Some(v) = t.get("io") {
+            let key = "server.io";
+            let expected = "one of \"auto\", \"uring\", \"epoll\"";
+            s.io = match self.string(key, v, expected)? {
+                "auto" => IoBackend::Auto,
+                "uring" => IoBackend::Uring,
+                "epoll" => IoBackend::Epoll,
+                _ => return Err(self.invalid(key, expected, v)),
+            };
+        }
+        Ok(())
+    }
+
+    fn listen(&self, t: &Table, l: &mut ListenSettings) -> Result<(), ConfigError> {
+        self.known_keys("listen", t, LISTEN_KEYS)?;
+        let fields = [
+            ("mx", &mut l.mx, 2525),
+            ("odmr", &mut l.odmr, 3366),
+            ("submission", &mut l.submission, 2587),
+            ("submissions", &mut l.submissions, 2465),
+            ("metrics", &mut l.metrics, 9366),
+        ];
+        for (name, field, example_port) in fields {
+            if let Some(v) = t.get(name) {
+                *field = self.addresses(&format!("listen.{name}"), v, example_port)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn tls(&self, t: &Table) -> Result<TlsSettings, ConfigError> {
+        self.known_keys("tls", t, TLS_KEYS)?;
+        let cert = t
+            .get("cert")
+            .map(|v| self.path("tls.cert", v))
+            .transpose()?;
+        let key = t.get("key").map(|v| self.path("tls.key", v)).transpose()?;
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => TlsIdentity::Files { cert, key },
+            (None, None) => TlsIdentity::SelfSigned,
+            (Some(_), None) => return Err(self.rejected("tls.key", "missing: tls.cert is set")),
+            (None, Some(_)) => return Err(self.rejected("tls.cert", "missing: tls.key is set")),
+        };
+        Ok(TlsSettings { identity })
+    }
+
+    fn limits(&self, t: &Table, l: &mut Limits) -> Result<(), ConfigError> {
+        self.known_keys("limits", t, LIMITS_KEYS)?;
+        let u32_max = i64::from(u32::MAX);
+        if let Some(v) = t.get("max_message_size") {
+            l.max_message_size = self.size("limits.max_message_size", v, 1)?;
+        }
+        let counts = [
+            ("max_recipients", &mut l.max_recipients),
+            (
+                "max_commands_without_progress",
+                &mut l.max_commands_without_progress,
+            ),
+            ("max_errors", &mut l.max_errors),
+            ("max_hops", &mut l.max_hops),
+            ("max_connections_per_ip", &mut l.max_connections_per_ip),
+            ("max_connections", &mut l.max_connections),
+        ];
+        for (name, field) in counts {
+            if let Some(v) = t.get(name) {
+                *field = self.integer(&format!("limits.{name}"), v, 1, u32_max)? as u32;
+            }
+        }
+        if let Some(v) = t.get("max_line_length") {
+            // RFC 5321 §4.5.3.1.6: a server must take text lines of 1000 octets with CRLF.
+            let key = "limits.max_line_length";
+            l.max_line_length = self.integer(key, v, 1000, 1 << 20)? as usize;
+        }
+        if let Some(v) = t.get("idle_timeout") {
+            l.idle_timeout = self.duration("limits.idle_timeout", v)?;
+        }
+        if let Some(v) = t.get("session_timeout") {
+            l.session_timeout = self.duration("limits.session_timeout", v)?;
+        }
+        Ok(())
+    }
+
+    fn spool(&self, t: &Table, s: &mut SpoolSettings) -> Result<(), ConfigError> {
+        self.known_keys("spool", t, SPOOL_KEYS)?;
+        if let Some(v) = t.get("segment_size") {
+            s.segment_size = self.size("spool.segment_size", v, MIB)?;
+        }
+        if let Some(v) = t.get("max_hold") {
+            s.max_hold = self.duration("spool.max_hold", v)?;
+        }
+        if let Some(v) = t.get("default_quota") {
+            s.default_quota = self.size("spool.default_quota", v, 0)?;
+        }
+        if let Some(v) = t.get("compact_live_ratio") {
+            let key = "spool.compact_live_ratio";
+            let expected = "a number between 0 and 1 (exclusive)";
+            let ratio = match v {
+                Value::Float(f) => *f,
+                _ => return Err(self.invalid(key, expected, v)),
+            };
+            if !(ratio > 0.0 && ratio < 1.0) {
+                return Err(self.invalid(key, expected, v));
+            }
+            s.compact_live_ratio = ratio;
+        }
+        if let Some(v) = t.get("fsync") {
+            // Accepted so that `fsync = true` documents intent; there is deliberately no way
+            // to turn it off (no 250 before the data is on disk).
+            match v {
+                Value::Boolean(true) => {}
+                Value::Boolean(false) => {
+                    return Err(self.rejected(
+                        "spool.fsync",
+                        "cannot be turned off: held mail must be on disk before the 250",
+                    ))
+                }
+                _ => return Err(self.invalid("spool.fsync", "true", v)),
+            }
+        }
+        Ok(())
+    }
+
+    fn quota(&self, t: &Table) -> Result<BTreeMap<DomainName, u64>, ConfigError> {
+        let mut quotas = BTreeMap::new();
+        let mut spelled: BTreeMap<DomainName, &str> = BTreeMap::new();
+        for (name, v) in t {
+            let key = join("quota", name);
+            let domain = DomainName::parse(name)
+                .map_err(|e| self.rejected(&key, format!("not a domain name: {e}")))?;
+            if let Some(first) = spelled.insert(domain.clone(), name) {
+                let why = format!("{domain} is already given a quota as {first:?}");
+                return Err(self.rejected(&key, why));
+            }
+            quotas.insert(domain, self.size(&key, v, 0)?);
+        }
+        Ok(quotas)
+    }
+
+    fn known_keys(
+        &self,
+        prefix: &str,
+        t: &Table,
+        expected: &'static [&'static str],
+    ) -> Result<(), ConfigError> {
+        match t.keys().find(|k| !expected.contains(&k.as_str())) {
+            Some(k) => Err(self.err(&join(prefix, k), ConfigErrorKind::UnknownKey { expected })),
+            None => Ok(()),
+        }
+    }
+
+    fn section<'t>(&self, top: &'t Table, name: &str) -> Result<Option<&'t Table>, ConfigError> {
+        match top.get(name) {
+            None => Ok(None),
+            Some(Value::Table(t)) => Ok(Some(t)),
+            Some(v) => Err(self.invalid(name, format!("a table ([{name}])"), v)),
+        }
+    }
+
+    fn string<'v>(&self, key: &str, v: &'v Value, expected: &str) -> Result<&'v str, ConfigError> {
+        v.as_str().ok_or_else(|| self.invalid(key, expected, v))
+    }
+
+    fn path(&self, key: &str, v: &Value) -> Result<PathBuf, ConfigError> {
+        match self.string(key, v, "a path")? {
+            "" => Err(self.invalid(key, "a path", v)),
+            s => Ok(PathBuf::from(s)),
+        }
+    }
+
+    fn integer(&self, key: &str, v: &Value, min: i64, max: i64) -> Result<u64, ConfigError> {
+        match v {
+            Value::Integer(n) if (min..=max).contains(n) => Ok(*n as u64),
+            _ => Err(self.invalid(key, format!("an integer from {min} to {max}"), v)),
+        }
+    }
+
+    fn size(&self, key: &str, v: &Value, min: u64) -> Result<u64, ConfigError> {
+        let bytes = match v {
+            Value::Integer(n) => u64::try_from(*n).ok(),
+            Value::String(s) => parse_size(s),
+            _ => None,
+        };
+        match bytes {
+            Some(b) if b >= min => Ok(b),
+            Some(_) => Err(self.rejected(key, format!("must be at least {min} bytes"))),
+            None => Err(self.invalid(key, "a size like \"50MiB\"", v)),
+        }
+    }
+
+    fn duration(&self, key: &str, v: &Value) -> Result<Duration, ConfigError> {
+        let expected = "a duration like \"5m\" (units s, m, h, d)";
+        match v.as_str().and_then(parse_duration) {
+            Some(d) if d.is_zero() => Err(self.rejected(key, "must be longer than zero")),
+            Some(d) => Ok(d),
+            None => Err(self.invalid(key, expected, v)),
+        }
+    }
+
+    fn addresses(&self, key: &str, v: &Value, port: u16) -> Result<Vec<SocketAddr>, ConfigError> {
+        let expected = format!("an address like \"127.0.0.1:{port}\" or a list of them");
+        let one = |key: &str, item: &Value| {
+            item.as_str()
+                .and_then(|s| s.parse::<SocketAddr>().ok())
+                .ok_or_else(|| self.invalid(key, expected.clone(), item))
+        };
+        match v {
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| one(&format!("{key}[{i}]"), item))
+                .collect(),
+            _ => Ok(vec![one(key, v)?]),
+        }
+    }
+
+    fn err(&self, key: &str, kind: ConfigErrorKind) -> ConfigError {
+        ConfigError::new(self.file, Some(key.to_owned()), kind)
+    }
+
+    fn invalid(&self, key: &str, expected: impl Into<String>, got: &Value) -> ConfigError {
+        let got = describe(got);
+        self.err(
+            key,
+            ConfigErrorKind::Invalid {
+                expected: expected.into(),
+                got,
+            },
+        )
+    }
+
+    fn rejected(&self, key: &str, why: impl Into<String>) -> ConfigError {
+        self.err(key, ConfigErrorKind::Rejected(why.into()))
+    }
+}
+
+/// `prefix.key`, quoting `key` as TOML would when it is not a bare key (`quota."a.b"`).
+fn join(prefix: &str, key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let key = if bare {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
+    };
+    if prefix.is_empty() {
+        key
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// A value as the operator wrote it, for "got ..." in errors; tables are only named.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Table(_) => "a table".to_owned(),
+        _ => {
+            let s = v.to_string();
+            if s.chars().count() > 60 {
+                format!("{}...", s.chars().take(57).collect::<String>())
+            } else {
+                s
+            }
+        }
+    }
+}
+
+/// Parses `"300s"`, `"5m"`, `"2h"`, `"30d"`. No fractions, no compound forms.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = s.split_at(digits);
+    let n: u64 = number.parse().ok()?;
+    let scale = match unit.trim_start() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 60 * 60,
+        "d" => DAY,
+        _ => return None,
+    };
+    n.checked_mul(scale).map(Duration::from_secs)
+}
+
+/// Parses `"4096"`, `"64MB"` (10^6), `"50MiB"` (2^20), ... into bytes. Units are
+/// case-insensitive; an optional space may separate number and unit.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = s.split_at(digits);
+    let n: u64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Config, ConfigError> {
+        Config::parse(src, Path::new("turnpike.toml"))
+    }
+
+    fn error(src: &str) -> String {
+        parse(src).expect_err("config accepted").to_string()
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        assert_eq!(
+            parse("[server]\n[limits]\n[quota]\n").unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let c = Config::default();
+        assert_eq!(c.server.data_dir, PathBuf::from("./turnpike-data"));
+        assert_eq!(c.server.cores, 0);
+        assert_eq!(c.server.io, IoBackend::Auto);
+        assert_eq!(c.listen.mx, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(c.listen.odmr, vec!["127.0.0.1:3366".parse().unwrap()]);
+        assert_eq!(c.listen.submission, vec!["127.0.0.1:2587".parse().unwrap()]);
+        assert!(c.listen.submissions.is_empty());
+        assert_eq!(c.listen.metrics, vec!["127.0.0.1:9366".parse().unwrap()]);
+        assert_eq!(c.tls.identity, TlsIdentity::SelfSigned);
+        assert_eq!(c.limits.max_message_size, 52_428_800);
+        assert_eq!(c.limits.max_recipients, 100);
+        assert_eq!(c.limits.max_line_length, 2048);
+        assert_eq!(c.limits.max_commands_without_progress, 20);
+        assert_eq!(c.limits.max_errors, 10);
+        assert_eq!(c.limits.max_hops, 50);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.limits.session_timeout, Duration::from_secs(1800));
+        assert_eq!(c.limits.max_connections_per_ip, 20);
+        assert_eq!(c.limits.max_connections, 10_000);
+        assert_eq!(c.spool.segment_size, 67_108_864);
+        assert_eq!(c.spool.max_hold, Duration::from_secs(2_592_000));
+        assert_eq!(c.spool.default_quota, 2_147_483_648);
+        assert_eq!(c.spool.compact_live_ratio, 0.5);
+        assert!(c.quota.is_empty());
+        assert!(!c.server.hostname.as_str().is_empty());
+    }
+
+    #[test]
+    fn durations() {
+        let table = [
+            ("300s", Some(300)),
+            ("5m", Some(300)),
+            ("2h", Some(7200)),
+            ("30d", Some(2_592_000)),
+            ("5 m", Some(300)),
+            ("0s", Some(0)),
+            ("5", None),
+            ("m", None),
+            ("-5m", None),
+            ("1.5h", None),
+            ("5w", None),
+            ("5M", None),
+            ("99999999999999999999d", None),
+            ("213503982334602d", None),
+        ];
+        for (input, secs) in table {
+            assert_eq!(
+                parse_duration(input),
+                secs.map(Duration::from_secs),
+                "{input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        let table = [
+            ("4096", Some(4096)),
+            ("4096B", Some(4096)),
+            ("64MB", Some(64_000_000)),
+            ("50MiB", Some(52_428_800)),
+            ("2GiB", Some(2_147_483_648)),
+            ("1 kib", Some(1024)),
+            ("3TB", Some(3_000_000_000_000)),
+            ("fifty", None),
+            ("50 MiBs", None),
+            ("-1", None),
+            ("1.5GiB", None),
+            ("MiB", None),
+            ("20000000TiB", None),
+        ];
+        for (input, bytes) in table {
+            assert_eq!(parse_size(input), bytes, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn every_error_names_file_key_and_problem() {
+        let table: &[(&str, &str)] = &[
+            (
+                "[limits]\nmax_message_size = \"fifty\"",
+                "turnpike.toml: limits.max_message_size: expected a size like \"50MiB\", \
+                 got \"fifty\"",
+            ),
+            (
+                "[limits]\nmax_msg_size = 1",
+                "turnpike.toml: limits.max_msg_size: unknown key (expected one of: \
+                 max_message_size, max_recipients, max_line_length, \
+                 max_commands_without_progress, max_errors, max_hops, idle_timeout, \
+                 session_timeout, max_connections_per_ip, max_connections)",
+            ),
+            (
+                "[sevrer]\ncores = 1",
+                "turnpike.toml: sevrer: unknown key (expected one of: server, listen, tls, \
+                 limits, spool, quota)",
+            ),
+            (
+                "server = 3",
+                "turnpike.toml: server: expected a table ([server]), got 3",
+            ),
+            (
+                "[limits]\nidle_timeout = 300",
+                "turnpike.toml: limits.idle_timeout: expected a duration like \"5m\" \
+                 (units s, m, h, d), got 300",
+            ),
+            (
+                "[limits]\nsession_timeout = \"0m\"",
+                "turnpike.toml: limits.session_timeout: must be longer than zero",
+            ),
+            (
+                "[limits]\nmax_recipients = -1",
+                "turnpike.toml: limits.max_recipients: expected an integer from 1 to \
+                 4294967295, got -1",
+            ),
+            (
+                "[limits]\nmax_line_length = 512",
+                "turnpike.toml: limits.max_line_length: expected an integer from 1000 to \
+                 1048576, got 512",
+            ),
+            (
+                "[limits]\nmax_errors = \"10\"",
+                "turnpike.toml: limits.max_errors: expected an integer from 1 to 4294967295, \
+                 got \"10\"",
+            ),
+            (
+                "[server]\nhostname = \"mx_1.example\"",
+                "turnpike.toml: server.hostname: expected a host name (letters, digits, \
+                 hyphens, dots; domain name is not letters, digits and hyphens), \
+                 got \"mx_1.example\"",
+            ),
+            (
+                "[server]\nio = \"kqueue\"",
+                "turnpike.toml: server.io: expected one of \"auto\", \"uring\", \"epoll\", \
+                 got \"kqueue\"",
+            ),
+            (
+                "[server]\ncores = 1.5",
+                "turnpike.toml: server.cores: expected an integer from 0 to 4096, got 1.5",
+            ),
+            (
+                "[server]\ndata_dir = \"\"",
+                "turnpike.toml: server.data_dir: expected a path, got \"\"",
+            ),
+            (
+                "[listen]\nmx = [\"127.0.0.1:25\", \"localhost:25\"]",
+                "turnpike.toml: listen.mx[1]: expected an address like \"127.0.0.1:2525\" or a \
+                 list of them, got \"localhost:25\"",
+            ),
+            (
+                "[listen]\nodmr = 366",
+                "turnpike.toml: listen.odmr: expected an address like \"127.0.0.1:3366\" or a \
+                 list of them, got 366",
+            ),
+            (
+                "[tls]\ncert = \"c.pem\"",
+                "turnpike.toml: tls.key: missing: tls.cert is set",
+            ),
+            (
+                "[tls]\nkey = \"k.pem\"",
+                "turnpike.toml: tls.cert: missing: tls.key is set",
+            ),
+            (
+                "[tls]\nca = \"ca.pem\"",
+                "turnpike.toml: tls.ca: unknown key (expected one of: cert, key)",
+            ),
+            (
+                "[spool]\nsegment_size = \"4KiB\"",
+                "turnpike.toml: spool.segment_size: must be at least 1048576 bytes",
+            ),
+            (
+                "[spool]\ncompact_live_ratio = 1.0",
+                "turnpike.toml: spool.compact_live_ratio: expected a number between 0 and 1 \
+                 (exclusive), got 1.0",
+            ),
+            (
+                "[spool]\nfsync = false",
+                "turnpike.toml: spool.fsync: cannot be turned off: held mail must be on disk \
+                 before the 250",
+            ),
+            (
+                "[quota]\n\"exa_mple.com\" = \"1GiB\"",
+                "turnpike.toml: quota.\"exa_mple.com\": not a domain name: domain name is not \
+                 letters, digits and hyphens",
+            ),
+            (
+                "[quota]\n\"example.com\" = \"lots\"",
+                "turnpike.toml: quota.\"example.com\": expected a size like \"50MiB\", \
+                 got \"lots\"",
+            ),
+            (
+                "[quota]\n\"Example.com\" = \"1GiB\"\n\"example.com.\" = \"2GiB\"",
+                "turnpike.toml: quota.\"example.com.\": example.com is already given a quota \
+                 as \"Example.com\"",
+            ),
+            (
+                "[limits]\nmax_hops = 5\n\n[limits\n",
+                "turnpike.toml: line 4, column 8: invalid TOML: invalid table header\n\
+                 expected `.`, `]`",
+            ),
+        ];
+        for (src, want) in table {
+            assert_eq!(&error(src), want, "for {src:?}");
+        }
+    }
+
+    #[test]
+    fn overrides_and_quota_lookup() {
+        let c = parse(
+            "[server]\nhostname = \"MX.Example.NET\"\ncores = 4\nio = \"epoll\"\n\
+             [listen]\nmx = \"[::1]:25\"\nmetrics = []\n\
+             [spool]\nfsync = true\n\
+             [quota]\n\"Big.example\" = \"10GiB\"\n\"small.example\" = 0\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.hostname.as_str(), "mx.example.net");
+        assert_eq!(c.server.cores, 4);
+        assert_eq!(c.server.io, IoBackend::Epoll);
+        assert_eq!(c.listen.mx, vec!["[::1]:25".parse().unwrap()]);
+        assert!(c.listen.metrics.is_empty());
+        let big = DomainName::parse("big.example").unwrap();
+        let small = DomainName::parse("small.example").unwrap();
+        let other = DomainName::parse("other.example").unwrap();
+        assert_eq!(c.quota_for(&big), 10 << 30);
+        assert_eq!(c.quota_for(&small), 0);
+        assert_eq!(c.quota_for(&other), 2 << 30);
+    }
+
+    #[test]
+    fn cli_data_dir_wins() {
+        let c = parse("[server]\ndata_dir = \"/var/lib/turnpike\"").unwrap();
+        assert_eq!(c.server.data_dir, PathBuf::from("/var/lib/turnpike"));
+        let c = c.with_data_dir("/tmp/other");
+        assert_eq!(c.server.data_dir, PathBuf::from("/tmp/other"));
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        assert_eq!(line_column("a\nbé=c", 5), (2, 3));
+        assert_eq!(line_column("", 0), (1, 1));
+    }
+}
