@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use turnpike::accounts::Accounts;
-use turnpike::config::Config;
+use turnpike::config::{Config, IoBackend};
 use turnpike::control;
 use turnpike::provider::server::{self, IoChoice};
 use turnpike::types::DomainName;
@@ -33,9 +33,10 @@ struct Cli {
 enum Command {
     /// Run the provider: MX, ODMR and submission listeners.
     Serve {
-        /// I/O driver: io_uring, epoll, or probe and pick (auto).
-        #[arg(long, value_enum, default_value_t = IoArg::Auto)]
-        io: IoArg,
+        /// I/O driver: io_uring, epoll, or probe and pick (auto). Default: the config's
+        /// `server.io`, which defaults to auto.
+        #[arg(long, value_enum)]
+        io: Option<IoArg>,
         /// Number of cores (threads) to run; default: the config, else all online CPUs.
         #[arg(long)]
         cores: Option<usize>,
@@ -125,10 +126,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let data_dir = config.server.data_dir.clone();
     match cli.command {
         Command::Serve { io, cores } => {
-            let choice = match io {
-                IoArg::Auto => IoChoice::Auto,
-                IoArg::Uring => IoChoice::Uring,
-                IoArg::Epoll => IoChoice::Epoll,
+            let choice = match (io, config.server.io) {
+                (Some(IoArg::Uring), _) | (None, IoBackend::Uring) => IoChoice::Uring,
+                (Some(IoArg::Epoll), _) | (None, IoBackend::Epoll) => IoChoice::Epoll,
+                _ => IoChoice::Auto,
             };
             server::serve(config, choice, cores)?;
         }
@@ -155,8 +156,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 AccountAction::List => {
                     for a in accounts.iter() {
-                        let domains: Vec<&str> = a.domains.iter().map(|d| d.as_str()).collect();
-                        println!("{}\t{}", a.name, domains.join(","));
+                        let domains: Vec<&str> = a.domains().iter().map(|d| d.as_str()).collect();
+                        println!("{}\t{}", a.name(), domains.join(","));
                     }
                 }
                 AccountAction::Remove { name } => {

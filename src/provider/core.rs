@@ -126,13 +126,13 @@ impl Core {
     pub fn inbound_config(&self, tls_active: bool) -> InboundConfig {
         let c = &self.shared.config;
         InboundConfig {
-            hostname: c.server.hostname.clone(),
+            hostname: c.server.hostname.to_string(),
             max_message_size: c.limits.max_message_size,
-            max_recipients: c.limits.max_recipients,
+            max_recipients: c.limits.max_recipients as usize,
             max_line_length: c.limits.max_line_length,
             max_commands_without_progress: c.limits.max_commands_without_progress,
             max_errors: c.limits.max_errors,
-            max_hops: c.limits.max_hops,
+            max_hops: c.limits.max_hops as usize,
             tls_available: self.shared.tls.is_some(),
             tls_active,
             chunking: true,
@@ -152,7 +152,7 @@ impl Core {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let id = self.new_id(now.as_millis() as u64);
         let received = trace::received_header(&trace::TraceInfo {
-            hostname: &self.shared.config.server.hostname,
+            hostname: self.shared.config.server.hostname.as_str(),
             helo: &incoming.helo,
             peer_ip: &peer.ip().to_string(),
             protocol: incoming.protocol,

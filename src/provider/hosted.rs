@@ -71,11 +71,10 @@ impl Hosted {
     pub fn build(accounts: &Accounts, config: &Config, table: &CounterTable) -> Hosted {
         let mut domains = HashMap::new();
         for account in accounts.iter() {
-            for domain in &account.domains {
-                let quota =
-                    config.quota.get(domain).copied().unwrap_or(config.spool.default_quota);
+            for domain in account.domains() {
+                let quota = config.quota_for(domain);
                 let entry = HostedDomain {
-                    account: account.name.clone(),
+                    account: account.name().to_string(),
                     quota,
                     counters: table.counters(domain),
                 };

@@ -87,11 +87,9 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
     });
 
     let tls = {
-        let (cert, key) = match (&config.tls.cert, &config.tls.key) {
-            (Some(c), Some(k)) => (c.clone(), k.clone()),
-            _ => crate::tls::ensure_self_signed(&data_dir, &config.server.hostname)
-                .map_err(io::Error::other)?,
-        };
+        let (cert, key) =
+            crate::tls::identity_files(&config.tls.identity, &data_dir, &config.server.hostname)
+                .map_err(io::Error::other)?;
         Some(crate::tls::load_server_config(&cert, &key).map_err(io::Error::other)?)
     };
 
@@ -111,7 +109,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
     let listeners = bind_all(&config, cores)?;
     let mesh = Arc::new(Mesh::new(cores));
     let shared = Arc::new(Shared {
-        limiter: Limiter::new(config.limits.max_connections, config.limits.max_connections_per_ip),
+        limiter: Limiter::new(config.limits.max_connections as usize, config.limits.max_connections_per_ip),
         config,
         mesh: mesh.clone(),
         tls,
