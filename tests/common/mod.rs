@@ -135,10 +135,9 @@ impl TestServer {
         let out = self.cli(args, None);
         assert!(
             out.status.success(),
-            "turnpike {args:?} failed: {}\n{}\n{}",
+            "turnpike {args:?} failed: {}\n{}",
             out.status,
-            output_text(&out),
-            self.logs()
+            output_text(&out)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
@@ -150,13 +149,10 @@ impl TestServer {
 
     /// The first listener address of `service` (`mx`, `odmr` or `submission`).
     pub fn addr(&self, service: &str) -> SocketAddr {
-        self.addrs(service).first().copied().unwrap_or_else(|| {
-            panic!(
-                "service {service:?} not in listening file {:?}\n{}",
-                self.addrs,
-                self.logs()
-            )
-        })
+        self.addrs(service)
+            .first()
+            .copied()
+            .unwrap_or_else(|| panic!("service {service:?} not in listening file {:?}", self.addrs))
     }
 
     /// Every listener address of `service`, in file order.
@@ -264,24 +260,21 @@ impl TestServer {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(text) = fs::read_to_string(path) {
-                return parse_listening(&text).unwrap_or_else(|e| {
-                    panic!("bad listening file: {e}\n{text}\n{}", self.logs())
-                });
+                return parse_listening(&text)
+                    .unwrap_or_else(|e| panic!("bad listening file: {e}\n{text}"));
             }
             let child = self.child.as_mut().expect("child");
             if let Some(status) = child.try_wait().expect("try_wait") {
                 self.child = None;
                 panic!(
-                    "turnpike serve exited ({status}) before writing {}\n{}",
-                    path.display(),
-                    self.logs()
+                    "turnpike serve exited ({status}) before writing {}",
+                    path.display()
                 );
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "turnpike serve did not write {} within {START_TIMEOUT:?}\n{}",
-                    path.display(),
-                    self.logs()
+                    "turnpike serve did not write {} within {START_TIMEOUT:?}",
+                    path.display()
                 );
             }
             thread::sleep(Duration::from_millis(20));
@@ -296,7 +289,8 @@ impl Drop for TestServer {
             let _ = child.wait();
         }
         if thread::panicking() {
-            // Visible even under cargo test's output capture.
+            // Every failing test shows the server's logs, once, and visibly: straight to the
+            // stderr handle, which cargo test's capture does not intercept.
             let _ = writeln!(io::stderr(), "{}", self.logs());
         }
         if std::env::var_os("TURNPIKE_TEST_KEEP").is_none() {
