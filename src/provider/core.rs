@@ -151,15 +151,14 @@ impl Core {
     ) -> Result<String, Reply> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let id = self.new_id(now.as_millis() as u64);
-        let received = trace::received_header(&trace::TraceInfo {
-            hostname: self.shared.config.server.hostname.as_str(),
+        let received = trace::received(&trace::Trace {
+            host: self.shared.config.server.hostname.as_str(),
             helo: &incoming.helo,
             peer_ip: &peer.ip().to_string(),
-            protocol: incoming.protocol,
-            id: &id.to_string(),
+            protocol: incoming.protocol.with_type(),
             recipient: single_recipient(&incoming),
-            tls: tls.then_some("TLS"),
-            unix_time: now.as_secs(),
+            id: &id.to_string(),
+            unix_secs: now.as_secs(),
         });
         let mut body = Vec::with_capacity(received.len() + incoming.body.len());
         body.extend_from_slice(received.as_bytes());
@@ -180,7 +179,7 @@ impl Core {
             }
             Err(e) => {
                 tracing::error!(%id, %peer, error = %e, "journal append failed; answering 451");
-                Err(Reply::new(451, (4, 3, 0), "Temporary storage failure, try again later"))
+                Err(Reply::with_status(451, (4, 3, 0), "Temporary storage failure, try again later"))
             }
         }
     }
@@ -246,7 +245,7 @@ impl Directory for Core {
         };
         let size = declared_size.unwrap_or(0);
         if size > entry.quota {
-            return RcptVerdict::Reject(Reply::new(
+            return RcptVerdict::Reject(Reply::with_status(
                 552,
                 (5, 2, 2),
                 format!("Message larger than the hold quota of {domain}"),
@@ -254,7 +253,7 @@ impl Directory for Core {
         }
         let held = entry.counters.held_bytes.load(std::sync::atomic::Ordering::Relaxed);
         if held.saturating_add(size) > entry.quota {
-            return RcptVerdict::Reject(Reply::new(
+            return RcptVerdict::Reject(Reply::with_status(
                 452,
                 (4, 2, 2),
                 format!("Held mail for {domain} is over quota, try again later"),
@@ -265,5 +264,5 @@ impl Directory for Core {
 }
 
 fn relay_refused(domain: &str) -> Reply {
-    Reply::new(550, (5, 7, 1), format!("Relaying denied: {domain} is not hosted here"))
+    Reply::with_status(550, (5, 7, 1), format!("Relaying denied: {domain} is not hosted here"))
 }
