@@ -248,14 +248,7 @@ pub(crate) async fn remove_durably(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub(crate) fn temp_dir(tag: &str) -> std::path::PathBuf {
-        let mut r = [0u8; 8];
-        getrandom::fill(&mut r).unwrap();
-        let d = std::env::temp_dir().join(format!("turnpike-{tag}-{:016x}", u64::from_le_bytes(r)));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::spool::testutil::temp_dir;
 
     async fn exercise(io: IoKind, dir: &Path) {
         let path = dir.join(format!("{io:?}.seg"));
