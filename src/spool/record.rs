@@ -81,6 +81,9 @@ pub(crate) fn decode_segment_header(h: &[u8]) -> Result<(u16, u64), &'static str
     if crc32fast::hash(&h[0..24]) != le_u32(&h[24..28]) {
         return Err("segment header checksum mismatch");
     }
+    if h[28..32] != [0; 4] {
+        return Err("segment header reserved bytes not zero");
+    }
     if u16::from_le_bytes([h[8], h[9]]) != FORMAT_VERSION {
         return Err("unsupported segment format version");
     }
@@ -795,7 +798,7 @@ mod tests {
     fn segment_header_round_trips_and_rejects_damage() {
         let h = encode_segment_header(5, 0x1234);
         assert_eq!(decode_segment_header(&h), Ok((5, 0x1234)));
-        for i in 0..28 {
+        for i in 0..32 {
             let mut bad = h;
             bad[i] ^= 0x01;
             assert!(decode_segment_header(&bad).is_err(), "flip at {i} accepted");
