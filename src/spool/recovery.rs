@@ -426,3 +426,18 @@ fn scan_segment(
         damage: stop,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_can_move_to_the_core_threads() {
+        fn send<T: Send + 'static>() {}
+        send::<Recovered>();
+        send::<DirRecovery>();
+        send::<HeldPart>();
+        send::<Error>();
+        send::<super::super::Relocated>();
+    }
+}
