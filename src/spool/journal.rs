@@ -113,9 +113,9 @@ impl JournalConfig {
 pub struct JournalStats {
     /// Records made durable.
     pub records: u64,
-    /// Batches written (one write each).
+    /// Batch writes issued (one positional write each).
     pub batches: u64,
-    /// Successful fdatasyncs of batches (exactly one per batch; segment creation not counted).
+    /// fdatasync calls issued for batches (segment creation not counted).
     pub fsyncs: u64,
     /// Record bytes made durable.
     pub bytes: u64,
@@ -306,7 +306,8 @@ impl JournalHandle {
     /// [`parts_of`](super::parts_of)) and the body, and resolves once it is durable.
     ///
     /// `received_at` is unix seconds. The body is stored as given (canonical CRLF, not
-    /// dot-stuffed). Only after `Ok` may the session answer 250.
+    /// dot-stuffed). Only after `Ok` may the session answer 250. `id.core()` must be this
+    /// writer's core.
     pub async fn append_message(
         &self,
         id: MessageId,
@@ -314,19 +315,22 @@ impl JournalHandle {
         envelope: &Envelope,
         body: &[u8],
     ) -> Result<Location, Error> {
+        self.own(id)?;
         let parts = record::parts_of(envelope);
         let rx = self.enqueue_msg(id, received_at, envelope, &parts, body)?;
         rx.await.unwrap_or(Err(Error::Closed))
     }
 
     /// Appends a `DONE` record: the `domain` part of `id` is finished with `outcome`. Must be
-    /// called on the writer of the core that wrote the message (`id.core()`).
+    /// called on the writer of the core that wrote the message (`id.core()`); any other writer
+    /// refuses it with [`Error::InvalidLocation`].
     pub async fn append_done(
         &self,
         id: MessageId,
         domain: &DomainName,
         outcome: Outcome,
     ) -> Result<Location, Error> {
+        self.own(id)?;
         let rx = {
             let mut st = self.shared.state.borrow_mut();
             st.check()?;
@@ -353,6 +357,7 @@ impl JournalHandle {
         id: MessageId,
         domain: &DomainName,
     ) -> Result<Location, Error> {
+        self.own(id)?;
         let rx = {
             let mut st = self.shared.state.borrow_mut();
             st.check()?;
@@ -369,6 +374,18 @@ impl JournalHandle {
             )
         };
         rx.await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// Refuses ids minted for another core: their records belong in that core's journal
+    /// (a DONE in the wrong directory would not end the part on recovery).
+    fn own(&self, id: MessageId) -> Result<(), Error> {
+        if id.core() == self.shared.cfg.core {
+            Ok(())
+        } else {
+            Err(Error::InvalidLocation {
+                reason: "message id belongs to another core's journal",
+            })
+        }
     }
 
     /// Counters since open.
@@ -699,9 +716,14 @@ impl Shared {
         };
 
         let len = batch.len() as u64;
+        self.state.borrow_mut().stats.batches += 1;
         let (res, mut batch) = file.write_all_at(batch, base).await;
         let res = match res {
-            Ok(()) => file.sync_data().await,
+            Ok(()) => {
+                let r = file.sync_data().await;
+                self.state.borrow_mut().stats.fsyncs += 1;
+                r
+            }
             Err(e) => Err(e),
         };
         let mut st = self.state.borrow_mut();
@@ -713,8 +735,6 @@ impl Shared {
         };
         match res {
             Ok(()) => {
-                st.stats.batches += 1;
-                st.stats.fsyncs += 1;
                 st.stats.records += taken.len() as u64;
                 st.stats.bytes += len;
                 if let Some(c) = st.current.as_mut() {
@@ -835,11 +855,37 @@ mod tests {
                 assert!(matches!(e, Error::Poisoned));
             }
             assert!(matches!(j.reclaim().await, Err(Error::Poisoned)));
+            let st = j.stats();
             assert_eq!(
-                (j.stats().batches, j.stats().fsyncs),
-                (1, 1),
-                "only the good batch counts"
+                (st.batches, st.fsyncs, st.records),
+                (2, 2, 1),
+                "the failed batch is not durable"
             );
+        });
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn records_of_another_cores_messages_are_refused() {
+        let dir = temp_dir("journal-core");
+        run_local(async {
+            let cfg = JournalConfig::new(&dir, 1, IoKind::Epoll);
+            let j = JournalHandle::open(cfg, DirRecovery::empty(1))
+                .await
+                .unwrap();
+            let theirs = MessageId::new(5, 0, 1);
+            let x = DomainName::parse("x.example").unwrap();
+            let e = j
+                .append_done(theirs, &x, Outcome::Delivered)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, Error::InvalidLocation { .. }), "{e}");
+            assert!(j.append_expire(theirs, &x).await.is_err());
+            assert!(j.append_message(theirs, 1, &env(), b"x").await.is_err());
+            let ours = MessageId::new(5, 1, 1);
+            j.append_message(ours, 1, &env(), b"x").await.unwrap();
+            j.append_done(ours, &x, Outcome::Delivered).await.unwrap();
+            assert!(!j.is_poisoned());
         });
         std::fs::remove_dir_all(dir).unwrap();
     }
