@@ -330,24 +330,7 @@ impl JournalHandle {
         domain: &DomainName,
         outcome: Outcome,
     ) -> Result<Location, Error> {
-        self.own(id)?;
-        let rx = {
-            let mut st = self.shared.state.borrow_mut();
-            st.check()?;
-            st.ledger.doom(id, domain);
-            let start = st.buf.len();
-            let enc = record::encode_done(&mut st.buf, id, domain, outcome);
-            self.push(
-                &mut st,
-                start,
-                enc,
-                Placed::Done {
-                    id,
-                    domain: domain.clone(),
-                },
-            )
-        };
-        rx.await.unwrap_or(Err(Error::Closed))
+        self.append_part_record(id, domain, Some(outcome)).await
     }
 
     /// Appends an `EXPIRE` record: the `domain` part of `id` passed the maximum hold and waits
@@ -357,21 +340,47 @@ impl JournalHandle {
         id: MessageId,
         domain: &DomainName,
     ) -> Result<Location, Error> {
+        self.append_part_record(id, domain, None).await
+    }
+
+    /// A `DONE` (with an outcome) or an `EXPIRE` (without) for one part.
+    async fn append_part_record(
+        &self,
+        id: MessageId,
+        domain: &DomainName,
+        outcome: Option<Outcome>,
+    ) -> Result<Location, Error> {
         self.own(id)?;
         let rx = {
             let mut st = self.shared.state.borrow_mut();
             st.check()?;
             let start = st.buf.len();
-            let enc = record::encode_expire(&mut st.buf, id, domain);
-            self.push(
-                &mut st,
-                start,
-                enc,
-                Placed::Expire {
-                    id,
-                    domain: domain.clone(),
-                },
-            )
+            let domain_owned = domain.clone();
+            let (enc, what) = match outcome {
+                Some(outcome) => {
+                    // From now on compaction must not copy this part forward.
+                    st.ledger.doom(id, domain);
+                    let enc = record::encode_done(&mut st.buf, id, domain, outcome);
+                    (
+                        enc,
+                        Placed::Done {
+                            id,
+                            domain: domain_owned,
+                        },
+                    )
+                }
+                None => {
+                    let enc = record::encode_expire(&mut st.buf, id, domain);
+                    (
+                        enc,
+                        Placed::Expire {
+                            id,
+                            domain: domain_owned,
+                        },
+                    )
+                }
+            };
+            self.push(&mut st, start, enc, what)
         };
         rx.await.unwrap_or(Err(Error::Closed))
     }
