@@ -1,0 +1,930 @@
+//! The per-core journal writer: group commit, rotation, reclaim and compaction.
+//!
+//! One writer per core owns `<data>/journal/core-N/` and its current segment; nothing else
+//! writes there. [`JournalHandle`] is a cheap `Rc` clone for the sessions of that core.
+//!
+//! # Group commit
+//!
+//! An append encodes its record into the pending batch buffer and waits. A flusher task
+//! (`spawn_local`) takes everything pending that fits the current segment, writes it with one
+//! positional write, issues ONE `fdatasync`, and only then resolves every waiter with its
+//! [`Location`]. While one batch is on its way to disk the next one fills up, so the number of
+//! fdatasyncs follows the disk, not the number of sessions.
+//!
+//! # Invariants
+//!
+//! - No append resolves `Ok` before its bytes are fdatasync'ed.
+//! - After a failed write or fdatasync the writer is poisoned: every append fails with
+//!   [`Error::Poisoned`] until restart (the page cache may have dropped the dirty pages, so a
+//!   retry could "succeed" over lost data).
+//! - A batch never spans two segments: the writer rotates before a batch that does not fit.
+//!   Only the newest segment of a directory can therefore end in a torn batch.
+//! - On open the writer truncates the previous newest segment to its last valid record (what
+//!   recovery found) and always starts a NEW segment; it never appends after a torn tail.
+//! - A record larger than the segment size gets a segment of its own.
+//! - A segment is deleted only when the [`Ledger`](super::reclaim) says so; compaction copies
+//!   are durable before the segment they came from is deleted.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::rc::{Rc, Weak};
+
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+
+use super::file::{remove_durably, sync_dir, IoKind, SegmentFile};
+use super::reader::read_msg_record;
+use super::reclaim::{Ledger, LivePart};
+use super::record::{self, encode_segment_header, Encoded, Outcome, Part, SEGMENT_HEADER_LEN};
+use super::recovery::DirRecovery;
+use super::Error;
+use crate::types::{DomainName, Envelope, MessageId};
+
+/// Default segment size: 64 MiB.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
+
+/// The directory of core `core`'s journal.
+pub fn journal_dir(data_dir: &Path, core: u16) -> PathBuf {
+    data_dir.join("journal").join(format!("core-{core}"))
+}
+
+/// The path of segment `seq` of core `core`.
+pub fn segment_path(data_dir: &Path, core: u16, seq: u64) -> PathBuf {
+    journal_dir(data_dir, core).join(format!("{seq:016x}.seg"))
+}
+
+/// Where a record is stored; enough to stream its body with positional reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Location {
+    /// The core whose journal directory holds the segment.
+    pub core: u16,
+    /// The segment's sequence number.
+    pub seq: u64,
+    /// Offset of the record in the segment file.
+    pub offset: u64,
+    /// Length of the whole record.
+    pub len: u64,
+    /// Offset of the body in the segment file.
+    pub body_offset: u64,
+    /// Body length (the message size).
+    pub body_len: u64,
+    /// CRC-32 of the body.
+    pub body_crc: u32,
+}
+
+/// How a core's journal writer behaves.
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    /// The spool's data directory (`<data>`).
+    pub data_dir: PathBuf,
+    /// This core's number (`core-N`).
+    pub core: u16,
+    /// io_uring or the blocking-pool fallback.
+    pub io: IoKind,
+    /// Rotate when the next batch would not fit. Default [`DEFAULT_SEGMENT_SIZE`].
+    pub segment_size: u64,
+    /// `fallocate` each new segment to `segment_size`. Default true.
+    pub preallocate: bool,
+    /// Also write zeros over the preallocated range (faster fdatasyncs later, slower
+    /// rotation). Default false.
+    pub zero_fill: bool,
+    /// Compact the oldest segment when its live bytes fall below this share. Default 0.5.
+    pub compact_below: f64,
+}
+
+impl JournalConfig {
+    /// The defaults for core `core` under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>, core: u16, io: IoKind) -> Self {
+        JournalConfig {
+            data_dir: data_dir.into(),
+            core,
+            io,
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            preallocate: true,
+            zero_fill: false,
+            compact_below: 0.5,
+        }
+    }
+}
+
+/// Counters of one writer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Records made durable.
+    pub records: u64,
+    /// Batch writes issued (one positional write each).
+    pub batches: u64,
+    /// fdatasync calls issued for batches (segment creation not counted).
+    pub fsyncs: u64,
+    /// Record bytes made durable.
+    pub bytes: u64,
+    /// Segments created.
+    pub segments_created: u64,
+    /// Segments deleted by reclaim.
+    pub segments_deleted: u64,
+}
+
+/// A message that compaction moved; the runtime forwards it to the shard cores of `domains`
+/// so their index points at the new copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relocated {
+    /// The message.
+    pub id: MessageId,
+    /// Its new location.
+    pub location: Location,
+    /// The live parts the new copy holds.
+    pub domains: Vec<DomainName>,
+}
+
+/// What one [`JournalHandle::reclaim`] call did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReclaimReport {
+    /// Segments deleted, oldest first.
+    pub deleted: Vec<u64>,
+    /// The segment that was compacted, if any.
+    pub compacted: Option<u64>,
+    /// Messages copied forward by compaction.
+    pub relocated: Vec<Relocated>,
+}
+
+/// A cloneable handle to this core's journal writer. `!Send`: it lives on its core.
+#[derive(Clone)]
+pub struct JournalHandle {
+    shared: Rc<Shared>,
+}
+
+struct Shared {
+    cfg: JournalConfig,
+    dir: PathBuf,
+    state: RefCell<State>,
+    wake: Rc<Notify>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Lets the flusher notice that every handle is gone.
+        self.wake.notify_one();
+    }
+}
+
+struct State {
+    poisoned: bool,
+    closed: bool,
+    current: Option<Current>,
+    next_seq: u64,
+    /// Encoded records waiting for the flusher, back to back.
+    buf: Vec<u8>,
+    /// A recycled buffer for the next batch.
+    spare: Vec<u8>,
+    pending: VecDeque<Pending>,
+    ledger: Ledger,
+    stats: JournalStats,
+    reclaiming: bool,
+    flusher: Option<JoinHandle<()>>,
+    #[cfg(test)]
+    fail_next_sync: bool,
+}
+
+struct Current {
+    file: SegmentFile,
+    seq: u64,
+    end: u64,
+}
+
+struct Pending {
+    /// Offset of the record in `State::buf`.
+    start: usize,
+    enc: Encoded,
+    what: Placed,
+    reply: oneshot::Sender<Result<Location, Error>>,
+}
+
+enum Placed {
+    Msg { id: MessageId, parts: Vec<LivePart> },
+    Done { id: MessageId, domain: DomainName },
+    Expire { id: MessageId, domain: DomainName },
+}
+
+enum Step {
+    Idle,
+    Worked,
+    Exit,
+}
+
+impl State {
+    fn check(&self) -> Result<(), Error> {
+        if self.poisoned {
+            Err(Error::Poisoned)
+        } else if self.closed {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn fail_pending(&mut self) {
+        self.buf.clear();
+        for p in self.pending.drain(..) {
+            let _ = p.reply.send(Err(if self.poisoned {
+                Error::Poisoned
+            } else {
+                Error::Closed
+            }));
+        }
+    }
+}
+
+impl JournalHandle {
+    /// Opens core `cfg.core`'s writer: seals the previous newest segment at its last valid
+    /// record, creates a new segment and spawns the flusher with `spawn_local` (so this must
+    /// run inside a `LocalSet`, which a tokio-uring runtime always is).
+    ///
+    /// `recovered` is this directory's part of [`recover`](super::recover)'s result, or
+    /// [`DirRecovery::empty`] for a fresh spool.
+    pub async fn open(cfg: JournalConfig, recovered: DirRecovery) -> Result<JournalHandle, Error> {
+        if recovered.core() != cfg.core {
+            return Err(Error::InvalidLocation {
+                reason: "recovery result of another core",
+            });
+        }
+        let dir = journal_dir(&cfg.data_dir, cfg.core);
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || std::fs::create_dir_all(&d))
+            .await
+            .map_err(|e| Error::io("create journal dir", None, std::io::Error::other(e)))?
+            .map_err(|e| Error::io("create journal dir", Some(dir.clone()), e))?;
+        let (ledger, next_seq, tail) = recovered.into_writer_parts();
+        if let Some(tail) = tail {
+            // Cut the possibly torn (or merely preallocated) tail off, so that later
+            // recoveries can trust this segment like any older one.
+            let path = segment_path(&cfg.data_dir, cfg.core, tail.seq);
+            let ctx = |e| Error::io("seal previous segment", Some(path.clone()), e);
+            let f = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || {
+                    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+                    if f.metadata()?.len() != tail.valid_end {
+                        f.set_len(tail.valid_end)?;
+                        f.sync_all()?;
+                    }
+                    Ok(())
+                }
+            })
+            .await
+            .map_err(|e| ctx(std::io::Error::other(e)))?;
+            f.map_err(ctx)?;
+        }
+        let wake = Rc::new(Notify::new());
+        let shared = Rc::new(Shared {
+            cfg,
+            dir,
+            wake: Rc::clone(&wake),
+            state: RefCell::new(State {
+                poisoned: false,
+                closed: false,
+                current: None,
+                next_seq,
+                buf: Vec::new(),
+                spare: Vec::new(),
+                pending: VecDeque::new(),
+                ledger,
+                stats: JournalStats::default(),
+                reclaiming: false,
+                flusher: None,
+                #[cfg(test)]
+                fail_next_sync: false,
+            }),
+        });
+        shared.rotate().await?;
+        let flusher = tokio::task::spawn_local(run_flusher(Rc::downgrade(&shared), wake));
+        shared.state.borrow_mut().flusher = Some(flusher);
+        Ok(JournalHandle { shared })
+    }
+
+    /// Appends a `MSG` record holding the envelope, its per-domain parts (see
+    /// [`parts_of`](super::parts_of)) and the body, and resolves once it is durable.
+    ///
+    /// `received_at` is unix seconds. The body is stored as given (canonical CRLF, not
+    /// dot-stuffed). Only after `Ok` may the session answer 250. `id.core()` must be this
+    /// writer's core.
+    pub async fn append_message(
+        &self,
+        id: MessageId,
+        received_at: u64,
+        envelope: &Envelope,
+        body: &[u8],
+    ) -> Result<Location, Error> {
+        self.own(id)?;
+        let parts = record::parts_of(envelope);
+        let rx = self.enqueue_msg(id, received_at, envelope, &parts, body)?;
+        rx.await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// Appends a `DONE` record: the `domain` part of `id` is finished with `outcome`. Must be
+    /// called on the writer of the core that wrote the message (`id.core()`); any other writer
+    /// refuses it with [`Error::InvalidLocation`].
+    pub async fn append_done(
+        &self,
+        id: MessageId,
+        domain: &DomainName,
+        outcome: Outcome,
+    ) -> Result<Location, Error> {
+        self.append_part_record(id, domain, Some(outcome)).await
+    }
+
+    /// Appends an `EXPIRE` record: the `domain` part of `id` passed the maximum hold and waits
+    /// for its bounce; the message data stays until a `DONE`.
+    pub async fn append_expire(
+        &self,
+        id: MessageId,
+        domain: &DomainName,
+    ) -> Result<Location, Error> {
+        self.append_part_record(id, domain, None).await
+    }
+
+    /// A `DONE` (with an outcome) or an `EXPIRE` (without) for one part.
+    async fn append_part_record(
+        &self,
+        id: MessageId,
+        domain: &DomainName,
+        outcome: Option<Outcome>,
+    ) -> Result<Location, Error> {
+        self.own(id)?;
+        let rx = {
+            let mut st = self.shared.state.borrow_mut();
+            st.check()?;
+            let start = st.buf.len();
+            let domain_owned = domain.clone();
+            let (enc, what) = match outcome {
+                Some(outcome) => {
+                    // From now on compaction must not copy this part forward.
+                    st.ledger.doom(id, domain);
+                    let enc = record::encode_done(&mut st.buf, id, domain, outcome);
+                    (
+                        enc,
+                        Placed::Done {
+                            id,
+                            domain: domain_owned,
+                        },
+                    )
+                }
+                None => {
+                    let enc = record::encode_expire(&mut st.buf, id, domain);
+                    (
+                        enc,
+                        Placed::Expire {
+                            id,
+                            domain: domain_owned,
+                        },
+                    )
+                }
+            };
+            self.push(&mut st, start, enc, what)
+        };
+        rx.await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// Refuses ids minted for another core: their records belong in that core's journal
+    /// (a DONE in the wrong directory would not end the part on recovery).
+    fn own(&self, id: MessageId) -> Result<(), Error> {
+        if id.core() == self.shared.cfg.core {
+            Ok(())
+        } else {
+            Err(Error::InvalidLocation {
+                reason: "message id belongs to another core's journal",
+            })
+        }
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> JournalStats {
+        self.shared.state.borrow().stats
+    }
+
+    /// True after a failed write or fdatasync.
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.state.borrow().poisoned
+    }
+
+    /// The sequence number of the segment being appended to.
+    pub fn current_segment(&self) -> Option<u64> {
+        self.shared.state.borrow().current.as_ref().map(|c| c.seq)
+    }
+
+    /// Sequence numbers of the segments this writer still keeps, oldest first.
+    pub fn segments(&self) -> Vec<u64> {
+        self.shared
+            .state
+            .borrow()
+            .ledger
+            .segments()
+            .map(|(s, _)| s)
+            .collect()
+    }
+
+    /// Flushes what is pending, stops the flusher and refuses further appends.
+    pub async fn close(&self) {
+        let flusher = {
+            let mut st = self.shared.state.borrow_mut();
+            st.closed = true;
+            st.flusher.take()
+        };
+        self.shared.wake.notify_one();
+        if let Some(f) = flusher {
+            let _ = f.await;
+        }
+    }
+
+    /// Deletes segments that hold nothing live, then compacts the oldest segment if less than
+    /// `compact_below` of it is live: its live messages are copied forward (group-committed
+    /// like any append, with only their live parts), then it is deleted.
+    ///
+    /// The runtime calls this periodically (for example every few seconds while DONEs flow)
+    /// and forwards [`ReclaimReport::relocated`] to the shard cores. A concurrent call
+    /// returns an empty report. A reader that finds a segment gone (`NotFound`) should look
+    /// the message up again.
+    pub async fn reclaim(&self) -> Result<ReclaimReport, Error> {
+        {
+            let mut st = self.shared.state.borrow_mut();
+            st.check()?;
+            if st.reclaiming {
+                return Ok(ReclaimReport::default());
+            }
+            st.reclaiming = true;
+        }
+        let _guard = ReclaimGuard(&self.shared);
+        let mut report = ReclaimReport::default();
+        self.delete_dead(&mut report).await?;
+        let candidate = {
+            let st = self.shared.state.borrow();
+            let current = st.current.as_ref().map(|c| c.seq);
+            st.ledger
+                .compaction_candidate(current, self.shared.cfg.compact_below)
+        };
+        if let Some(seq) = candidate {
+            self.compact(seq, &mut report).await?;
+            report.compacted = Some(seq);
+            self.delete_dead(&mut report).await?;
+        }
+        Ok(report)
+    }
+
+    async fn compact(&self, seq: u64, report: &mut ReclaimReport) -> Result<(), Error> {
+        let cfg = &self.shared.cfg;
+        let path = segment_path(&cfg.data_dir, cfg.core, seq);
+        let file = SegmentFile::open_read(&path, cfg.io)
+            .await
+            .map_err(|e| Error::io("open segment for compaction", Some(path.clone()), e))?;
+        let ids = self.shared.state.borrow().ledger.messages_in(seq);
+        let mut waiting = Vec::new();
+        let mut buf = Vec::new();
+        for (id, offset, len) in ids {
+            let (res, b) = read_msg_record(&file, &path, offset, len, buf).await;
+            buf = b;
+            let (meta, body_rel) = match res {
+                Ok(r) => r,
+                Err(e) => {
+                    // Leave the message (and so the segment) where it is; it stays readable
+                    // as far as it ever was, and an operator can look at it.
+                    tracing::error!(%id, seq, offset, error = %e, "journal compaction skips a damaged record");
+                    continue;
+                }
+            };
+            // No await between choosing the parts and queueing the copy: a DONE queued after
+            // this point lands after the copy (see the reclaim module invariants).
+            let live = self.shared.state.borrow().ledger.copy_parts(id);
+            if live.is_empty() || meta.id != id {
+                continue;
+            }
+            let parts: Vec<Part> = live
+                .iter()
+                .filter_map(|lp| {
+                    let p = meta.parts.iter().find(|p| p.domain == lp.domain)?;
+                    Some(Part {
+                        expired: lp.expired,
+                        ..p.clone()
+                    })
+                })
+                .collect();
+            let body = &buf[body_rel as usize..];
+            let rx = self.enqueue_msg(id, meta.received_at, &meta.envelope, &parts, body)?;
+            waiting.push((
+                id,
+                parts.into_iter().map(|p| p.domain).collect::<Vec<_>>(),
+                rx,
+            ));
+        }
+        for (id, domains, rx) in waiting {
+            let location = rx.await.unwrap_or(Err(Error::Closed))?;
+            report.relocated.push(Relocated {
+                id,
+                location,
+                domains,
+            });
+        }
+        Ok(())
+    }
+
+    async fn delete_dead(&self, report: &mut ReclaimReport) -> Result<(), Error> {
+        let dead = {
+            let st = self.shared.state.borrow();
+            st.ledger.deletable(st.current.as_ref().map(|c| c.seq))
+        };
+        let cfg = &self.shared.cfg;
+        for seq in dead {
+            let path = segment_path(&cfg.data_dir, cfg.core, seq);
+            match remove_durably(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Stop here: later segments may depend on this one being gone first.
+                Err(e) => return Err(Error::io("delete segment", Some(path), e)),
+            }
+            let mut st = self.shared.state.borrow_mut();
+            st.ledger.remove_segment(seq);
+            st.stats.segments_deleted += 1;
+            report.deleted.push(seq);
+        }
+        Ok(())
+    }
+
+    fn enqueue_msg(
+        &self,
+        id: MessageId,
+        received_at: u64,
+        envelope: &Envelope,
+        parts: &[Part],
+        body: &[u8],
+    ) -> Result<oneshot::Receiver<Result<Location, Error>>, Error> {
+        let mut st = self.shared.state.borrow_mut();
+        st.check()?;
+        let start = st.buf.len();
+        let enc = record::encode_msg(&mut st.buf, id, received_at, envelope, parts, body)?;
+        let live = parts
+            .iter()
+            .map(|p| LivePart {
+                domain: p.domain.clone(),
+                expired: p.expired,
+            })
+            .collect();
+        Ok(self.push(&mut st, start, enc, Placed::Msg { id, parts: live }))
+    }
+
+    fn push(
+        &self,
+        st: &mut State,
+        start: usize,
+        enc: Encoded,
+        what: Placed,
+    ) -> oneshot::Receiver<Result<Location, Error>> {
+        let (reply, rx) = oneshot::channel();
+        st.pending.push_back(Pending {
+            start,
+            enc,
+            what,
+            reply,
+        });
+        self.shared.wake.notify_one();
+        rx
+    }
+
+    /// Test hook: the next batch's fdatasync fails as if the disk had returned EIO.
+    #[cfg(test)]
+    pub(crate) fn fail_next_sync(&self) {
+        self.shared.state.borrow_mut().fail_next_sync = true;
+    }
+}
+
+struct ReclaimGuard<'a>(&'a Shared);
+
+impl Drop for ReclaimGuard<'_> {
+    fn drop(&mut self) {
+        self.0.state.borrow_mut().reclaiming = false;
+    }
+}
+
+async fn run_flusher(weak: Weak<Shared>, wake: Rc<Notify>) {
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        match shared.flush_once().await {
+            Step::Exit => return,
+            Step::Worked => continue,
+            Step::Idle => {}
+        }
+        drop(shared);
+        wake.notified().await;
+    }
+}
+
+impl Shared {
+    /// Creates the next segment and makes it current. The header, the preallocation and the
+    /// directory entry are durable before any record goes in.
+    async fn rotate(&self) -> Result<(), Error> {
+        let seq = {
+            let mut st = self.state.borrow_mut();
+            st.current = None;
+            st.next_seq += 1;
+            st.next_seq - 1
+        };
+        let cfg = &self.cfg;
+        let path = segment_path(&cfg.data_dir, cfg.core, seq);
+        let ctx = |op, e| Error::io(op, Some(path.clone()), e);
+        let file = SegmentFile::create_new(&path, cfg.io)
+            .await
+            .map_err(|e| ctx("create segment", e))?;
+        if cfg.preallocate {
+            file.preallocate(0, cfg.segment_size, cfg.zero_fill)
+                .await
+                .map_err(|e| ctx("preallocate segment", e))?;
+        }
+        let (r, _) = file
+            .write_all_at(encode_segment_header(cfg.core, seq).to_vec(), 0)
+            .await;
+        r.map_err(|e| ctx("write segment header", e))?;
+        file.sync_data()
+            .await
+            .map_err(|e| ctx("fdatasync new segment", e))?;
+        sync_dir(&self.dir)
+            .await
+            .map_err(|e| Error::io("fsync journal dir", Some(self.dir.clone()), e))?;
+        let mut st = self.state.borrow_mut();
+        st.ledger.add_segment(seq, SEGMENT_HEADER_LEN);
+        st.current = Some(Current {
+            file,
+            seq,
+            end: SEGMENT_HEADER_LEN,
+        });
+        st.stats.segments_created += 1;
+        tracing::debug!(core = cfg.core, seq, "journal segment opened");
+        Ok(())
+    }
+
+    fn poison(&self, st: &mut State, e: &Error) {
+        if !st.poisoned {
+            tracing::error!(core = self.cfg.core, error = %e, "journal writer poisoned; appends refused until restart");
+        }
+        st.poisoned = true;
+        st.fail_pending();
+    }
+
+    async fn flush_once(&self) -> Step {
+        let rotate = {
+            let mut st = self.state.borrow_mut();
+            if st.pending.is_empty() {
+                return if st.closed { Step::Exit } else { Step::Idle };
+            }
+            if st.poisoned {
+                st.fail_pending();
+                return Step::Worked;
+            }
+            let first = st.pending[0].enc.len;
+            match &st.current {
+                None => true,
+                Some(c) => c.end > SEGMENT_HEADER_LEN && c.end + first > self.cfg.segment_size,
+            }
+        };
+        if rotate {
+            if let Err(e) = self.rotate().await {
+                let mut st = self.state.borrow_mut();
+                self.poison(&mut st, &e);
+                return Step::Worked;
+            }
+        }
+
+        let (file, seq, base, batch, taken) = {
+            let mut st = self.state.borrow_mut();
+            let st = &mut *st;
+            let cur = st
+                .current
+                .as_ref()
+                .expect("a current segment after rotation");
+            let (file, seq, base) = (cur.file.clone(), cur.seq, cur.end);
+            let room = self.cfg.segment_size.saturating_sub(base);
+            let mut n = 0;
+            let mut bytes = 0u64;
+            for p in &st.pending {
+                if n > 0 && bytes + p.enc.len > room {
+                    break;
+                }
+                bytes += p.enc.len;
+                n += 1;
+            }
+            let batch = if n == st.pending.len() {
+                let spare = std::mem::take(&mut st.spare);
+                std::mem::replace(&mut st.buf, spare)
+            } else {
+                let cut = st.pending[n].start;
+                let rest = st.buf.split_off(cut);
+                for p in st.pending.iter_mut().skip(n) {
+                    p.start -= cut;
+                }
+                std::mem::replace(&mut st.buf, rest)
+            };
+            let taken: Vec<Pending> = st.pending.drain(..n).collect();
+            (file, seq, base, batch, taken)
+        };
+
+        let len = batch.len() as u64;
+        self.state.borrow_mut().stats.batches += 1;
+        let (res, mut batch) = file.write_all_at(batch, base).await;
+        let res = match res {
+            Ok(()) => {
+                let r = file.sync_data().await;
+                self.state.borrow_mut().stats.fsyncs += 1;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        let mut st = self.state.borrow_mut();
+        #[cfg(test)]
+        let res = if std::mem::take(&mut st.fail_next_sync) {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            res
+        };
+        match res {
+            Ok(()) => {
+                st.stats.records += taken.len() as u64;
+                st.stats.bytes += len;
+                if let Some(c) = st.current.as_mut() {
+                    c.end = base + len;
+                }
+                st.ledger.set_written(seq, base + len);
+                for p in taken {
+                    let offset = base + p.start as u64;
+                    let loc = Location {
+                        core: self.cfg.core,
+                        seq,
+                        offset,
+                        len: p.enc.len,
+                        body_offset: offset + p.enc.body_rel,
+                        body_len: p.enc.body_len,
+                        body_crc: p.enc.body_crc,
+                    };
+                    match p.what {
+                        Placed::Msg { id, parts } => {
+                            st.ledger.place_msg(id, seq, offset, p.enc.len, parts)
+                        }
+                        Placed::Done { id, domain } => {
+                            st.ledger.place_done(seq, id, &domain);
+                        }
+                        Placed::Expire { id, domain } => st.ledger.place_expire(seq, id, &domain),
+                    }
+                    let _ = p.reply.send(Ok(loc));
+                }
+                batch.clear();
+                if batch.capacity() <= 16 << 20 {
+                    st.spare = batch;
+                }
+            }
+            Err(e) => {
+                let path = segment_path(&self.cfg.data_dir, self.cfg.core, seq);
+                let err = Error::io("write and fdatasync batch", Some(path.clone()), e);
+                self.poison(&mut st, &err);
+                let kind = match &err {
+                    Error::Io { source, .. } => source.kind(),
+                    _ => std::io::ErrorKind::Other,
+                };
+                for p in taken {
+                    let e = std::io::Error::new(kind, err.to_string());
+                    let _ = p.reply.send(Err(Error::io(
+                        "write and fdatasync batch",
+                        Some(path.clone()),
+                        e,
+                    )));
+                }
+            }
+        }
+        Step::Worked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::testutil::temp_dir;
+    use crate::types::{Mailbox, Recipient};
+
+    fn run_local<F: std::future::Future>(f: F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, f)
+    }
+
+    fn env() -> Envelope {
+        Envelope {
+            recipients: vec![Recipient {
+                mailbox: Mailbox {
+                    local: "a".into(),
+                    domain: "x.example".into(),
+                },
+                notify: None,
+                orcpt: None,
+            }],
+            ..Envelope::default()
+        }
+    }
+
+    #[test]
+    fn a_failed_fdatasync_poisons_the_writer() {
+        let dir = temp_dir("journal-poison");
+        run_local(async {
+            let j = JournalHandle::open(
+                JournalConfig::new(&dir, 0, IoKind::Epoll),
+                DirRecovery::empty(0),
+            )
+            .await
+            .unwrap();
+            j.append_message(MessageId(1), 1, &env(), b"one")
+                .await
+                .unwrap();
+            j.fail_next_sync();
+            let err = j
+                .append_message(MessageId(2), 1, &env(), b"two")
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::Io { ref source, .. } if source.raw_os_error().is_none()
+                && source.kind() == std::io::Error::from_raw_os_error(libc::EIO).kind())
+            );
+            assert!(j.is_poisoned());
+            for _ in 0..3 {
+                let e = j
+                    .append_message(MessageId(3), 1, &env(), b"three")
+                    .await
+                    .unwrap_err();
+                assert!(matches!(e, Error::Poisoned), "{e}");
+                let d = DomainName::parse("x.example").unwrap();
+                let e = j
+                    .append_done(MessageId(1), &d, Outcome::Delivered)
+                    .await
+                    .unwrap_err();
+                assert!(matches!(e, Error::Poisoned));
+            }
+            assert!(matches!(j.reclaim().await, Err(Error::Poisoned)));
+            let st = j.stats();
+            assert_eq!(
+                (st.batches, st.fsyncs, st.records),
+                (2, 2, 1),
+                "the failed batch is not durable"
+            );
+        });
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn records_of_another_cores_messages_are_refused() {
+        let dir = temp_dir("journal-core");
+        run_local(async {
+            let cfg = JournalConfig::new(&dir, 1, IoKind::Epoll);
+            let j = JournalHandle::open(cfg, DirRecovery::empty(1))
+                .await
+                .unwrap();
+            let theirs = MessageId::new(5, 0, 1);
+            let x = DomainName::parse("x.example").unwrap();
+            let e = j
+                .append_done(theirs, &x, Outcome::Delivered)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, Error::InvalidLocation { .. }), "{e}");
+            assert!(j.append_expire(theirs, &x).await.is_err());
+            assert!(j.append_message(theirs, 1, &env(), b"x").await.is_err());
+            let ours = MessageId::new(5, 1, 1);
+            j.append_message(ours, 1, &env(), b"x").await.unwrap();
+            j.append_done(ours, &x, Outcome::Delivered).await.unwrap();
+            assert!(!j.is_poisoned());
+        });
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn appends_after_close_are_refused_and_pending_ones_are_flushed() {
+        let dir = temp_dir("journal-close");
+        run_local(async {
+            let j = JournalHandle::open(
+                JournalConfig::new(&dir, 0, IoKind::Epoll),
+                DirRecovery::empty(0),
+            )
+            .await
+            .unwrap();
+            let j2 = j.clone();
+            let t = tokio::task::spawn_local(async move {
+                j2.append_message(MessageId(1), 1, &env(), b"x").await
+            });
+            tokio::task::yield_now().await;
+            j.close().await;
+            assert!(
+                t.await.unwrap().is_ok(),
+                "queued before close, flushed by close"
+            );
+            let e = j
+                .append_message(MessageId(2), 1, &env(), b"y")
+                .await
+                .unwrap_err();
+            assert!(matches!(e, Error::Closed));
+        });
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

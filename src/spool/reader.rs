@@ -1,0 +1,251 @@
+//! Reading held messages back by [`Location`]: the envelope, and the body in chunks.
+//!
+//! The reversal streams a body from its segment file to the socket without loading it whole:
+//! [`Reader::body_stream`] hands out chunks and checks the body checksum when the last chunk
+//! has been read. A [`Reader`] is per core (`!Send`) and keeps a few segment files open.
+//!
+//! Invariants: nothing is returned from a record whose head checksum does not match, and a
+//! whole body ([`Reader::read_body`], the end of a [`BodyStream`]) is only returned when its
+//! checksum matches. Ranges ([`Reader::read_body_range`]) are bounds-checked but not
+//! checksummed: a range cannot be checked on its own.
+//!
+//! A segment may be deleted by compaction while a reader has it open; reads through the open
+//! descriptor keep working. Opening a deleted segment fails with `NotFound`: the caller looks
+//! the message up again (its index entry was updated with the relocated copy).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+use super::file::{IoKind, SegmentFile};
+use super::journal::{segment_path, Location};
+use super::record::{decode_meta, FixedHeader, Meta, MsgMeta, RECORD_HEADER_LEN};
+use super::Error;
+
+/// How many segment files one reader keeps open.
+const OPEN_FILES: usize = 16;
+
+/// Reads a whole `MSG` record of `len` bytes at `offset` into `buf`, checks both checksums and
+/// returns its meta and the body's offset inside `buf`.
+pub(crate) async fn read_msg_record(
+    file: &SegmentFile,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    buf: Vec<u8>,
+) -> (Result<(MsgMeta, u64), Error>, Vec<u8>) {
+    let corrupt = |reason| Error::Corrupt {
+        path: path.to_owned(),
+        offset,
+        reason,
+    };
+    let Ok(n) = usize::try_from(len) else {
+        return (Err(corrupt("record too large for memory")), buf);
+    };
+    if len < RECORD_HEADER_LEN {
+        return (Err(corrupt("record shorter than its header")), buf);
+    }
+    let (r, buf) = file.read_exact_at(buf, offset, n).await;
+    if let Err(e) = r {
+        return (Err(Error::io("read record", Some(path.to_owned()), e)), buf);
+    }
+    let res = (|| {
+        let mut h = [0u8; RECORD_HEADER_LEN as usize];
+        h.copy_from_slice(&buf[..RECORD_HEADER_LEN as usize]);
+        let fh = FixedHeader::parse(&h).map_err(|_| corrupt("bad record header"))?;
+        if fh.record_len() != Some(len) {
+            return Err(corrupt("record length does not match its location"));
+        }
+        let body_rel = RECORD_HEADER_LEN + u64::from(fh.meta_len);
+        let meta = &buf[RECORD_HEADER_LEN as usize..body_rel as usize];
+        if !fh.verify(&h, meta) {
+            return Err(corrupt("head checksum mismatch"));
+        }
+        let Meta::Msg(m) = decode_meta(fh.kind, meta).map_err(corrupt)? else {
+            return Err(corrupt("not a MSG record"));
+        };
+        if crc32fast::hash(&buf[body_rel as usize..]) != fh.body_crc {
+            return Err(corrupt("body checksum mismatch"));
+        }
+        Ok((m, body_rel))
+    })();
+    (res, buf)
+}
+
+/// Reads stored messages of any core's journal; one per core thread.
+pub struct Reader {
+    data_dir: PathBuf,
+    io: IoKind,
+    open: RefCell<VecDeque<((u16, u64), SegmentFile)>>,
+}
+
+impl Reader {
+    /// A reader for the spool under `data_dir`, using `io` for its reads.
+    pub fn new(data_dir: impl Into<PathBuf>, io: IoKind) -> Self {
+        Reader {
+            data_dir: data_dir.into(),
+            io,
+            open: RefCell::new(VecDeque::new()),
+        }
+    }
+
+    async fn file(&self, core: u16, seq: u64) -> Result<SegmentFile, Error> {
+        {
+            let mut open = self.open.borrow_mut();
+            if let Some(i) = open.iter().position(|(k, _)| *k == (core, seq)) {
+                let entry = open.remove(i).expect("index from position");
+                let f = entry.1.clone();
+                open.push_front(entry);
+                return Ok(f);
+            }
+        }
+        let path = segment_path(&self.data_dir, core, seq);
+        let f = SegmentFile::open_read(&path, self.io)
+            .await
+            .map_err(|e| Error::io("open segment", Some(path), e))?;
+        let mut open = self.open.borrow_mut();
+        open.push_front(((core, seq), f.clone()));
+        open.truncate(OPEN_FILES);
+        Ok(f)
+    }
+
+    /// Closes the cached descriptor of a segment (after compaction moved its messages), so
+    /// the disk space of a deleted segment is returned.
+    pub fn forget(&self, core: u16, seq: u64) {
+        self.open.borrow_mut().retain(|(k, _)| *k != (core, seq));
+    }
+
+    /// Reads and verifies the record's header and envelope (not the body).
+    pub async fn read_message(&self, loc: &Location) -> Result<MsgMeta, Error> {
+        let path = || segment_path(&self.data_dir, loc.core, loc.seq);
+        let corrupt = |reason| Error::Corrupt {
+            path: path(),
+            offset: loc.offset,
+            reason,
+        };
+        let head_len = loc
+            .body_offset
+            .checked_sub(loc.offset)
+            .filter(|n| *n >= RECORD_HEADER_LEN && *n <= loc.len)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or(Error::InvalidLocation {
+                reason: "body offset outside the record",
+            })?;
+        let file = self.file(loc.core, loc.seq).await?;
+        let (r, buf) = file.read_exact_at(Vec::new(), loc.offset, head_len).await;
+        r.map_err(|e| Error::io("read record header", Some(path()), e))?;
+        let mut h = [0u8; RECORD_HEADER_LEN as usize];
+        h.copy_from_slice(&buf[..RECORD_HEADER_LEN as usize]);
+        let fh = FixedHeader::parse(&h).map_err(|_| corrupt("bad record header"))?;
+        let meta = &buf[RECORD_HEADER_LEN as usize..];
+        if fh.meta_len as usize != meta.len() || fh.body_len != loc.body_len {
+            return Err(corrupt("record does not match its location"));
+        }
+        if !fh.verify(&h, meta) {
+            return Err(corrupt("head checksum mismatch"));
+        }
+        match decode_meta(fh.kind, meta).map_err(corrupt)? {
+            Meta::Msg(m) => Ok(m),
+            _ => Err(corrupt("not a MSG record")),
+        }
+    }
+
+    /// Reads `len` body bytes starting `offset` bytes into the body, into `buf` (recycled;
+    /// its old contents are dropped). Not checksummed; see [`Reader::body_stream`].
+    pub async fn read_body_range(
+        &self,
+        loc: &Location,
+        offset: u64,
+        len: usize,
+        buf: Vec<u8>,
+    ) -> Result<Vec<u8>, Error> {
+        let end = offset.checked_add(len as u64);
+        if end.is_none_or(|e| e > loc.body_len) {
+            return Err(Error::InvalidLocation {
+                reason: "range beyond the end of the body",
+            });
+        }
+        let file = self.file(loc.core, loc.seq).await?;
+        let (r, buf) = file.read_exact_at(buf, loc.body_offset + offset, len).await;
+        r.map_err(|e| {
+            Error::io(
+                "read body",
+                Some(segment_path(&self.data_dir, loc.core, loc.seq)),
+                e,
+            )
+        })?;
+        Ok(buf)
+    }
+
+    /// Reads the whole body into memory and verifies its checksum.
+    pub async fn read_body(&self, loc: &Location) -> Result<Vec<u8>, Error> {
+        let len = usize::try_from(loc.body_len).map_err(|_| Error::InvalidLocation {
+            reason: "body too large for memory",
+        })?;
+        let buf = self.read_body_range(loc, 0, len, Vec::new()).await?;
+        if crc32fast::hash(&buf) != loc.body_crc {
+            return Err(Error::Corrupt {
+                path: segment_path(&self.data_dir, loc.core, loc.seq),
+                offset: loc.offset,
+                reason: "body checksum mismatch",
+            });
+        }
+        Ok(buf)
+    }
+
+    /// Streams the body in chunks of at most `chunk` bytes, verifying the checksum at the end.
+    pub fn body_stream(&self, loc: Location, chunk: usize) -> BodyStream<'_> {
+        BodyStream {
+            reader: self,
+            loc,
+            pos: 0,
+            chunk: chunk.max(1),
+            crc: crc32fast::Hasher::new(),
+        }
+    }
+}
+
+/// A body read chunk by chunk; see [`Reader::body_stream`].
+///
+/// The checksum can only be known once every byte went past, so a mismatch is reported by the
+/// call that would return the last chunk. A caller that already sent earlier chunks must then
+/// abort the transaction (drop the connection before the final `.` or the last BDAT byte).
+pub struct BodyStream<'a> {
+    reader: &'a Reader,
+    loc: Location,
+    pos: u64,
+    chunk: usize,
+    crc: crc32fast::Hasher,
+}
+
+impl BodyStream<'_> {
+    /// Body bytes not yet returned.
+    pub fn remaining(&self) -> u64 {
+        self.loc.body_len - self.pos
+    }
+
+    /// The next chunk in `buf` (recycled), or `None` after the last one.
+    pub async fn next_chunk(&mut self, buf: Vec<u8>) -> Result<Option<Vec<u8>>, Error> {
+        let left = self.remaining();
+        if left == 0 {
+            return Ok(None);
+        }
+        let n = left.min(self.chunk as u64) as usize;
+        let buf = self
+            .reader
+            .read_body_range(&self.loc, self.pos, n, buf)
+            .await?;
+        self.crc.update(&buf);
+        self.pos += n as u64;
+        if self.pos == self.loc.body_len
+            && std::mem::take(&mut self.crc).finalize() != self.loc.body_crc
+        {
+            return Err(Error::Corrupt {
+                path: segment_path(&self.reader.data_dir, self.loc.core, self.loc.seq),
+                offset: self.loc.offset,
+                reason: "body checksum mismatch",
+            });
+        }
+        Ok(Some(buf))
+    }
+}
