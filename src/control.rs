@@ -68,14 +68,15 @@ pub struct MessageRow {
     pub expired: bool,
 }
 
-fn summary_from(stats: impl IntoIterator<Item = spool::DomainStats>) -> QueueSummary {
+fn summary_from(stats: impl IntoIterator<Item = (DomainName, spool::DomainStats)>) -> QueueSummary {
     let mut domains: Vec<DomainRow> = stats
         .into_iter()
-        .map(|s| DomainRow {
-            domain: s.domain.to_string(),
+        .filter(|(_, s)| s.messages > 0)
+        .map(|(domain, s)| DomainRow {
+            domain: domain.to_string(),
             messages: s.messages,
             bytes: s.bytes,
-            oldest: s.oldest,
+            oldest: s.oldest.unwrap_or(0),
         })
         .collect();
     domains.sort_by(|a, b| a.domain.cmp(&b.domain));
@@ -193,12 +194,12 @@ pub fn queue_summary(data_dir: &Path) -> io::Result<QueueSummary> {
     if let Some(json) = request(data_dir, "summary")? {
         return serde_json::from_str(&json).map_err(io::Error::other);
     }
-    let recovered = spool::recover(&data_dir.join("journal")).map_err(io::Error::other)?;
-    let mut index = spool::Index::default();
+    let recovered = spool::recover(data_dir).map_err(io::Error::other)?;
+    let mut index = spool::DomainIndex::new();
     for part in recovered.parts {
         index.insert(part);
     }
-    Ok(summary_from(index.stats()))
+    Ok(summary_from(index.all_stats()))
 }
 
 /// One domain's held messages, from the running server or from the journal.
@@ -206,7 +207,7 @@ pub fn queue_domain(data_dir: &Path, domain: &DomainName) -> io::Result<DomainLi
     if let Some(json) = request(data_dir, &format!("domain {domain}"))? {
         return serde_json::from_str(&json).map_err(io::Error::other);
     }
-    let recovered = spool::recover(&data_dir.join("journal")).map_err(io::Error::other)?;
+    let recovered = spool::recover(data_dir).map_err(io::Error::other)?;
     let parts = recovered.parts.into_iter().filter(|p| &p.domain == domain);
     Ok(listing_from(domain, parts))
 }

@@ -49,7 +49,7 @@ pub enum Query {
 /// A core's answer to a [`Query`].
 pub enum QueryAnswer {
     /// Totals per domain.
-    Summary(Vec<spool::DomainStats>),
+    Summary(Vec<(DomainName, spool::DomainStats)>),
     /// The parts of one domain.
     Domain(Vec<spool::HeldPart>),
 }
@@ -81,7 +81,7 @@ pub struct Core {
     /// This core's journal writer.
     pub journal: spool::JournalHandle,
     /// The index of the domains this core shards.
-    pub index_shard: RefCell<spool::Index>,
+    pub index_shard: RefCell<spool::DomainIndex>,
     next_seq: Cell<u64>,
     shutdown: tokio::sync::Notify,
     stopping: Cell<bool>,
@@ -94,7 +94,7 @@ impl Core {
         shared: Arc<Shared>,
         hosted: Arc<Hosted>,
         journal: spool::JournalHandle,
-        index_shard: spool::Index,
+        index_shard: spool::DomainIndex,
     ) -> Rc<Core> {
         // Random start so ids stay unique across restarts even within one millisecond.
         let mut seed = [0u8; 8];
@@ -164,13 +164,13 @@ impl Core {
         body.extend_from_slice(received.as_bytes());
         body.extend_from_slice(&incoming.body);
         drop(incoming.body);
-        let stored = self
-            .journal
-            .append_message(id, now.as_secs(), &incoming.envelope, body)
-            .await;
+        let received_at = now.as_secs();
+        let env = &incoming.envelope;
+        let stored = self.journal.append_message(id, received_at, env, &body).await;
+        drop(body);
         match stored {
-            Ok(parts) => {
-                for part in parts {
+            Ok(location) => {
+                for part in spool::HeldPart::for_message(id, received_at, env, location) {
                     let shard = self.shard_of(&part.domain);
                     self.shared.mesh.send(shard, MeshMsg::Held(part));
                 }
@@ -200,8 +200,8 @@ impl Core {
                 MeshMsg::Query(q, reply) => {
                     let idx = self.index_shard.borrow();
                     let answer = match q {
-                        Query::Summary => QueryAnswer::Summary(idx.stats()),
-                        Query::Domain(d) => QueryAnswer::Domain(idx.list(&d)),
+                        Query::Summary => QueryAnswer::Summary(idx.all_stats()),
+                        Query::Domain(d) => QueryAnswer::Domain(idx.parts(&d).cloned().collect()),
                     };
                     let _ = reply.send(answer);
                 }

@@ -103,7 +103,10 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         );
     }
 
-    let recovered = spool::recover(&data_dir.join("journal")).map_err(io::Error::other)?;
+    let mut recovered = spool::recover(&data_dir).map_err(io::Error::other)?;
+    for damage in &recovered.damage {
+        tracing::warn!(?damage, "journal damage found and cut at recovery");
+    }
     tracing::info!(parts = recovered.parts.len(), "journal recovered");
 
     let listeners = bind_all(&config, cores)?;
@@ -118,7 +121,8 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
     });
 
     // Split recovered parts by shard core, and the writers' state by core.
-    let mut shards: Vec<spool::Index> = (0..cores).map(|_| spool::Index::default()).collect();
+    let mut shards: Vec<spool::DomainIndex> =
+        (0..cores).map(|_| spool::DomainIndex::new()).collect();
     for part in recovered.parts.iter().cloned() {
         let shard = (part.domain.shard_hash() % cores as u64) as usize;
         shared.counters.counters(&part.domain).add(part.bytes);
@@ -133,18 +137,12 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         let shared = shared.clone();
         let hosted = hosted.clone();
         let ready = ready_tx.clone();
-        let journal_dir = data_dir.join("journal");
-        let writer_state = recovered.writer_state(index as u16);
+        let mut journal_cfg = spool::JournalConfig::new(&data_dir, index as u16, io);
+        journal_cfg.segment_size = shared.config.spool.segment_size;
+        journal_cfg.compact_below = shared.config.spool.compact_live_ratio;
+        let writer_state = recovered.take_dir(index as u16);
         let handle = runtime::spawn_core(index, io, true, move || async move {
-            let journal = match spool::JournalHandle::open(
-                &journal_dir,
-                index as u16,
-                shared.io,
-                &shared.config.spool,
-                writer_state,
-            )
-            .await
-            {
+            let journal = match spool::JournalHandle::open(journal_cfg, writer_state).await {
                 Ok(j) => j,
                 Err(e) => {
                     let _ = ready.send(Err(format!("core {index}: journal: {e}")));

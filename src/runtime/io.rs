@@ -17,14 +17,8 @@ use std::net::SocketAddr;
 use tokio::io::AsyncWriteExt;
 use tokio_uring::buf::BoundedBuf;
 
-/// Which driver a core runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IoKind {
-    /// tokio-uring: one io_uring per core.
-    Uring,
-    /// tokio current-thread runtime (epoll), the fallback where io_uring is blocked.
-    Epoll,
-}
+/// Which driver a core runs; the spool's file I/O follows the same choice.
+pub use crate::spool::IoKind;
 
 impl IoKind {
     /// Short name for logs and metrics.

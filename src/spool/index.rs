@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::journal::Location;
 use super::record::parts_of;
-use crate::types::{DomainName, Envelope, MessageId, Recipient};
+use crate::types::{DomainName, Envelope, Mailbox, MessageId, Recipient};
 
 /// One domain part of a held message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +27,8 @@ pub struct HeldPart {
     pub location: Location,
     /// When the message was accepted, unix seconds.
     pub received_at: u64,
+    /// The envelope sender (`None` for `<>`), for the operator's view and for bounces.
+    pub sender: Option<Mailbox>,
     /// The recipients of this domain only, in RCPT order.
     pub recipients: Vec<Recipient>,
     /// Body size in bytes.
@@ -50,6 +52,7 @@ impl HeldPart {
                 domain: p.domain,
                 location,
                 received_at,
+                sender: envelope.sender.clone(),
                 recipients: p
                     .recipients
                     .iter()

@@ -30,7 +30,7 @@ use super::record::{
     SEGMENT_HEADER_LEN,
 };
 use super::Error;
-use crate::types::{DomainName, MessageId, Recipient};
+use crate::types::{DomainName, Mailbox, MessageId, Recipient};
 
 /// Where recovery found damage and stopped reading a segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,6 +180,7 @@ pub fn recover(data_dir: &Path) -> Result<Recovered, Error> {
 struct Latest {
     location: Location,
     received_at: u64,
+    sender: Option<Mailbox>,
     parts: Vec<(DomainName, Vec<Recipient>)>,
 }
 
@@ -228,6 +229,7 @@ fn recover_dir(
                         expired: p.expired,
                     });
                     rec.ledger.place_msg(m.id, seq, loc.offset, loc.len, live);
+                    let sender = m.envelope.sender.clone();
                     let parts = m
                         .parts
                         .into_iter()
@@ -246,6 +248,7 @@ fn recover_dir(
                             Latest {
                                 location: loc,
                                 received_at: m.received_at,
+                                sender,
                                 parts,
                             },
                         );
@@ -297,6 +300,7 @@ fn recover_dir(
                 domain: lp.domain.clone(),
                 location: l.location,
                 received_at: l.received_at,
+                sender: l.sender.clone(),
                 recipients,
                 bytes: l.location.body_len,
                 expired: lp.expired,
