@@ -217,7 +217,8 @@ mod tests {
             recipient: None,
             ..t
         };
-        assert!(received(&v6).starts_with("Received: from client.example ([IPv6:2001:db8::1])\r\n"));
+        let field = received(&v6);
+        assert!(field.starts_with("Received: from client.example ([IPv6:2001:db8::1])\r\n"));
         assert!(received(&v6).contains("id 0123abcd;\r\n\tTue"));
     }
 
