@@ -83,7 +83,10 @@ fn summary_from(stats: impl IntoIterator<Item = (DomainName, spool::DomainStats)
     QueueSummary { domains }
 }
 
-fn listing_from(domain: &DomainName, parts: impl IntoIterator<Item = spool::HeldPart>) -> DomainListing {
+fn listing_from(
+    domain: &DomainName,
+    parts: impl IntoIterator<Item = spool::HeldPart>,
+) -> DomainListing {
     let mut messages: Vec<MessageRow> = parts
         .into_iter()
         .map(|p| MessageRow {
@@ -96,7 +99,10 @@ fn listing_from(domain: &DomainName, parts: impl IntoIterator<Item = spool::Held
         })
         .collect();
     messages.sort_by(|a, b| (a.received, &a.id).cmp(&(b.received, &b.id)));
-    DomainListing { domain: domain.to_string(), messages }
+    DomainListing {
+        domain: domain.to_string(),
+        messages,
+    }
 }
 
 /// Removes the socket file when the server stops.
@@ -115,18 +121,20 @@ pub fn spawn_server(data_dir: &Path, mesh: Arc<Mesh<MeshMsg>>) -> io::Result<Con
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    std::thread::Builder::new().name("turnpike-control".into()).spawn(move || {
-        for stream in listener.incoming() {
-            match stream {
-                Ok(s) => {
-                    if let Err(e) = answer(s, &mesh) {
-                        tracing::debug!(error = %e, "control request failed");
+    std::thread::Builder::new()
+        .name("turnpike-control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(s) => {
+                        if let Err(e) = answer(s, &mesh) {
+                            tracing::debug!(error = %e, "control request failed");
+                        }
                     }
+                    Err(e) => tracing::warn!(error = %e, "control accept failed"),
                 }
-                Err(e) => tracing::warn!(error = %e, "control accept failed"),
             }
-        }
-    })?;
+        })?;
     Ok(ControlGuard(path))
 }
 
@@ -148,8 +156,8 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>) -> io::Result<()> {
         }
         serde_json::to_string(&summary_from(stats))?
     } else if let Some(name) = line.strip_prefix("domain ") {
-        let domain = DomainName::parse(name)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let domain =
+            DomainName::parse(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let shard = (domain.shard_hash() % mesh.cores() as u64) as usize;
         let (tx, rx) = std::sync::mpsc::channel();
         mesh.send(shard, MeshMsg::Query(Query::Domain(domain.clone()), tx));
@@ -164,7 +172,10 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>) -> io::Result<()> {
         unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
         "{\"reload\":\"requested\"}".to_string()
     } else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown request {line:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unknown request {line:?}"),
+        ));
     };
     (&stream).write_all(json.as_bytes())?;
     (&stream).write_all(b"\n")
@@ -176,7 +187,10 @@ pub fn request(data_dir: &Path, line: &str) -> io::Result<Option<String>> {
     let stream = match UnixStream::connect(&path) {
         Ok(s) => s,
         Err(e)
-            if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) =>
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
         {
             return Ok(None)
         }
@@ -217,7 +231,10 @@ pub fn render_summary(s: &QueueSummary, now: u64) -> String {
     if s.domains.is_empty() {
         return "Hold is empty.\n".to_string();
     }
-    let mut out = format!("{:<40} {:>9} {:>12}  {}\n", "DOMAIN", "MESSAGES", "BYTES", "OLDEST");
+    let mut out = format!(
+        "{:<40} {:>9} {:>12}  {}\n",
+        "DOMAIN", "MESSAGES", "BYTES", "OLDEST"
+    );
     let (mut msgs, mut bytes) = (0, 0);
     for d in &s.domains {
         msgs += d.messages;
@@ -230,7 +247,10 @@ pub fn render_summary(s: &QueueSummary, now: u64) -> String {
             age(now.saturating_sub(d.oldest))
         );
     }
-    out += &format!("-- {msgs} held message parts, {bytes} bytes in {} domains\n", s.domains.len());
+    out += &format!(
+        "-- {msgs} held message parts, {bytes} bytes in {} domains\n",
+        s.domains.len()
+    );
     out
 }
 
@@ -239,7 +259,10 @@ pub fn render_listing(l: &DomainListing, now: u64) -> String {
     if l.messages.is_empty() {
         return format!("No mail held for {}.\n", l.domain);
     }
-    let mut out = format!("{:<32} {:>10} {:>8}  SENDER -> RECIPIENTS\n", "ID", "SIZE", "AGE");
+    let mut out = format!(
+        "{:<32} {:>10} {:>8}  SENDER -> RECIPIENTS\n",
+        "ID", "SIZE", "AGE"
+    );
     for m in &l.messages {
         let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
         out += &format!(
@@ -249,7 +272,11 @@ pub fn render_listing(l: &DomainListing, now: u64) -> String {
             age(now.saturating_sub(m.received)),
             sender,
             m.recipients.join(", "),
-            if m.expired { "  (expired, awaiting bounce)" } else { "" }
+            if m.expired {
+                "  (expired, awaiting bounce)"
+            } else {
+                ""
+            }
         );
     }
     out
@@ -278,6 +305,9 @@ mod tests {
 
     #[test]
     fn empty_hold_says_so() {
-        assert_eq!(render_summary(&QueueSummary::default(), 0), "Hold is empty.\n");
+        assert_eq!(
+            render_summary(&QueueSummary::default(), 0),
+            "Hold is empty.\n"
+        );
     }
 }

@@ -104,6 +104,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli) {
@@ -138,7 +139,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let path = data_dir.join("accounts.toml");
             let mut accounts = Accounts::load(&path)?;
             match action {
-                AccountAction::Add { name, domains, password_stdin: _, no_cram_md5 } => {
+                AccountAction::Add {
+                    name,
+                    domains,
+                    password_stdin: _,
+                    no_cram_md5,
+                } => {
                     let domains = domains
                         .iter()
                         .map(|d| DomainName::parse(d).map_err(|e| format!("--domain {d}: {e}")))

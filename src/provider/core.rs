@@ -143,19 +143,16 @@ impl Core {
 
     /// Writes an accepted message to this core's journal (returns after fdatasync), then
     /// hands each domain part to its shard core. The result feeds `Inbound::stored`.
-    pub async fn store(
-        &self,
-        incoming: Incoming,
-        peer: SocketAddr,
-        tls: bool,
-    ) -> Result<String, Reply> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    pub async fn store(&self, incoming: Incoming, peer: SocketAddr) -> Result<String, Reply> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let id = self.new_id(now.as_millis() as u64);
         let received = trace::received(&trace::Trace {
             host: self.shared.config.server.hostname.as_str(),
             helo: &incoming.helo,
             peer_ip: &peer.ip().to_string(),
-            protocol: incoming.protocol.with_type(),
+            protocol: incoming.protocol,
             recipient: single_recipient(&incoming),
             id: &id.to_string(),
             unix_secs: now.as_secs(),
@@ -166,7 +163,10 @@ impl Core {
         drop(incoming.body);
         let received_at = now.as_secs();
         let env = &incoming.envelope;
-        let stored = self.journal.append_message(id, received_at, env, &body).await;
+        let stored = self
+            .journal
+            .append_message(id, received_at, env, &body)
+            .await;
         drop(body);
         match stored {
             Ok(location) => {
@@ -179,15 +179,18 @@ impl Core {
             }
             Err(e) => {
                 tracing::error!(%id, %peer, error = %e, "journal append failed; answering 451");
-                Err(Reply::with_status(451, (4, 3, 0), "Temporary storage failure, try again later"))
+                Err(Reply::with_status(
+                    451,
+                    (4, 3, 0),
+                    "Temporary storage failure, try again later",
+                ))
             }
         }
     }
 
     /// Applies mesh messages for this core until shutdown.
     pub async fn run_mesh(self: Rc<Self>) {
-        let mut counters: HashMap<DomainName, Arc<super::hosted::DomainCounters>> =
-            HashMap::new();
+        let mut counters: HashMap<DomainName, Arc<super::hosted::DomainCounters>> = HashMap::new();
         loop {
             match self.shared.mesh.recv(self.index).await {
                 MeshMsg::Held(part) => {
@@ -206,7 +209,11 @@ impl Core {
                     let _ = reply.send(answer);
                 }
                 MeshMsg::Reload(h) => {
-                    tracing::debug!(core = self.index, domains = h.len(), "hosted domains reloaded");
+                    tracing::debug!(
+                        core = self.index,
+                        domains = h.len(),
+                        "hosted domains reloaded"
+                    );
                     *self.hosted.borrow_mut() = h;
                 }
                 MeshMsg::Shutdown => {
@@ -251,7 +258,10 @@ impl Directory for Core {
                 format!("Message larger than the hold quota of {domain}"),
             ));
         }
-        let held = entry.counters.held_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let held = entry
+            .counters
+            .held_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
         if held.saturating_add(size) > entry.quota {
             return RcptVerdict::Reject(Reply::with_status(
                 452,
@@ -264,5 +274,9 @@ impl Directory for Core {
 }
 
 fn relay_refused(domain: &str) -> Reply {
-    Reply::with_status(550, (5, 7, 1), format!("Relaying denied: {domain} is not hosted here"))
+    Reply::with_status(
+        550,
+        (5, 7, 1),
+        format!("Relaying denied: {domain} is not hosted here"),
+    )
 }

@@ -45,6 +45,7 @@ pub async fn serve(core: Rc<Core>, conn: Conn, peer: SocketAddr) {
     conn.close().await;
     match ended {
         End::Quit | End::PeerClosed => tracing::debug!(%peer, ?ended, "mx session ended"),
+        End::Io(e) => tracing::info!(%peer, error = %e, "mx session ended by an I/O error"),
         _ => tracing::info!(%peer, ?ended, "mx session ended"),
     }
 }
@@ -60,11 +61,11 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr) -> End {
         while let Some(action) = machine.poll_action() {
             match action {
                 Action::Deliver(incoming) => {
-                    let result = core.store(incoming, peer, conn.is_tls()).await;
+                    let result = core.store(incoming, peer).await;
                     machine.stored(result);
                 }
                 Action::StartTls => {
-                    if let Err(e) = flush(conn, &mut machine).await {
+                    if let Err(e) = flush_logged(conn, &mut machine, peer).await {
                         return End::Io(e);
                     }
                     // RFC 3207 §4.2: plaintext pipelined after STARTTLS must not be acted on
@@ -84,13 +85,13 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr) -> End {
                     machine.tls_started();
                 }
                 Action::Close => {
-                    let _ = flush(conn, &mut machine).await;
+                    let _ = flush_logged(conn, &mut machine, peer).await;
                     return End::Quit;
                 }
             }
         }
         if machine.is_closed() {
-            let _ = flush(conn, &mut machine).await;
+            let _ = flush_logged(conn, &mut machine, peer).await;
             return End::Quit;
         }
         // Keep the unread tail at the front so the buffer never grows without bound.
@@ -103,7 +104,7 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr) -> End {
             // flushing, so a pipelined batch is answered in one write.
             continue;
         }
-        if let Err(e) = flush(conn, &mut machine).await {
+        if let Err(e) = flush_logged(conn, &mut machine, peer).await {
             return End::Io(e);
         }
         match tokio::time::timeout(idle, conn.read_append(&mut input, READ_CHUNK)).await {
@@ -112,11 +113,27 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr) -> End {
             Ok(Err(e)) => return End::Io(e),
             Err(_) => {
                 machine.timed_out();
-                let _ = flush(conn, &mut machine).await;
+                let _ = flush_logged(conn, &mut machine, peer).await;
                 return End::IdleTimeout;
             }
         }
     }
+}
+
+/// Like [`flush`], and logs every 4xx/5xx reply line: a refusal is always explained in the
+/// log, whatever part of the machine produced it.
+async fn flush_logged(
+    conn: &mut Conn,
+    machine: &mut Inbound,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
+    for line in machine.output().split(|b| *b == b'\n') {
+        if matches!(line.first(), Some(b'4' | b'5')) && line.get(3) == Some(&b' ') {
+            let text = String::from_utf8_lossy(line);
+            tracing::info!(%peer, reply = %text.trim_end(), "refused");
+        }
+    }
+    flush(conn, machine).await
 }
 
 /// Writes the machine's queued replies, reusing its output buffer.

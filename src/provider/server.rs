@@ -71,7 +71,9 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
     let io = match io_choice {
         IoChoice::Epoll => IoKind::Epoll,
         IoChoice::Uring => IoKind::detect().map_err(|e| {
-            io::Error::other(format!("--io uring requested but io_uring is unavailable: {e}"))
+            io::Error::other(format!(
+                "--io uring requested but io_uring is unavailable: {e}"
+            ))
         })?,
         IoChoice::Auto => match IoKind::detect() {
             Ok(k) => k,
@@ -81,10 +83,12 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
             }
         },
     };
-    let cores = cores.filter(|n| *n > 0).unwrap_or_else(|| match config.server.cores {
-        0 => runtime::online_cores(),
-        n => n,
-    });
+    let cores = cores
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| match config.server.cores {
+            0 => runtime::online_cores(),
+            n => n,
+        });
 
     let tls = {
         let (cert, key) =
@@ -112,7 +116,10 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
     let listeners = bind_all(&config, cores)?;
     let mesh = Arc::new(Mesh::new(cores));
     let shared = Arc::new(Shared {
-        limiter: Limiter::new(config.limits.max_connections as usize, config.limits.max_connections_per_ip),
+        limiter: Limiter::new(
+            config.limits.max_connections as usize,
+            config.limits.max_connections_per_ip,
+        ),
         config,
         mesh: mesh.clone(),
         tls,
@@ -189,7 +196,8 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         match wait_signal(&signals) {
             libc::SIGHUP => match Accounts::load(&accounts_path) {
                 Ok(accounts) => {
-                    let snapshot = Arc::new(Hosted::build(&accounts, &shared.config, &shared.counters));
+                    let snapshot =
+                        Arc::new(Hosted::build(&accounts, &shared.config, &shared.counters));
                     tracing::info!(domains = snapshot.len(), "accounts reloaded");
                     for core in 0..cores {
                         mesh.send(core, MeshMsg::Reload(snapshot.clone()));
@@ -277,7 +285,10 @@ fn bind_all(config: &Config, cores: usize) -> io::Result<Bound> {
             let mut actual = *addr;
             for listeners in per_core.iter_mut() {
                 let l = bind_reuseport(actual).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot listen on {actual} ({}): {e}", service.name()))
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot listen on {actual} ({}): {e}", service.name()),
+                    )
                 })?;
                 actual = l.local_addr()?;
                 listeners.push((service, l));
@@ -289,7 +300,10 @@ fn bind_all(config: &Config, cores: usize) -> io::Result<Bound> {
 }
 
 fn write_listening(data_dir: &Path, bound: &[(Service, SocketAddr)]) -> io::Result<()> {
-    let text: String = bound.iter().map(|(s, a)| format!("{} {a}\n", s.name())).collect();
+    let text: String = bound
+        .iter()
+        .map(|(s, a)| format!("{} {a}\n", s.name()))
+        .collect();
     let tmp = data_dir.join("listening.tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(tmp, data_dir.join("listening"))
@@ -310,7 +324,11 @@ pub fn read_listening(data_dir: &Path) -> Option<HashMap<String, SocketAddr>> {
 fn lock_data_dir(data_dir: &Path) -> io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let path: PathBuf = data_dir.join("lock");
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
     // SAFETY: flock on a file descriptor we own.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
