@@ -141,22 +141,50 @@ impl Stream {
         if buf.capacity() - buf.len() < want {
             buf.reserve(want);
         }
-        match self {
+        let n = match self {
             Stream::Uring(s) => {
                 let owned = std::mem::take(buf);
                 let filled = owned.len();
                 let (res, slice) = s.read(owned.slice(filled..)).await;
                 *buf = slice.into_inner();
-                res
+                res?
             }
             Stream::Epoll(s) => loop {
                 s.readable().await?;
                 match s.try_read_buf(buf) {
-                    Ok(n) => return Ok(n),
+                    Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
                 }
             },
+        };
+        if n > 0 {
+            self.ack_now();
+        }
+        Ok(n)
+    }
+
+    /// Re-arms TCP_QUICKACK, which also sends any delayed ACK at once. Without it a client
+    /// that does not set TCP_NODELAY (smtp-source, many MTAs) writes the message body, then
+    /// the small final ".\r\n": Nagle holds that segment until our ACK, and Linux delays
+    /// the ACK (we have nothing to send yet), costing ~40 ms per message. The kernel clears
+    /// quickack mode by itself, hence once per read.
+    fn ack_now(&self) {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Stream::Uring(s) => s.as_raw_fd(),
+            Stream::Epoll(s) => s.as_raw_fd(),
+        };
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a valid int option value.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
         }
     }
 
