@@ -185,7 +185,7 @@ pub struct Incoming {
 }
 
 /// Which service the machine provides. Only the MX service exists so far; the ODMR listener
-/// will add a mode in which AUTH and ATRN are implemented, dispatched in [`Inbound::command`].
+/// will add a mode in which AUTH and ATRN are implemented, dispatched in `Inbound::command`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Mx,
