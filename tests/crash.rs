@@ -40,7 +40,8 @@ impl Rng {
 /// hundred bytes to ~200 KB so batches and segment rotation both happen).
 fn body_for(n: u64) -> Vec<u8> {
     let mut rng = Rng(n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut body = format!("Message-Id: <{n}.crash@test>\r\nSubject: crash {n}\r\n\r\n").into_bytes();
+    let mut body =
+        format!("Message-Id: <{n}.crash@test>\r\nSubject: crash {n}\r\n\r\n").into_bytes();
     let target = match rng.below(20) {
         0 => 50_000 + rng.below(150_000),
         _ => 200 + rng.below(8_000),
@@ -66,7 +67,9 @@ fn read_reply(r: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
             return Err(std::io::ErrorKind::InvalidData.into());
         }
         if line.as_bytes()[3] == b' ' {
-            return line[..3].parse().map_err(|_| std::io::ErrorKind::InvalidData.into());
+            return line[..3]
+                .parse()
+                .map_err(|_| std::io::ErrorKind::InvalidData.into());
         }
     }
 }
@@ -123,7 +126,10 @@ fn client(addr: SocketAddr, ledger: &Ledger) -> std::io::Result<()> {
 /// of messages held.
 fn check_journal(data_dir: &Path, ledger: &Ledger, iteration: usize) -> usize {
     let recovered = spool::recover(data_dir).expect("recovery must not fail on a crashed journal");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let reader = Reader::new(data_dir, IoKind::Epoll);
     let mut held: HashMap<u64, String> = HashMap::new();
     let mut seen_ids = HashSet::new();
@@ -159,13 +165,19 @@ fn check_journal(data_dir: &Path, ledger: &Ledger, iteration: usize) -> usize {
             "iteration {iteration}: message {n} held but never sent"
         );
         if let Some(other) = held.insert(n, part.id.to_string()) {
-            panic!("iteration {iteration}: message {n} held twice ({other} and {})", part.id);
+            panic!(
+                "iteration {iteration}: message {n} held twice ({other} and {})",
+                part.id
+            );
         }
     }
     let acked = ledger.acked.lock().unwrap();
     let mut lost: Vec<_> = acked.iter().filter(|n| !held.contains_key(n)).collect();
     lost.sort();
-    assert!(lost.is_empty(), "iteration {iteration}: acknowledged but lost: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "iteration {iteration}: acknowledged but lost: {lost:?}"
+    );
     held.len()
 }
 
@@ -219,10 +231,20 @@ fn kill9_never_loses_an_acknowledged_message() {
         server.restart();
     }
     let acked = ledger.acked.lock().unwrap().len();
-    eprintln!("crash test: {iterations} kills, {acked} messages acknowledged, {held} held, none lost");
-    assert!(acked > iterations, "too few messages got through ({acked}) to mean anything");
+    eprintln!(
+        "crash test: {iterations} kills, {acked} messages acknowledged, {held} held, none lost"
+    );
+    assert!(
+        acked > iterations,
+        "too few messages got through ({acked}) to mean anything"
+    );
     // The restarted server must serve what survived.
     let queue = server.queue_json();
-    let messages = common::queue_entry(&queue, "crash.test").map(|(m, _)| m).unwrap_or(0);
-    assert_eq!(messages as usize, held, "queue after restart disagrees with the journal");
+    let messages = common::queue_entry(&queue, "crash.test")
+        .map(|(m, _)| m)
+        .unwrap_or(0);
+    assert_eq!(
+        messages as usize, held,
+        "queue after restart disagrees with the journal"
+    );
 }

@@ -29,6 +29,29 @@ use super::hosted::{CounterTable, Hosted};
 pub enum MeshMsg {
     /// A committed message part for a domain this core shards: index it.
     Held(spool::HeldPart),
+    /// To the writer core of `id`: a part passed the maximum hold; append its EXPIRE.
+    Expire {
+        /// The message.
+        id: MessageId,
+        /// The expired part.
+        domain: DomainName,
+    },
+    /// To the shard core: the EXPIRE is durable; mark the part expired (it awaits its bounce).
+    Expired {
+        /// The message.
+        id: MessageId,
+        /// The expired part.
+        domain: DomainName,
+    },
+    /// To the shard core: compaction copied the message; its part now lives at `location`.
+    Relocated {
+        /// The message.
+        id: MessageId,
+        /// The part.
+        domain: DomainName,
+        /// The new copy.
+        location: spool::Location,
+    },
     /// A snapshot of the queue for the control socket.
     Query(Query, std::sync::mpsc::Sender<QueryAnswer>),
     /// New hosted-domain snapshot after a reload.
@@ -80,6 +103,9 @@ pub struct Core {
     pub hosted: RefCell<Arc<Hosted>>,
     /// This core's journal writer.
     pub journal: spool::JournalHandle,
+    /// Writers of journals this core adopted: directories of cores that no longer run (the
+    /// server restarted with fewer cores). DONE/EXPIRE for their messages are appended there.
+    adopted: HashMap<u16, spool::JournalHandle>,
     /// The index of the domains this core shards.
     pub index_shard: RefCell<spool::DomainIndex>,
     next_seq: Cell<u64>,
@@ -94,6 +120,7 @@ impl Core {
         shared: Arc<Shared>,
         hosted: Arc<Hosted>,
         journal: spool::JournalHandle,
+        adopted: HashMap<u16, spool::JournalHandle>,
         index_shard: spool::DomainIndex,
     ) -> Rc<Core> {
         // Random start so ids stay unique across restarts even within one millisecond.
@@ -104,11 +131,27 @@ impl Core {
             shared,
             hosted: RefCell::new(hosted),
             journal,
+            adopted,
             index_shard: RefCell::new(index_shard),
             next_seq: Cell::new(u64::from_le_bytes(seed) >> 16),
             shutdown: tokio::sync::Notify::new(),
             stopping: Cell::new(false),
         })
+    }
+
+    /// The core that appends DONE/EXPIRE records for message `id`: the one that wrote it, or
+    /// the one that adopted its journal.
+    pub fn writer_of(&self, id: MessageId) -> usize {
+        usize::from(id.core()) % self.shared.mesh.cores()
+    }
+
+    /// The journal writer that holds message `id`, if this core is its writer.
+    fn journal_of(&self, id: MessageId) -> Option<&spool::JournalHandle> {
+        if usize::from(id.core()) == self.index {
+            Some(&self.journal)
+        } else {
+            self.adopted.get(&id.core())
+        }
     }
 
     /// The core that shards `domain`.
@@ -200,6 +243,24 @@ impl Core {
                     c.add(part.bytes);
                     self.index_shard.borrow_mut().insert(part);
                 }
+                MeshMsg::Expire { id, domain } => {
+                    let core = self.clone();
+                    tokio::task::spawn_local(async move { core.append_expire(id, domain).await });
+                }
+                MeshMsg::Expired { id, domain } => {
+                    if self.index_shard.borrow_mut().mark_expired(id, &domain) {
+                        tracing::info!(%id, %domain, "held past the maximum hold; expired, awaiting bounce");
+                    }
+                }
+                MeshMsg::Relocated {
+                    id,
+                    domain,
+                    location,
+                } => {
+                    self.index_shard
+                        .borrow_mut()
+                        .relocate(id, &domain, location);
+                }
                 MeshMsg::Query(q, reply) => {
                     let idx = self.index_shard.borrow();
                     let answer = match q {
@@ -220,6 +281,77 @@ impl Core {
                     self.stopping.set(true);
                     self.shutdown.notify_waiters();
                     return;
+                }
+            }
+        }
+    }
+
+    async fn append_expire(&self, id: MessageId, domain: DomainName) {
+        let Some(journal) = self.journal_of(id) else {
+            tracing::error!(%id, core = self.index, "EXPIRE routed to a core without its journal");
+            return;
+        };
+        match journal.append_expire(id, &domain).await {
+            Ok(_) => {
+                let shard = self.shard_of(&domain);
+                self.shared
+                    .mesh
+                    .send(shard, MeshMsg::Expired { id, domain });
+            }
+            // Retried at the next expiry scan: the part is still not marked.
+            Err(e) => tracing::error!(%id, %domain, error = %e, "could not record expiry"),
+        }
+    }
+
+    /// Periodic work: expire parts held too long (this core's shard) and reclaim journal
+    /// space (this core's journals), until shutdown.
+    pub async fn run_maintenance(self: Rc<Self>, every: std::time::Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.stopped() => return,
+            }
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let max_hold = self.shared.config.spool.max_hold.as_secs();
+            let due = self.index_shard.borrow().due_for_expiry(now, max_hold);
+            for (id, domain) in due {
+                self.shared
+                    .mesh
+                    .send(self.writer_of(id), MeshMsg::Expire { id, domain });
+            }
+            let journals = std::iter::once(&self.journal).chain(self.adopted.values());
+            for journal in journals {
+                match journal.reclaim().await {
+                    Ok(report) => {
+                        if !report.deleted.is_empty() || report.compacted.is_some() {
+                            tracing::info!(
+                                core = self.index,
+                                deleted = report.deleted.len(),
+                                compacted = ?report.compacted,
+                                moved = report.relocated.len(),
+                                "journal space reclaimed"
+                            );
+                        }
+                        for moved in report.relocated {
+                            for domain in moved.domains {
+                                let shard = self.shard_of(&domain);
+                                let msg = MeshMsg::Relocated {
+                                    id: moved.id,
+                                    domain,
+                                    location: moved.location,
+                                };
+                                self.shared.mesh.send(shard, msg);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(core = self.index, error = %e, "journal reclaim failed")
+                    }
                 }
             }
         }
@@ -246,6 +378,14 @@ impl Directory for Core {
         let Ok(domain) = DomainName::parse(&rcpt.domain) else {
             return RcptVerdict::Reject(relay_refused(&rcpt.domain));
         };
+        // RFC 5321 §4.5.1: <Postmaster> (which the machine qualifies with our host name) MUST
+        // be accepted. It is held under our own name, like a hosted domain, until the
+        // operator's account collects it.
+        if rcpt.local.eq_ignore_ascii_case("postmaster")
+            && domain == self.shared.config.server.hostname
+        {
+            return RcptVerdict::Accept;
+        }
         let hosted = self.hosted.borrow();
         let Some(entry) = hosted.get(&domain) else {
             return RcptVerdict::Reject(relay_refused(domain.as_str()));

@@ -26,6 +26,11 @@ use super::core::{Core, MeshMsg, Shared};
 use super::hosted::{CounterTable, Hosted};
 use super::mx;
 
+/// How often each core runs expiry and journal reclaim: a quarter of the maximum hold, within
+/// these bounds (so expiry is never late by more than a quarter of the hold).
+const MAINTENANCE_MIN: Duration = Duration::from_secs(1);
+const MAINTENANCE_MAX: Duration = Duration::from_secs(10);
+
 /// The services a listener can carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Service {
@@ -148,6 +153,22 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         journal_cfg.segment_size = shared.config.spool.segment_size;
         journal_cfg.compact_below = shared.config.spool.compact_live_ratio;
         let writer_state = recovered.take_dir(index as u16);
+        // Journals of cores that no longer run (fewer cores than last time) are adopted by
+        // core `n % cores`, which appends their DONE/EXPIRE records from now on.
+        let orphans: Vec<u16> = recovered
+            .dirs
+            .keys()
+            .copied()
+            .filter(|n| usize::from(*n) >= cores && usize::from(*n) % cores == index)
+            .collect();
+        let adopted_state: Vec<(spool::JournalConfig, spool::DirRecovery)> = orphans
+            .into_iter()
+            .map(|n| {
+                let mut cfg = journal_cfg.clone();
+                cfg.core = n;
+                (cfg, recovered.take_dir(n))
+            })
+            .collect();
         let handle = runtime::spawn_core(index, io, true, move || async move {
             let journal = match spool::JournalHandle::open(journal_cfg, writer_state).await {
                 Ok(j) => j,
@@ -156,8 +177,29 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
                     return;
                 }
             };
-            let core = Core::new(index, shared, hosted, journal, shard);
+            let mut adopted = HashMap::new();
+            for (cfg, state) in adopted_state {
+                let n = cfg.core;
+                match spool::JournalHandle::open(cfg, state).await {
+                    Ok(j) => {
+                        tracing::info!(
+                            core = index,
+                            adopted = n,
+                            "adopted the journal of a core that no longer runs"
+                        );
+                        adopted.insert(n, j);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("core {index}: journal core-{n}: {e}")));
+                        return;
+                    }
+                }
+            }
+            let core = Core::new(index, shared, hosted, journal, adopted, shard);
             tokio::task::spawn_local(core.clone().run_mesh());
+            let every =
+                (core.shared.config.spool.max_hold / 4).clamp(MAINTENANCE_MIN, MAINTENANCE_MAX);
+            tokio::task::spawn_local(core.clone().run_maintenance(every));
             for (service, l) in my_listeners {
                 match Listener::from_std(core.shared.io, l) {
                     Ok(l) => {
