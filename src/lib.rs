@@ -19,11 +19,14 @@
 //!   cross-core mesh and connections over owned buffers (plain or TLS).
 //! - [`provider`]: drivers that bind the protocol machines to connections (the MX service).
 //! - [`control`]: the local control socket behind `turnpike queue`.
+//! - [`metrics`]: per-core counters and latency histograms, merged on scrape and served as
+//!   Prometheus text.
 #![warn(missing_docs)]
 
 pub mod accounts;
 pub mod config;
 pub mod control;
+pub mod metrics;
 pub mod proto;
 pub mod provider;
 pub mod runtime;
