@@ -21,7 +21,7 @@ use crate::runtime::limiter::Limiter;
 use crate::runtime::mesh::Mesh;
 use crate::runtime::IoKind;
 use crate::spool;
-use crate::types::{DomainName, Mailbox, MessageId};
+use crate::types::{BodyType, DomainName, Mailbox, MessageId};
 
 use super::hosted::{CounterTable, Hosted};
 
@@ -52,12 +52,55 @@ pub enum MeshMsg {
         /// The new copy.
         location: spool::Location,
     },
+    /// To a shard core: lease these domains (all on this shard) for ATRN session `session`
+    /// and return their held parts; all or nothing.
+    Lease {
+        /// The asking session.
+        session: u64,
+        /// Domains this shard owns.
+        domains: Vec<DomainName>,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<LeaseAnswer>,
+    },
+    /// To a shard core: the session is over; its leases end.
+    Release {
+        /// The session that held them.
+        session: u64,
+        /// The leased domains on this shard.
+        domains: Vec<DomainName>,
+    },
+    /// To the writer core of `id`: the part for `domain` is finished; append its DONE, then
+    /// retire it on the shard core.
+    Done {
+        /// The message.
+        id: MessageId,
+        /// The finished part.
+        domain: DomainName,
+        /// How it ended.
+        outcome: spool::Outcome,
+    },
+    /// To the shard core: the part's DONE is durable; drop it from the index.
+    Retire {
+        /// The message.
+        id: MessageId,
+        /// The finished part.
+        domain: DomainName,
+    },
     /// A snapshot of the queue for the control socket.
     Query(Query, std::sync::mpsc::Sender<QueryAnswer>),
     /// New hosted-domain snapshot after a reload.
     Reload(Arc<Hosted>),
     /// Stop accepting and wind down.
     Shutdown,
+}
+
+/// A shard core's answer to [`MeshMsg::Lease`].
+#[derive(Debug)]
+pub enum LeaseAnswer {
+    /// Every domain is now leased to the session; their held parts, oldest first.
+    Granted(Vec<(DomainName, Vec<spool::HeldPart>)>),
+    /// This domain is leased by another live session; nothing was leased.
+    Busy(DomainName),
 }
 
 /// Questions the control socket asks every core.
@@ -109,6 +152,8 @@ pub struct Core {
     /// The index of the domains this core shards.
     pub index_shard: RefCell<spool::DomainIndex>,
     next_seq: Cell<u64>,
+    /// Domain -> ATRN session holding it, for the domains this core shards.
+    leases: RefCell<HashMap<DomainName, u64>>,
     shutdown: tokio::sync::Notify,
     stopping: Cell<bool>,
 }
@@ -134,6 +179,7 @@ impl Core {
             adopted,
             index_shard: RefCell::new(index_shard),
             next_seq: Cell::new(u64::from_le_bytes(seed) >> 16),
+            leases: RefCell::new(HashMap::new()),
             shutdown: tokio::sync::Notify::new(),
             stopping: Cell::new(false),
         })
@@ -186,7 +232,12 @@ impl Core {
 
     /// Writes an accepted message to this core's journal (returns after fdatasync), then
     /// hands each domain part to its shard core. The result feeds `Inbound::stored`.
-    pub async fn store(&self, incoming: Incoming, peer: SocketAddr) -> Result<String, Reply> {
+    pub async fn store(&self, mut incoming: Incoming, peer: SocketAddr) -> Result<String, Reply> {
+        // Record what the body really is: 8-bit content sent without BODY=8BITMIME is stored
+        // as 8BITMIME, so the reversal never sends it to a customer without 8BITMIME.
+        if incoming.envelope.body == BodyType::SevenBit && !incoming.body.is_ascii() {
+            incoming.envelope.body = BodyType::EightBitMime;
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -261,6 +312,39 @@ impl Core {
                         .borrow_mut()
                         .relocate(id, &domain, location);
                 }
+                MeshMsg::Lease {
+                    session,
+                    domains,
+                    reply,
+                } => {
+                    let _ = reply.send(self.lease(session, &domains));
+                }
+                MeshMsg::Release { session, domains } => {
+                    let mut leases = self.leases.borrow_mut();
+                    for d in domains {
+                        if leases.get(&d) == Some(&session) {
+                            leases.remove(&d);
+                        }
+                    }
+                }
+                MeshMsg::Done {
+                    id,
+                    domain,
+                    outcome,
+                } => {
+                    let core = self.clone();
+                    tokio::task::spawn_local(
+                        async move { core.append_done(id, domain, outcome).await },
+                    );
+                }
+                MeshMsg::Retire { id, domain } => {
+                    if let Some(part) = self.index_shard.borrow_mut().remove(id, &domain) {
+                        counters
+                            .entry(domain.clone())
+                            .or_insert_with(|| self.shared.counters.counters(&domain))
+                            .remove(part.bytes);
+                    }
+                }
                 MeshMsg::Query(q, reply) => {
                     let idx = self.index_shard.borrow();
                     let answer = match q {
@@ -282,6 +366,42 @@ impl Core {
                     self.shutdown.notify_waiters();
                     return;
                 }
+            }
+        }
+    }
+
+    /// Leases `domains` (all sharded here) to `session`, all or nothing.
+    fn lease(&self, session: u64, domains: &[DomainName]) -> LeaseAnswer {
+        let mut leases = self.leases.borrow_mut();
+        if let Some(busy) = domains
+            .iter()
+            .find(|d| leases.get(*d).is_some_and(|s| *s != session))
+        {
+            return LeaseAnswer::Busy(busy.clone());
+        }
+        let index = self.index_shard.borrow();
+        let mut granted = Vec::with_capacity(domains.len());
+        for d in domains {
+            leases.insert(d.clone(), session);
+            granted.push((d.clone(), index.parts(d).cloned().collect()));
+        }
+        LeaseAnswer::Granted(granted)
+    }
+
+    async fn append_done(&self, id: MessageId, domain: DomainName, outcome: spool::Outcome) {
+        let Some(journal) = self.journal_of(id) else {
+            tracing::error!(%id, core = self.index, "DONE routed to a core without its journal");
+            return;
+        };
+        match journal.append_done(id, &domain, outcome).await {
+            Ok(_) => {
+                let shard = self.shard_of(&domain);
+                self.shared.mesh.send(shard, MeshMsg::Retire { id, domain });
+            }
+            // The part stays held and is offered again at the next ATRN: a duplicate at
+            // worst, never a loss.
+            Err(e) => {
+                tracing::error!(%id, %domain, error = %e, "could not record DONE; part stays held")
             }
         }
     }

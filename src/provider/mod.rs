@@ -1,10 +1,12 @@
 //! Drivers that bind the protocol machines to connections, and the server that runs them.
 //!
 //! - [`server`]: start-up, listeners, core threads, signals.
+//! - [`atrn`]: the ATRN decision: authorisation, leases, "is there mail".
 //! - [`core`]: what one core owns (journal writer, index shard, hosted snapshot).
 //! - [`hosted`]: the hosted-domain snapshot and quota counters.
 //! - [`mx`]: the MX session driver.
 
+pub mod atrn;
 pub mod core;
 pub mod hosted;
 pub mod mx;
