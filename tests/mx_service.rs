@@ -163,3 +163,39 @@ fn queue_view_is_the_same_online_and_offline() {
     assert_eq!(online, offline);
     assert_eq!(queue_entry(&online.0, "acme.example").map(|e| e.0), Some(3));
 }
+
+/// The Prometheus endpoint answers with the merged per-core counters and per-domain gauges.
+#[test]
+fn metrics_endpoint_reports_held_mail_and_refusals() {
+    use std::io::{Read, Write};
+    let server = TestServer::start("", &[("acme", &["acme.example"])]);
+    deliver(&server, "info@acme.example");
+    let mut c = SmtpClient::connect(server.addr("mx"));
+    c.expect(220);
+    c.cmd("EHLO client.test", 250);
+    c.cmd("MAIL FROM:<sender@client.test>", 250);
+    c.cmd("RCPT TO:<x@elsewhere.test>", 550);
+    c.cmd("QUIT", 221);
+
+    let mut http = std::net::TcpStream::connect(server.addr("metrics")).unwrap();
+    http.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
+    };
+    assert_eq!(value("turnpike_messages_held_total "), 1.0);
+    assert_eq!(value("turnpike_replies_refused_total{class=\"5xx\"}"), 1.0);
+    assert_eq!(
+        value("turnpike_domain_held_messages{domain=\"acme.example\"}"),
+        1.0
+    );
+    assert!(value("turnpike_accept_seconds_count") >= 1.0);
+}

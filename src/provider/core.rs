@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
+use crate::metrics;
 use crate::proto::inbound::{Directory, InboundConfig, Incoming, RcptVerdict};
 use crate::proto::reply::Reply;
 use crate::proto::trace;
@@ -85,7 +86,25 @@ pub enum MeshMsg {
         id: MessageId,
         /// The finished part.
         domain: DomainName,
+        /// How it ended.
+        outcome: spool::Outcome,
     },
+    /// To a shard core: an ATRN for these domains was answered with `result`.
+    AtrnNoted {
+        /// The domains asked for (this shard's).
+        domains: Vec<DomainName>,
+        /// How it was answered.
+        result: metrics::AtrnResult,
+        /// When, unix seconds.
+        at: u64,
+    },
+    /// To a shard core: a delivery attempt for a part of `domain` was deferred (4xx).
+    Deferred {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// Metrics scrape: this core's counters and histograms, and gauges for its shard.
+    Metrics(std::sync::mpsc::Sender<(metrics::Snapshot, Vec<metrics::DomainGauge>)>),
     /// A snapshot of the queue for the control socket.
     Query(Query, std::sync::mpsc::Sender<QueryAnswer>),
     /// New hosted-domain snapshot after a reload.
@@ -154,6 +173,10 @@ pub struct Core {
     next_seq: Cell<u64>,
     /// Domain -> ATRN session holding it, for the domains this core shards.
     leases: RefCell<HashMap<DomainName, u64>>,
+    /// This core's counters and latency histograms.
+    pub metrics: RefCell<metrics::CoreMetrics>,
+    /// ATRN and delivery history of the domains this core shards, for the metrics gauges.
+    activity: RefCell<HashMap<DomainName, Activity>>,
     shutdown: tokio::sync::Notify,
     stopping: Cell<bool>,
 }
@@ -180,6 +203,8 @@ impl Core {
             index_shard: RefCell::new(index_shard),
             next_seq: Cell::new(u64::from_le_bytes(seed) >> 16),
             leases: RefCell::new(HashMap::new()),
+            metrics: RefCell::new(metrics::CoreMetrics::new()),
+            activity: RefCell::new(HashMap::new()),
             shutdown: tokio::sync::Notify::new(),
             stopping: Cell::new(false),
         })
@@ -257,6 +282,7 @@ impl Core {
         drop(incoming.body);
         let received_at = now.as_secs();
         let env = &incoming.envelope;
+        let started = std::time::Instant::now();
         let stored = self
             .journal
             .append_message(id, received_at, env, &body)
@@ -264,6 +290,10 @@ impl Core {
         drop(body);
         match stored {
             Ok(location) => {
+                let mut m = self.metrics.borrow_mut();
+                m.message_held(location.body_len);
+                m.record_accept(started.elapsed());
+                drop(m);
                 for part in spool::HeldPart::for_message(id, received_at, env, location) {
                     let shard = self.shard_of(&part.domain);
                     self.shared.mesh.send(shard, MeshMsg::Held(part));
@@ -337,7 +367,43 @@ impl Core {
                         async move { core.append_done(id, domain, outcome).await },
                     );
                 }
-                MeshMsg::Retire { id, domain } => {
+                MeshMsg::AtrnNoted {
+                    domains,
+                    result,
+                    at,
+                } => {
+                    let mut activity = self.activity.borrow_mut();
+                    for d in domains {
+                        let a = activity.entry(d).or_default();
+                        a.last_atrn = Some((at, result));
+                    }
+                }
+                MeshMsg::Deferred { domain } => {
+                    self.activity
+                        .borrow_mut()
+                        .entry(domain)
+                        .or_default()
+                        .deferred += 1;
+                }
+                MeshMsg::Metrics(reply) => {
+                    let _ = reply.send((self.metrics.borrow().snapshot(), self.domain_gauges()));
+                }
+                MeshMsg::Retire {
+                    id,
+                    domain,
+                    outcome,
+                } => {
+                    {
+                        let mut activity = self.activity.borrow_mut();
+                        let a = activity.entry(domain.clone()).or_default();
+                        match outcome {
+                            spool::Outcome::Delivered => a.delivered += 1,
+                            spool::Outcome::Bounced | spool::Outcome::ExpiredBounced => {
+                                a.bounced += 1
+                            }
+                            _ => {}
+                        }
+                    }
                     if let Some(part) = self.index_shard.borrow_mut().remove(id, &domain) {
                         counters
                             .entry(domain.clone())
@@ -370,6 +436,39 @@ impl Core {
         }
     }
 
+    /// Gauges for every domain this core shards that holds mail or has history.
+    fn domain_gauges(&self) -> Vec<metrics::DomainGauge> {
+        let index = self.index_shard.borrow();
+        let activity = self.activity.borrow();
+        let mut gauges: HashMap<DomainName, metrics::DomainGauge> = HashMap::new();
+        let blank = |d: &DomainName| metrics::DomainGauge {
+            domain: d.to_string(),
+            held_messages: 0,
+            held_bytes: 0,
+            oldest_unix: None,
+            last_atrn_unix: None,
+            last_atrn_result: None,
+            delivered: 0,
+            deferred: 0,
+            bounced: 0,
+        };
+        for (d, s) in index.all_stats() {
+            let g = gauges.entry(d.clone()).or_insert_with(|| blank(&d));
+            g.held_messages = s.messages;
+            g.held_bytes = s.bytes;
+            g.oldest_unix = s.oldest;
+        }
+        for (d, a) in activity.iter() {
+            let g = gauges.entry(d.clone()).or_insert_with(|| blank(d));
+            g.last_atrn_unix = a.last_atrn.map(|(t, _)| t);
+            g.last_atrn_result = a.last_atrn.map(|(_, r)| r.as_str());
+            g.delivered = a.delivered;
+            g.deferred = a.deferred;
+            g.bounced = a.bounced;
+        }
+        gauges.into_values().collect()
+    }
+
     /// Leases `domains` (all sharded here) to `session`, all or nothing.
     fn lease(&self, session: u64, domains: &[DomainName]) -> LeaseAnswer {
         let mut leases = self.leases.borrow_mut();
@@ -396,7 +495,14 @@ impl Core {
         match journal.append_done(id, &domain, outcome).await {
             Ok(_) => {
                 let shard = self.shard_of(&domain);
-                self.shared.mesh.send(shard, MeshMsg::Retire { id, domain });
+                self.shared.mesh.send(
+                    shard,
+                    MeshMsg::Retire {
+                        id,
+                        domain,
+                        outcome,
+                    },
+                );
             }
             // The part stays held and is offered again at the next ATRN: a duplicate at
             // worst, never a loss.
@@ -484,6 +590,15 @@ impl Core {
         }
         self.shutdown.notified().await;
     }
+}
+
+/// What happened to one domain since start, kept on its shard core.
+#[derive(Debug, Default, Clone, Copy)]
+struct Activity {
+    last_atrn: Option<(u64, metrics::AtrnResult)>,
+    delivered: u64,
+    deferred: u64,
+    bounced: u64,
 }
 
 fn single_recipient(incoming: &Incoming) -> Option<&Mailbox> {

@@ -65,7 +65,7 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr) -> End {
                     machine.stored(result);
                 }
                 Action::StartTls => {
-                    if let Err(e) = flush_logged(conn, &mut machine, peer).await {
+                    if let Err(e) = flush_logged(core, conn, &mut machine, peer).await {
                         return End::Io(e);
                     }
                     // RFC 3207 §4.2: plaintext pipelined after STARTTLS must not be acted on
@@ -85,13 +85,13 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr) -> End {
                     machine.tls_started();
                 }
                 Action::Close => {
-                    let _ = flush_logged(conn, &mut machine, peer).await;
+                    let _ = flush_logged(core, conn, &mut machine, peer).await;
                     return End::Quit;
                 }
             }
         }
         if machine.is_closed() {
-            let _ = flush_logged(conn, &mut machine, peer).await;
+            let _ = flush_logged(core, conn, &mut machine, peer).await;
             return End::Quit;
         }
         // Keep the unread tail at the front so the buffer never grows without bound.
@@ -104,7 +104,7 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr) -> End {
             // flushing, so a pipelined batch is answered in one write.
             continue;
         }
-        if let Err(e) = flush_logged(conn, &mut machine, peer).await {
+        if let Err(e) = flush_logged(core, conn, &mut machine, peer).await {
             return End::Io(e);
         }
         match tokio::time::timeout(idle, conn.read_append(&mut input, READ_CHUNK)).await {
@@ -113,7 +113,7 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr) -> End {
             Ok(Err(e)) => return End::Io(e),
             Err(_) => {
                 machine.timed_out();
-                let _ = flush_logged(conn, &mut machine, peer).await;
+                let _ = flush_logged(core, conn, &mut machine, peer).await;
                 return End::IdleTimeout;
             }
         }
@@ -123,6 +123,7 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr) -> End {
 /// Like [`flush`], and logs every 4xx/5xx reply line: a refusal is always explained in the
 /// log, whatever part of the machine produced it.
 async fn flush_logged(
+    core: &Core,
     conn: &mut Conn,
     machine: &mut Inbound,
     peer: SocketAddr,
@@ -130,6 +131,9 @@ async fn flush_logged(
     for line in machine.output().split(|b| *b == b'\n') {
         if matches!(line.first(), Some(b'4' | b'5')) && line.get(3) == Some(&b' ') {
             let text = String::from_utf8_lossy(line);
+            if let Some(code) = text.get(..3).and_then(|c| c.parse().ok()) {
+                core.metrics.borrow_mut().reply_sent(code);
+            }
             tracing::info!(%peer, reply = %text.trim_end(), "refused");
         }
     }

@@ -43,6 +43,14 @@ pub enum Service {
 }
 
 impl Service {
+    fn metrics_label(self) -> crate::metrics::Service {
+        match self {
+            Service::Mx => crate::metrics::Service::Mx,
+            Service::Odmr => crate::metrics::Service::Odmr,
+            Service::Submission => crate::metrics::Service::Submission,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Service::Mx => "mx",
@@ -228,9 +236,24 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
     }
 
     let control = crate::control::spawn_server(&data_dir, mesh.clone())?;
-    write_listening(&data_dir, &listeners.bound)?;
-    for (service, addr) in &listeners.bound {
-        tracing::info!(service = service.name(), %addr, "listening");
+    let mut metrics_addrs = Vec::new();
+    for addr in &shared.config.listen.metrics {
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {addr} (metrics): {e}"))
+        })?;
+        metrics_addrs.push(listener.local_addr()?);
+        let mesh = mesh.clone();
+        crate::metrics::serve_http(listener, move || scrape(&mesh, io))?;
+    }
+    let mut bound: Vec<(&str, SocketAddr)> = listeners
+        .bound
+        .iter()
+        .map(|(s, a)| (s.name(), *a))
+        .collect();
+    bound.extend(metrics_addrs.iter().map(|a| ("metrics", *a)));
+    write_listening(&data_dir, &bound)?;
+    for (service, addr) in &bound {
+        tracing::info!(service, %addr, "listening");
     }
     tracing::info!(cores, io = io.name(), data_dir = %data_dir.display(), "turnpike serving");
 
@@ -284,6 +307,7 @@ async fn accept_loop(core: Rc<Core>, service: Service, listener: Listener) {
         let permit = match core.shared.limiter.admit(peer.ip()) {
             Ok(p) => p,
             Err(refusal) => {
+                core.metrics.borrow_mut().connection_refused();
                 let text: &[u8] = match refusal {
                     Refusal::PerAddress => {
                         b"421 4.7.0 Too many connections from your address, try again later\r\n"
@@ -298,6 +322,9 @@ async fn accept_loop(core: Rc<Core>, service: Service, listener: Listener) {
                 continue;
             }
         };
+        core.metrics
+            .borrow_mut()
+            .connection_accepted(service.metrics_label());
         let core = core.clone();
         tokio::task::spawn_local(async move {
             let _permit = permit;
@@ -341,11 +368,31 @@ fn bind_all(config: &Config, cores: usize) -> io::Result<Bound> {
     Ok(Bound { per_core, bound })
 }
 
-fn write_listening(data_dir: &Path, bound: &[(Service, SocketAddr)]) -> io::Result<()> {
-    let text: String = bound
-        .iter()
-        .map(|(s, a)| format!("{} {a}\n", s.name()))
-        .collect();
+/// Asks every core for its metrics, merges them, renders the Prometheus text.
+fn scrape(mesh: &Mesh<MeshMsg>, io: IoKind) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for core in 0..mesh.cores() {
+        mesh.send(core, MeshMsg::Metrics(tx.clone()));
+    }
+    let mut merged = crate::metrics::Snapshot::new();
+    let mut gauges = Vec::new();
+    for _ in 0..mesh.cores() {
+        if let Ok((snapshot, domains)) = rx.recv_timeout(Duration::from_secs(5)) {
+            merged.merge(&snapshot);
+            gauges.extend(domains);
+        }
+    }
+    gauges.sort_by(|a, b| a.domain.cmp(&b.domain));
+    let info = crate::metrics::ServerInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        io_driver: io.name(),
+        cores: mesh.cores(),
+    };
+    crate::metrics::render(&merged, &gauges, &info)
+}
+
+fn write_listening(data_dir: &Path, bound: &[(&str, SocketAddr)]) -> io::Result<()> {
+    let text: String = bound.iter().map(|(s, a)| format!("{s} {a}\n")).collect();
     let tmp = data_dir.join("listening.tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(tmp, data_dir.join("listening"))

@@ -40,6 +40,7 @@ hostname = "mx.test"
 mx = ["127.0.0.1:0"]
 odmr = ["127.0.0.1:0"]
 submission = ["127.0.0.1:0"]
+metrics = ["127.0.0.1:0"]
 
 [limits]
 idle_timeout = "2s"
