@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use turnpike::accounts::Accounts;
 use turnpike::config::{Config, IoBackend};
 use turnpike::control;
+use turnpike::customer::session;
 use turnpike::provider::server::{self, IoChoice};
 use turnpike::types::DomainName;
 
@@ -45,6 +46,11 @@ enum Command {
     Account {
         #[command(subcommand)]
         action: AccountAction,
+    },
+    /// Load generators and test customers for benchmarks.
+    Bench {
+        #[command(subcommand)]
+        action: BenchAction,
     },
     /// Show held mail per domain (asks the running server, or reads the journal).
     Queue {
@@ -86,6 +92,49 @@ enum AccountAction {
         /// Account name.
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchAction {
+    /// Act as a customer: AUTH + ATRN, accept everything, report msgs/s, MB/s, latency.
+    Drain {
+        /// The provider's ODMR address.
+        #[arg(long, default_value = "127.0.0.1:3366")]
+        provider: std::net::SocketAddr,
+        /// Account name.
+        #[arg(long)]
+        account: String,
+        /// File holding the password (first line).
+        #[arg(long, value_name = "FILE")]
+        password_file: PathBuf,
+        /// A domain to ask for (repeat); none = bare ATRN.
+        #[arg(long = "domain")]
+        domains: Vec<String>,
+        /// STARTTLS (verifying the provider) or none.
+        #[arg(long, value_enum, default_value_t = TlsArg::Starttls)]
+        tls: TlsArg,
+        /// CA or self-signed certificate to trust; default: <data-dir>/tls/cert.pem.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// Name the provider's certificate must carry.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// SASL mechanism.
+        #[arg(long, value_enum, default_value_t = MechArg::Plain)]
+        mechanism: MechArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TlsArg {
+    None,
+    Starttls,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MechArg {
+    Plain,
+    CramMd5,
 }
 
 #[derive(Subcommand)]
@@ -173,6 +222,57 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     println!("account {name} removed");
                 }
             }
+        }
+        Command::Bench {
+            action:
+                BenchAction::Drain {
+                    provider,
+                    account,
+                    password_file,
+                    domains,
+                    tls,
+                    ca,
+                    server_name,
+                    mechanism,
+                },
+        } => {
+            let password = std::fs::read_to_string(&password_file)
+                .map_err(|e| format!("{}: {e}", password_file.display()))?;
+            let password = password.lines().next().unwrap_or("").to_string();
+            let domains = domains
+                .iter()
+                .map(|d| DomainName::parse(d).map_err(|e| format!("--domain {d}: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let tls = match tls {
+                TlsArg::None => session::Tls::None,
+                TlsArg::Starttls => {
+                    let ca = ca.unwrap_or_else(|| data_dir.join("tls/cert.pem"));
+                    session::Tls::StartTls {
+                        config: turnpike::tls::client_config_trusting(&ca)?,
+                        server_name: rustls::pki_types::ServerName::try_from(server_name)
+                            .map_err(|e| format!("--server-name: {e}"))?,
+                    }
+                }
+            };
+            let cfg = session::SessionConfig {
+                provider,
+                hostname: "drain.localhost".into(),
+                tls,
+                account,
+                password,
+                mechanism: match mechanism {
+                    MechArg::Plain => session::Mechanism::Plain,
+                    MechArg::CramMd5 => session::Mechanism::CramMd5,
+                },
+                domains,
+                atrn_timeout: std::time::Duration::from_secs(600),
+                idle_timeout: std::time::Duration::from_secs(300),
+            };
+            let report = turnpike::runtime::io::block_on(
+                turnpike::runtime::io::IoKind::Epoll,
+                turnpike::customer::drain::drain(turnpike::runtime::io::IoKind::Epoll, &cfg),
+            )??;
+            print!("{}", report.render());
         }
         Command::Queue { json, action } => {
             let now = std::time::SystemTime::now()
