@@ -178,42 +178,34 @@ pub fn build(r: &Report<'_>) -> Option<Vec<u8>> {
         "Content-Type",
         &format!("multipart/report; report-type=delivery-status; boundary=\"{boundary}\""),
     );
-    out.extend_from_slice(b"\r\nThis is a MIME-encapsulated message.\r\n\r\n");
+    out.extend_from_slice(b"\r\nThis is a MIME-encapsulated message.\r\n");
 
     let eight = !text.is_ascii();
-    let mut parts: Vec<(String, &[u8])> = vec![
-        (
-            if eight {
-                "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit".into()
-            } else {
-                "Content-Type: text/plain; charset=us-ascii".into()
-            },
-            &text,
-        ),
-        (
-            if global {
-                "Content-Type: message/global-delivery-status".into()
-            } else {
-                "Content-Type: message/delivery-status".into()
-            },
-            &status,
-        ),
-    ];
+    let text_type = if eight {
+        "text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit"
+    } else {
+        "text/plain; charset=us-ascii"
+    };
+    let status_type = if global {
+        "message/global-delivery-status"
+    } else {
+        "message/delivery-status"
+    };
+    let mut parts: Vec<(&str, &[u8])> = vec![(text_type, &text), (status_type, &status)];
     if let Some((ctype, bytes)) = &original {
-        parts.push((format!("Content-Type: {ctype}"), bytes));
+        parts.push((ctype, bytes));
     }
-    for (headers, body) in parts {
-        out.extend_from_slice(b"--");
+    // RFC 2046 §5.1.1: the CRLF before a delimiter belongs to the delimiter, so each part's
+    // content (the original in particular) is exactly what sits between two delimiters.
+    for (ctype, body) in parts {
+        out.extend_from_slice(b"\r\n--");
         out.extend_from_slice(boundary.as_bytes());
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(headers.as_bytes());
+        out.extend_from_slice(b"\r\nContent-Type: ");
+        out.extend_from_slice(ctype.as_bytes());
         out.extend_from_slice(b"\r\n\r\n");
         out.extend_from_slice(body);
-        if !body.is_empty() && !body.ends_with(b"\r\n") {
-            out.extend_from_slice(b"\r\n");
-        }
     }
-    out.extend_from_slice(b"--");
+    out.extend_from_slice(b"\r\n--");
     out.extend_from_slice(boundary.as_bytes());
     out.extend_from_slice(b"--\r\n");
     Some(out)
@@ -439,4 +431,349 @@ fn put_word(out: &mut Vec<u8>, word: &str, mut col: usize) -> usize {
         col += c.len_utf8();
     }
     col
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mb(s: &str) -> Mailbox {
+        let (local, domain) = s.rsplit_once('@').expect("an address");
+        Mailbox {
+            local: local.into(),
+            domain: domain.into(),
+        }
+    }
+
+    const ORIGINAL: &[u8] = b"Received: from a by mx.example; Tue, 14 Nov 2023 22:13:20 +0000\r\n\
+From: a@s.example\r\nSubject: hello\r\n\r\nbody line\r\n--not-our-boundary\r\n.\r\n";
+
+    /// A parsed report: unfolded top-level headers and the MIME parts as (type, content).
+    struct Parsed {
+        headers: Vec<(String, String)>,
+        boundary: String,
+        parts: Vec<(String, Vec<u8>)>,
+    }
+
+    fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        h.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// RFC 5322 header block to unfolded fields.
+    fn fields(block: &str) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for line in block.split("\r\n").filter(|l| !l.is_empty()) {
+            if line.starts_with(' ') || line.starts_with('\t') {
+                out.last_mut()
+                    .expect("a field to continue")
+                    .1
+                    .push_str(line);
+            } else {
+                let (n, v) = line.split_once(':').expect("name: value");
+                out.push((n.to_string(), v.trim_start().to_string()));
+            }
+        }
+        out
+    }
+
+    fn parse(m: &[u8]) -> Parsed {
+        // Wire rules first: CRLF only, every line under 998 octets.
+        for (i, &b) in m.iter().enumerate() {
+            if b == b'\n' {
+                assert_eq!(m[i - 1], b'\r', "bare LF at {i}");
+            }
+            if b == b'\r' {
+                assert_eq!(m.get(i + 1), Some(&b'\n'), "bare CR at {i}");
+            }
+        }
+        assert!(m.split(|&b| b == b'\n').all(|l| l.len() <= MAX_LINE + 1));
+        let split = m.windows(4).position(|w| w == b"\r\n\r\n").expect("a body");
+        let headers = fields(std::str::from_utf8(&m[..split]).expect("ascii headers"));
+        let ctype = header(&headers, "Content-Type").expect("content type");
+        assert!(ctype.starts_with("multipart/report; report-type=delivery-status;"));
+        let boundary = ctype
+            .split("boundary=\"")
+            .nth(1)
+            .and_then(|b| b.split('"').next())
+            .expect("a boundary")
+            .to_string();
+        let body = &m[split + 2..];
+        let delim = format!("\r\n--{boundary}");
+        let mut pieces = Vec::new();
+        let mut rest = body;
+        while let Some(i) = rest
+            .windows(delim.len())
+            .position(|w| w == delim.as_bytes())
+        {
+            pieces.push(&rest[..i]);
+            rest = &rest[i + delim.len()..];
+        }
+        assert_eq!(rest, b"--\r\n", "close delimiter last");
+        let parts = pieces[1..]
+            .iter()
+            .map(|p| {
+                let p = p.strip_prefix(b"\r\n").expect("CRLF after the delimiter");
+                let end = p
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .expect("part headers");
+                let h = fields(std::str::from_utf8(&p[..end]).expect("ascii"));
+                let t = header(&h, "Content-Type").expect("part type").to_string();
+                (t, p[end + 4..].to_vec())
+            })
+            .collect();
+        Parsed {
+            headers,
+            boundary,
+            parts,
+        }
+    }
+
+    /// The per-message block and the per-recipient blocks of a delivery-status part.
+    fn status_blocks(p: &[u8]) -> Vec<Vec<(String, String)>> {
+        std::str::from_utf8(p)
+            .expect("utf-8")
+            .split("\r\n\r\n")
+            .map(fields)
+            .collect()
+    }
+
+    fn report<'a>(sender: &'a Mailbox, rcpts: Vec<ReportRecipient<'a>>, ret: Ret) -> Report<'a> {
+        Report {
+            reporting_mta: "mx.example",
+            arrival_unix: 1_700_000_000,
+            now_unix: 1_700_003_600,
+            envid: Some("QQ+2B1"),
+            original_sender: Some(sender),
+            recipients: rcpts,
+            ret,
+            original: ORIGINAL,
+            boundary_seed: 42,
+        }
+    }
+
+    #[test]
+    fn failure_report_parses_back_with_every_field() {
+        let sender = mb("a@s.example");
+        let (u, v) = (mb("u@example.org"), mb("v@example.org"));
+        let rcpts = vec![
+            ReportRecipient {
+                final_recipient: &u,
+                original_recipient: Some("rfc822;U+2Bx@example.org"),
+                action: DsnAction::Failed,
+                status: EnhancedStatus::new(5, 1, 1),
+                diagnostic: Some("550 5.1.1 No such user".into()),
+                remote_mta: Some("customer.example"),
+            },
+            ReportRecipient {
+                final_recipient: &v,
+                original_recipient: None,
+                action: DsnAction::Delayed,
+                status: EnhancedStatus::new(4, 2, 0),
+                diagnostic: None,
+                remote_mta: None,
+            },
+        ];
+        let r = report(&sender, rcpts, Ret::Full);
+        let m = build(&r).expect("a report");
+        assert_eq!(build(&r), Some(m.clone()), "deterministic");
+        let p = parse(&m);
+        let h = &p.headers;
+        assert_eq!(
+            header(h, "From"),
+            Some("Mail Delivery System <MAILER-DAEMON@mx.example>")
+        );
+        assert_eq!(header(h, "To"), Some("<a@s.example>"));
+        assert_eq!(
+            header(h, "Subject"),
+            Some("Undelivered Mail Returned to Sender")
+        );
+        assert_eq!(header(h, "Date"), Some("Tue, 14 Nov 2023 23:13:20 +0000"));
+        assert_eq!(header(h, "Auto-Submitted"), Some("auto-replied"));
+        assert_eq!(header(h, "MIME-Version"), Some("1.0"));
+        assert!(header(h, "Message-ID").is_some_and(|id| id.ends_with("@mx.example>")));
+        assert!(!contains(ORIGINAL, p.boundary.as_bytes()));
+
+        let types: Vec<&str> = p.parts.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            types,
+            [
+                "text/plain; charset=us-ascii",
+                "message/delivery-status",
+                "message/rfc822"
+            ]
+        );
+        let text = String::from_utf8_lossy(&p.parts[0].1);
+        assert!(text.contains("<u@example.org>: failed (5.1.1): 550 5.1.1 No such user"));
+
+        let blocks = status_blocks(&p.parts[1].1);
+        assert_eq!(blocks.len(), 3, "{blocks:?}");
+        let f = |b: usize, n: &str| header(&blocks[b], n).map(str::to_string);
+        assert_eq!(f(0, "Reporting-MTA").as_deref(), Some("dns; mx.example"));
+        assert_eq!(f(0, "Original-Envelope-Id").as_deref(), Some("QQ+1"));
+        assert_eq!(
+            f(0, "Arrival-Date").as_deref(),
+            Some("Tue, 14 Nov 2023 22:13:20 +0000")
+        );
+        assert_eq!(
+            f(1, "Original-Recipient").as_deref(),
+            Some("rfc822; U+x@example.org")
+        );
+        assert_eq!(
+            f(1, "Final-Recipient").as_deref(),
+            Some("rfc822; u@example.org")
+        );
+        assert_eq!(f(1, "Action").as_deref(), Some("failed"));
+        assert_eq!(f(1, "Status").as_deref(), Some("5.1.1"));
+        assert_eq!(f(1, "Remote-MTA").as_deref(), Some("dns; customer.example"));
+        assert_eq!(
+            f(1, "Diagnostic-Code").as_deref(),
+            Some("smtp; 550 5.1.1 No such user")
+        );
+        assert_eq!(f(2, "Action").as_deref(), Some("delayed"));
+        assert_eq!(f(2, "Status").as_deref(), Some("4.2.0"));
+        assert_eq!(f(2, "Diagnostic-Code"), None);
+        // The original is returned byte for byte.
+        assert_eq!(p.parts[2].1, ORIGINAL);
+    }
+
+    #[test]
+    fn hdrs_returns_the_header_block_and_subjects_follow_the_actions() {
+        let sender = mb("a@s.example");
+        let u = mb("u@example.org");
+        let rc = |action| ReportRecipient {
+            final_recipient: &u,
+            original_recipient: None,
+            action,
+            status: EnhancedStatus::new(4, 0, 0),
+            diagnostic: None,
+            remote_mta: None,
+        };
+        let cases = [
+            (DsnAction::Delayed, "Delayed Mail (still being retried)"),
+            (DsnAction::Relayed, "Successful Mail Delivery Report"),
+            (DsnAction::Failed, "Undelivered Mail Returned to Sender"),
+        ];
+        for (action, subject) in cases {
+            let m = build(&report(&sender, vec![rc(action)], Ret::Hdrs)).expect("a report");
+            let p = parse(&m);
+            assert_eq!(header(&p.headers, "Subject"), Some(subject));
+            assert_eq!(p.parts[2].0, "text/rfc822-headers");
+            let end = ORIGINAL.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            assert_eq!(p.parts[2].1, &ORIGINAL[..end]);
+        }
+        assert_eq!(default_ret(None), Ret::Hdrs);
+        assert_eq!(default_ret(Some(Ret::Full)), Ret::Full);
+    }
+
+    #[test]
+    fn a_bounce_is_never_bounced() {
+        let sender = mb("a@s.example");
+        let mut r = report(&sender, Vec::new(), Ret::Full);
+        r.original_sender = None;
+        assert_eq!(build(&r), None);
+    }
+
+    #[test]
+    fn the_original_cannot_break_out_of_its_part() {
+        let sender = mb("a@s.example");
+        let u = mb("u@example.org");
+        for seed in [0u64, 42, u64::MAX] {
+            // The original holds the first two boundaries this seed would pick.
+            let mut original = b"Subject: trap\r\n\r\n".to_vec();
+            for attempt in 0..2 {
+                original.extend_from_slice(format!("--{}\r\n", boundary(seed, attempt)).as_bytes());
+                original
+                    .extend_from_slice(format!("--{}--\r\n", boundary(seed, attempt)).as_bytes());
+            }
+            let mut r = report(
+                &sender,
+                vec![ReportRecipient {
+                    final_recipient: &u,
+                    original_recipient: None,
+                    action: DsnAction::Failed,
+                    status: EnhancedStatus::new(5, 0, 0),
+                    diagnostic: None,
+                    remote_mta: None,
+                }],
+                Ret::Full,
+            );
+            r.original = &original;
+            r.boundary_seed = seed;
+            let p = parse(&build(&r).expect("a report"));
+            assert_eq!(p.boundary, boundary(seed, 2));
+            assert_eq!(p.parts.len(), 3);
+            assert_eq!(p.parts[2].1, original);
+        }
+    }
+
+    #[test]
+    fn hostile_and_huge_values_stay_inside_their_lines() {
+        let sender = mb("a@s.example");
+        let u = mb("u@example.org");
+        let long_word = "x".repeat(5000);
+        let diagnostic =
+            format!("550 5.7.1 evil\r\nBcc: victim@example.net\r\n\r\n{long_word} end");
+        let mut original = b"Subject: long\r\n\r\n".to_vec();
+        original.extend_from_slice(&[b'y'; 1200]);
+        original.extend_from_slice(b"\r\n");
+        let mut r = report(
+            &sender,
+            vec![ReportRecipient {
+                final_recipient: &u,
+                original_recipient: Some("rfc822;a+0D+0AB:+20c"),
+                action: DsnAction::Failed,
+                status: EnhancedStatus::new(5, 7, 1),
+                diagnostic: Some(diagnostic),
+                remote_mta: Some("c.example\r\nX: y"),
+            }],
+            Ret::Full,
+        );
+        r.original = &original;
+        let m = build(&r).expect("a report");
+        let p = parse(&m);
+        let text = String::from_utf8_lossy(&m);
+        assert!(!text
+            .split("\r\n")
+            .any(|l| l.starts_with("Bcc:") || l.starts_with("X:")));
+        // The 1200-octet body line cannot be returned: headers only.
+        assert_eq!(
+            p.parts[2],
+            (
+                "text/rfc822-headers".into(),
+                b"Subject: long\r\n\r\n".to_vec()
+            )
+        );
+        let blocks = status_blocks(&p.parts[1].1);
+        assert_eq!(blocks.len(), 2, "the diagnostic added no block: {blocks:?}");
+        let diag = header(&blocks[1], "Diagnostic-Code").expect("kept");
+        assert!(diag.starts_with("smtp; 550 5.7.1 evil  Bcc: victim@example.net"));
+        assert!(diag.ends_with(" end"));
+    }
+
+    #[test]
+    fn utf8_addresses_use_global_delivery_status() {
+        let sender = mb("jörg@s.example");
+        let u = mb("δ@example.org");
+        let r = report(
+            &sender,
+            vec![ReportRecipient {
+                final_recipient: &u,
+                original_recipient: None,
+                action: DsnAction::Failed,
+                status: EnhancedStatus::new(5, 1, 1),
+                diagnostic: None,
+                remote_mta: None,
+            }],
+            Ret::Hdrs,
+        );
+        let m = build(&r).expect("a report");
+        assert!(is_eight_bit(&m));
+        let text = String::from_utf8(m).expect("utf-8");
+        assert!(text.contains("\r\nContent-Type: message/global-delivery-status\r\n"));
+        assert!(text.contains("\r\nFinal-Recipient: utf-8; δ@example.org\r\n"));
+        assert!(text.contains("\r\nTo: <jörg@s.example>\r\n"));
+    }
 }
