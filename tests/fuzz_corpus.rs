@@ -48,3 +48,8 @@ fn data_corpus() {
 fn inbound_corpus() {
     replay("inbound", fuzzing::inbound);
 }
+
+#[test]
+fn reversed_corpus() {
+    replay("reversed", fuzzing::reversed);
+}

@@ -7,9 +7,12 @@
 use crate::proto::command::Command;
 use crate::proto::data::{DataScanner, Progress};
 use crate::proto::frame::{Frame, Framer};
+use std::collections::VecDeque;
+
 use crate::proto::inbound::{Action, Directory, Inbound, InboundConfig, RcptVerdict};
+use crate::proto::reversed::{self, Outgoing, Reversed, ReversedConfig};
 use crate::proto::stuff;
-use crate::types::{Mailbox, MessageId};
+use crate::types::{Envelope, Mailbox, MessageId, Notify, Recipient, Ret};
 
 /// Frames `data` into lines and parses each one as a command, with and without UTF-8.
 pub fn command(data: &[u8]) {
@@ -219,6 +222,221 @@ fn check_replies(out: &[u8]) {
     }
 }
 
+/// Canned customer reply lines for the grammar pass of [`reversed`]: one input byte picks one,
+/// so the fuzzer reaches BDAT, DATA and RSET paths instead of dying at the greeting.
+const CANNED_REPLIES: [&[u8]; 16] = [
+    b"220 c ESMTP\r\n",
+    b"250-c\r\n",
+    b"250-PIPELINING\r\n",
+    b"250-CHUNKING\r\n",
+    b"250-SIZE 100\r\n",
+    b"250-8BITMIME\r\n",
+    b"250-DSN\r\n",
+    b"250 SMTPUTF8\r\n",
+    b"250 2.1.0 Ok\r\n",
+    b"354 go\r\n",
+    b"550 5.1.1 no\r\n",
+    b"450 4.2.0 later\r\n",
+    b"421 4.3.2 bye\r\n",
+    b"221 bye\r\n",
+    b"502 5.5.1 what\r\n",
+    b"250 Ok\r\n",
+];
+
+/// The fixed queue the [`reversed`] target delivers.
+fn fuzz_queue() -> VecDeque<Outgoing> {
+    let rcpt = |local: &str, notify| Recipient {
+        mailbox: Mailbox {
+            local: local.into(),
+            domain: "example.org".into(),
+        },
+        notify,
+        orcpt: Some(format!("rfc822;{local}@example.org")),
+    };
+    let sender = Some(Mailbox {
+        local: "a".into(),
+        domain: "s.example".into(),
+    });
+    let success = Some(Notify {
+        success: true,
+        ..Notify::default()
+    });
+    let msg = |id: &str, envelope, size, eight_bit| Outgoing {
+        id: id.into(),
+        envelope,
+        size,
+        eight_bit,
+        utf8_addresses: false,
+    };
+    VecDeque::from([
+        msg(
+            "three",
+            Envelope {
+                sender: sender.clone(),
+                ret: Some(Ret::Hdrs),
+                envid: Some("E1".into()),
+                recipients: vec![rcpt("u", success), rcpt("v", None), rcpt("\u{3b4}", None)],
+                ..Envelope::default()
+            },
+            50,
+            false,
+        ),
+        msg(
+            "eight",
+            Envelope {
+                sender,
+                recipients: vec![rcpt("w", None)],
+                ..Envelope::default()
+            },
+            200,
+            true,
+        ),
+        msg(
+            "bounce",
+            Envelope {
+                sender: None,
+                recipients: vec![rcpt("x", None)],
+                ..Envelope::default()
+            },
+            0,
+            false,
+        ),
+    ])
+}
+
+/// What the [`reversed`] driver has seen.
+#[derive(Default)]
+struct ReversedLog {
+    queue: VecDeque<Outgoing>,
+    sent: Vec<Outgoing>,
+    outcomes: Vec<String>,
+    last: Option<reversed::Action>,
+}
+
+/// Obeys every queued action like a real driver; true if there were any.
+fn obey(m: &mut Reversed, log: &mut ReversedLog) -> bool {
+    let mut acted = false;
+    while let Some(action) = m.poll_action() {
+        acted = true;
+        match &action {
+            reversed::Action::NeedMessage => {
+                assert!(!m.is_closed());
+                match log.queue.pop_front() {
+                    Some(o) => {
+                        log.sent.push(o.clone());
+                        m.send(o);
+                    }
+                    None => m.no_more(),
+                }
+            }
+            reversed::Action::SendBody { id, .. } => {
+                assert_eq!(log.sent.last().map(|o| &o.id), Some(id));
+                m.body_sent();
+            }
+            reversed::Action::Delivered(o) => {
+                assert!(!log.outcomes.contains(&o.id), "two outcomes for {}", o.id);
+                let msg = log
+                    .sent
+                    .iter()
+                    .find(|s| s.id == o.id)
+                    .expect("a sent message");
+                let indices: Vec<usize> = o.recipients.iter().map(|(i, _)| *i).collect();
+                let want: Vec<usize> = (0..msg.envelope.recipients.len()).collect();
+                assert_eq!(indices, want);
+                log.outcomes.push(o.id.clone());
+            }
+            reversed::Action::Close(_) => assert!(m.is_closed()),
+        }
+        log.last = Some(action);
+    }
+    acted
+}
+
+/// Drives a [`Reversed`] machine with `data` as the customer's replies and a fixed queue of
+/// three messages. The first byte picks the configuration (bit 0 pipelining, bit 1 chunking),
+/// the piece size (bits 2-6) and, with bit 7, the grammar pass (each later byte one canned
+/// reply line). It must never panic, must keep the driver's buffer bounded, must end (after
+/// [`Reversed::abort`] if the input ran out) with Close, and must report every message it was
+/// given exactly once, naming each recipient once.
+pub fn reversed(data: &[u8]) {
+    let flags = data.first().copied().unwrap_or(0);
+    let cfg = ReversedConfig {
+        hostname: "provider.example".into(),
+        pipelining: flags & 1 != 0,
+        chunking: flags & 2 != 0,
+    };
+    let rest = data.get(1..).unwrap_or(&[]);
+    let input: Vec<u8> = if flags & 0x80 != 0 {
+        rest.iter()
+            .flat_map(|b| CANNED_REPLIES[usize::from(b % 16)].iter().copied())
+            .collect()
+    } else {
+        rest.to_vec()
+    };
+    let piece = usize::from((flags >> 2) & 0x1f) + 1;
+    let mut m = Reversed::new(cfg);
+    let mut log = ReversedLog {
+        queue: fuzz_queue(),
+        ..ReversedLog::default()
+    };
+    let mut buf = Vec::new();
+    for chunk in input.chunks(piece) {
+        buf.extend_from_slice(chunk);
+        loop {
+            let n = m.handle_input(&buf);
+            assert!(n <= buf.len());
+            buf.drain(..n);
+            if !obey(&mut m, &mut log) || buf.is_empty() || m.is_closed() {
+                break;
+            }
+        }
+        assert!(
+            buf.len() <= reversed::MAX_REPLY_LINE + 2 + piece,
+            "driver buffer grew to {}",
+            buf.len()
+        );
+        if m.is_closed() {
+            assert_eq!(m.handle_input(b"250 Ok\r\n"), 0);
+            break;
+        }
+    }
+    // Out of input: the machine waits for a reply (or is done); the driver times it out.
+    m.abort();
+    obey(&mut m, &mut log);
+    assert!(m.is_closed());
+    assert!(matches!(log.last, Some(reversed::Action::Close(_))));
+    assert_eq!(log.outcomes.len(), log.sent.len(), "every message reported");
+    check_commands(m.output());
+}
+
+/// Every line the client wrote is one CRLF-terminated command with a known verb.
+fn check_commands(out: &[u8]) {
+    if out.is_empty() {
+        return;
+    }
+    assert!(out.ends_with(b"\r\n"));
+    for line in out[..out.len() - 1].split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").expect("every line ends in CRLF");
+        assert!(!line.contains(&b'\r'));
+        let verb = line.split(|&b| b == b' ').next().unwrap_or(b"");
+        assert!(
+            [
+                &b"EHLO"[..],
+                b"HELO",
+                b"MAIL",
+                b"RCPT",
+                b"DATA",
+                b"BDAT",
+                b"RSET",
+                b"QUIT"
+            ]
+            .contains(&verb),
+            "unexpected command {:?}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +455,7 @@ mod tests {
             command(input);
             data(input);
             inbound(input);
+            reversed(input);
         }
     }
 }

@@ -14,13 +14,17 @@
 //! - [`stuff`]: the outbound dot-stuffer, the inverse of [`data`].
 //! - [`trace`]: the `Received:` header (RFC 5321 §4.4, RFC 3848).
 //! - [`inbound`]: the MX-side server state machine that drives all of the above.
+//! - [`reversed`]: the client machine the provider runs after ATRN (RFC 2645 §5.3).
+//! - [`dsn`]: RFC 3464 delivery status notifications (bounces and delay reports).
 //! - [`fuzzing`]: the bodies of the fuzz targets, shared with the corpus-replay test.
 
 pub mod command;
 pub mod data;
+pub mod dsn;
 pub mod frame;
 pub mod fuzzing;
 pub mod inbound;
 pub mod reply;
+pub mod reversed;
 pub mod stuff;
 pub mod trace;

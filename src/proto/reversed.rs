@@ -1,0 +1,1963 @@
+//! The reversed-session SMTP client machine: the provider delivering held mail to the customer
+//! after ATRN (RFC 2645 §5.3), over the same connection, as an RFC 5321 client with PIPELINING
+//! (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), CHUNKING (RFC 3030),
+//! DSN (RFC 3461) and ENHANCEDSTATUSCODES (RFC 2034, RFC 3463).
+//!
+//! Owns the client side of the conversation: which command is sent when, how every reply is
+//! parsed and what it means for each recipient. It is sans-IO: reply bytes in, command bytes and
+//! [`Action`]s out. It never holds a message body: the driver streams the stored bytes itself
+//! when told to (`Action::SendBody`), so a message of any size costs the machine nothing.
+//!
+//! # Contract
+//!
+//! The driver owns the socket (TLS, if any, is already up and is never restarted: STARTTLS in
+//! the customer's EHLO reply is ignored, PROTOCOL.md §1.2) and a read buffer, and loops:
+//!
+//! 1. Write [`Reversed::output`] to the customer, then clear it.
+//! 2. Read, append to the buffer, call [`Reversed::handle_input`] and drop the number of bytes
+//!    it returns from the front of the buffer. Unconsumed bytes are an incomplete reply line or
+//!    bytes that arrived while no reply is awaited; present them again on the next call.
+//! 3. Call [`Reversed::poll_action`] until it returns `None` and obey each action:
+//!    - [`Action::NeedMessage`]: call [`Reversed::send`] with the next held message (only the
+//!      recipients of the domains this session leased), or [`Reversed::no_more`] when the
+//!      queue is drained (the machine then sends QUIT and closes after the reply).
+//!    - [`Action::SendBody`]: write the output (for BDAT it already ends with
+//!      `BDAT <size> LAST`), then stream the stored body: untouched for
+//!      [`BodyFraming::Bdat`]; through [`crate::proto::stuff::DotStuffer`] (push every chunk,
+//!      then `finish`, which writes the `.` terminator) for [`BodyFraming::Data`]. Then call
+//!      [`Reversed::body_sent`].
+//!    - [`Action::Delivered`]: record the per-recipient outcome of one message (2xx: DONE
+//!      delivered; 4xx: stays held; 5xx: DSN to the sender, DONE bounced).
+//!    - [`Action::Close`]: write the output and close the connection.
+//! 4. After any action or call, go back to step 1 and call `handle_input` with the bytes still
+//!    buffered, even if no new ones arrived.
+//!
+//! **Abort.** If the connection fails, or a timeout of RFC 5321 §4.5.3.2 expires (the driver
+//! owns the clock), call [`Reversed::abort`]. The message in flight, if any, is then reported
+//! with every recipient that had no final answer as `Deferred`: nothing the customer has not
+//! acknowledged is ever taken out of the hold. If the connection died after the body was sent
+//! but before the final reply, the customer may have taken the message and will get it again
+//! on the next ATRN: a duplicate, never a loss (RFC 1047).
+//!
+//! Every message given to [`Reversed::send`] gets exactly one [`Action::Delivered`] that names
+//! every index of its `envelope.recipients` exactly once, whatever the customer does.
+//!
+//! # States
+//!
+//! Named for what they await.
+//!
+//! ```text
+//!  new() -> AwaitGreeting --220--> AwaitEhlo --2xx--> Ready <--------------------------------+
+//!                |  not 220          |   5xx                  | send()                       |
+//!                v                   v                        v                              |
+//!              Close            AwaitHelo --2xx--> Ready  prechecks --refused--> Delivered --+
+//!                                                             | ok                           |
+//!                                         MAIL (+ every RCPT when pipelining)                |
+//!                                                             v                              |
+//!                                               AwaitEnvelope (MAIL, RCPT... replies)        |
+//!                                  none accepted |            | some accepted                |
+//!                            Delivered, RSET     |   DATA     |   BDAT <n> LAST              |
+//!                                                v     v      v                              |
+//!                                       AwaitRset  AwaitGoAhead --354--> SendingBody         |
+//!                                                |                           | body_sent()   |
+//!                                                |                           v               |
+//!                                                |                       AwaitFinal --reply--+
+//!                                                +--------2xx------------------------------->+
+//!  Ready --no_more()--> QUIT --> AwaitQuit --reply--> Close
+//!
+//!  any state --- 421, malformed reply, unexpected reply, abort() ---> Close
+//! ```
+//!
+//! # Decisions (each has a test)
+//!
+//! - **Bounce, not downgrade.** A message with 8-bit content for a customer that did not offer
+//!   8BITMIME is refused locally with `554 5.6.3` (RFC 6152 §3 allows either). Downgrading
+//!   means rewriting MIME parts to quoted-printable or base64, which breaks DKIM signatures
+//!   and needs a MIME parser in the hot path, and any customer MTA from this century offers
+//!   8BITMIME. The same for non-ASCII addresses without SMTPUTF8 (`553 5.6.7`, RFC 6531 §3.2)
+//!   and for a message over the customer's SIZE (`552 5.3.4`, RFC 1870 §6). These refusals
+//!   send no bytes. `SIZE 0` means "no limit" (RFC 1870 §4).
+//! - **The body is never pipelined with the envelope.** DATA or BDAT is sent only after every
+//!   RCPT reply is in, and only if at least one recipient was accepted; otherwise RSET. This
+//!   keeps us clear of the RFC 2920 §3.1 / RFC 3030 §4.2 corner cases (a server that reads a
+//!   chunk after refusing every recipient) at the cost of one round trip per message.
+//! - With PIPELINING offered (and allowed by [`ReversedConfig::pipelining`]), MAIL and all
+//!   RCPTs go in one write; otherwise one command per round trip. After a refused MAIL the
+//!   pipelined RCPT replies are read and ignored.
+//! - DSN parameters (RET, ENVID, NOTIFY, ORCPT) are sent only to a customer offering DSN. The
+//!   outcome says whether they were ([`MessageOutcome::dsn_relayed`]): if not, a recipient
+//!   that asked for NOTIFY=SUCCESS is owed a "relayed" DSN by the caller (RFC 3461 §4.1).
+//! - A reply that is not a well-formed RFC 5321 §4.2 reply (not three digits, bare LF or CR, a
+//!   line over 4096 octets, a continuation with another code, more than 256 lines) or a reply
+//!   class that makes no sense where it came (a 354 to MAIL, a 2xx to DATA) closes the session
+//!   with [`CloseReason::Protocol`]; recipients without a final answer are `Deferred`.
+//! - `421` at any point closes the session ([`CloseReason::ServiceClosing`]); recipients of
+//!   the current message without a final answer are `Deferred` with that reply.
+//! - A 5xx to EHLO falls back to HELO (RFC 5321 §4.1.4, §3.2), with no extensions.
+//! - Enhanced status codes are parsed whenever a reply line starts with one whose class
+//!   matches the reply code's first digit, offered or not (RFC 3463 §2).
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::fmt;
+use std::fmt::Write as _;
+
+use crate::proto::frame::{Frame, FrameError, Framer};
+use crate::proto::reply::{EnhancedStatus, Reply};
+use crate::types::{BodyType, Envelope, Mailbox, Notify, Ret};
+
+/// Longest reply line accepted, CRLF excluded (RFC 5321 §4.5.3.1.5 asks for 512; we are lax).
+pub const MAX_REPLY_LINE: usize = 4096;
+/// Most lines in one multi-line reply.
+pub const MAX_REPLY_LINES: usize = 256;
+
+/// What the provider offers and allows in the reversed session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReversedConfig {
+    /// Our name in EHLO/HELO.
+    pub hostname: String,
+    /// Pipeline MAIL and RCPT when the customer offers PIPELINING.
+    pub pipelining: bool,
+    /// Use BDAT when the customer offers CHUNKING.
+    pub chunking: bool,
+}
+
+/// One held message offered to the machine after [`Action::NeedMessage`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The caller's handle, opaque to the machine, echoed in actions.
+    pub id: String,
+    /// The envelope, with only the recipients this session may deliver (the caller filters
+    /// by leased domain).
+    pub envelope: Envelope,
+    /// Octets of the stored body (canonical CRLF, unstuffed, our `Received:` in front).
+    pub size: u64,
+    /// The body has octets above 127.
+    pub eight_bit: bool,
+    /// Some address is non-ASCII (the machine also checks the envelope itself).
+    pub utf8_addresses: bool,
+}
+
+/// How the driver must frame the body after [`Action::SendBody`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// `BDAT <size> LAST` is already in the output: send the stored bytes untouched.
+    Bdat,
+    /// The customer answered 354: send the body through the dot-stuffer and its terminator.
+    Data,
+}
+
+/// The customer's answer for one recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RcptOutcome {
+    /// The customer took responsibility (2xx after the body).
+    Delivered,
+    /// A transient failure: keep the recipient held.
+    Deferred(Reply),
+    /// A permanent failure: bounce (DSN to the sender).
+    Failed(Reply),
+}
+
+/// The outcome of one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageOutcome {
+    /// [`Outgoing::id`].
+    pub id: String,
+    /// `(index in envelope.recipients, outcome)`, every index exactly once, in order.
+    pub recipients: Vec<(usize, RcptOutcome)>,
+    /// DSN parameters were passed on to the customer (it offered DSN).
+    pub dsn_relayed: bool,
+}
+
+/// Why the session ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// QUIT was answered (any well-formed reply ends the session).
+    Done,
+    /// The customer's greeting was not 220.
+    Greeting(Reply),
+    /// The customer sent 421.
+    ServiceClosing(Reply),
+    /// EHLO and HELO, or a RSET, were refused.
+    Refused(Reply),
+    /// The customer broke the protocol.
+    Protocol(ProtocolError),
+    /// The driver called [`Reversed::abort`].
+    Aborted,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::Done => f.write_str("session done"),
+            CloseReason::Greeting(r) => write!(f, "customer greeting refused: {r}"),
+            CloseReason::ServiceClosing(r) => write!(f, "customer closing: {r}"),
+            CloseReason::Refused(r) => write!(f, "customer refused the session: {r}"),
+            CloseReason::Protocol(e) => write!(f, "protocol error: {e}"),
+            CloseReason::Aborted => f.write_str("aborted by the driver"),
+        }
+    }
+}
+
+/// How the customer broke the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// A reply line failed framing (bare LF/CR, over [`MAX_REPLY_LINE`]).
+    Framing(FrameError),
+    /// A reply line does not start with three digits followed by SP, `-` or its end.
+    Malformed,
+    /// A continuation line has a different code than the first line.
+    CodeMismatch,
+    /// More than [`MAX_REPLY_LINES`] lines in one reply.
+    TooManyLines,
+    /// A reply code that makes no sense for the command it answers.
+    Unexpected(u16),
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtocolError::Framing(e) => write!(f, "reply framing: {e}"),
+            ProtocolError::Malformed => f.write_str("malformed reply line"),
+            ProtocolError::CodeMismatch => f.write_str("multi-line reply changed its code"),
+            ProtocolError::TooManyLines => f.write_str("too many lines in one reply"),
+            ProtocolError::Unexpected(c) => write!(f, "unexpected reply code {c}"),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// Something the driver must do; see the module-level contract.
+#[must_use]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Call [`Reversed::send`] with the next message, or [`Reversed::no_more`].
+    NeedMessage,
+    /// Write the output, stream the body of message `id` with this framing, then call
+    /// [`Reversed::body_sent`].
+    SendBody {
+        /// [`Outgoing::id`].
+        id: String,
+        /// How to frame it.
+        framing: BodyFraming,
+    },
+    /// The final outcome of one message.
+    Delivered(MessageOutcome),
+    /// Write the output and close the connection.
+    Close(CloseReason),
+}
+
+/// What the customer offered in its EHLO reply (RFC 5321 §4.1.1.1).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The session is ESMTP (EHLO was accepted).
+    pub esmtp: bool,
+    /// PIPELINING (RFC 2920).
+    pub pipelining: bool,
+    /// SIZE was offered (RFC 1870).
+    pub size: bool,
+    /// The SIZE limit; `None` when absent or 0 (no limit).
+    pub size_limit: Option<u64>,
+    /// 8BITMIME (RFC 6152).
+    pub eight_bit_mime: bool,
+    /// SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// CHUNKING (RFC 3030).
+    pub chunking: bool,
+    /// BINARYMIME (RFC 3030).
+    pub binary_mime: bool,
+    /// DSN (RFC 3461).
+    pub dsn: bool,
+    /// ENHANCEDSTATUSCODES (RFC 2034).
+    pub enhanced_status_codes: bool,
+    /// STARTTLS (RFC 3207): noted, never used in the reversal.
+    pub starttls: bool,
+}
+
+impl Capabilities {
+    /// Parses the lines of a 250 EHLO reply (the first line is the greeting name).
+    pub fn parse(reply: &Reply) -> Self {
+        let mut caps = Capabilities {
+            esmtp: true,
+            ..Capabilities::default()
+        };
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let Some(keyword) = words.next() else {
+                continue;
+            };
+            match keyword.to_ascii_uppercase().as_str() {
+                "PIPELINING" => caps.pipelining = true,
+                "SIZE" => {
+                    caps.size = true;
+                    caps.size_limit = words
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .filter(|&n| n > 0);
+                }
+                "8BITMIME" => caps.eight_bit_mime = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "CHUNKING" => caps.chunking = true,
+                "BINARYMIME" => caps.binary_mime = true,
+                "DSN" => caps.dsn = true,
+                "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
+                "STARTTLS" => caps.starttls = true,
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+/// Incremental reply parser: complete lines in, whole [`Reply`]s out.
+#[derive(Debug, Clone)]
+struct ReplyParser {
+    framer: Framer,
+    partial: Option<Reply>,
+}
+
+enum Parsed {
+    /// Nothing complete yet; `consumed` bytes were used (whole lines of a multi-line reply).
+    More {
+        consumed: usize,
+    },
+    Reply {
+        reply: Reply,
+        consumed: usize,
+    },
+    Error(ProtocolError),
+}
+
+impl ReplyParser {
+    fn new() -> Self {
+        ReplyParser {
+            framer: Framer::new(MAX_REPLY_LINE + 2),
+            partial: None,
+        }
+    }
+
+    fn parse(&mut self, buf: &[u8]) -> Parsed {
+        let mut pos = 0;
+        loop {
+            let (line, consumed) = match self.framer.next_line(&buf[pos..]) {
+                Frame::Incomplete => return Parsed::More { consumed: pos },
+                Frame::Line { line, consumed } => (line, consumed),
+                Frame::Invalid { error, .. } => {
+                    return Parsed::Error(ProtocolError::Framing(error))
+                }
+                // Only after an Invalid, which ends the session.
+                Frame::Skipped { .. } => return Parsed::Error(ProtocolError::Malformed),
+            };
+            pos += consumed;
+            let Some((code, last, text)) = split_reply_line(line) else {
+                return Parsed::Error(ProtocolError::Malformed);
+            };
+            let reply = self.partial.get_or_insert_with(|| Reply {
+                code,
+                status: None,
+                lines: Vec::new(),
+            });
+            if reply.code != code {
+                return Parsed::Error(ProtocolError::CodeMismatch);
+            }
+            if reply.lines.len() >= MAX_REPLY_LINES {
+                return Parsed::Error(ProtocolError::TooManyLines);
+            }
+            let (status, rest) = split_status(code, text);
+            if reply.lines.is_empty() {
+                reply.status = status;
+            }
+            // A line whose status differs from the first line's keeps it as text.
+            let text = if status.is_some() && status == reply.status {
+                rest
+            } else {
+                text
+            };
+            reply
+                .lines
+                .push(Cow::Owned(String::from_utf8_lossy(text).into_owned()));
+            if last {
+                let reply = self.partial.take().expect("set above");
+                return Parsed::Reply {
+                    reply,
+                    consumed: pos,
+                };
+            }
+        }
+    }
+}
+
+/// `ddd[SP text]` or `ddd-[text]`: the code, whether this is the last line, and the text.
+fn split_reply_line(line: &[u8]) -> Option<(u16, bool, &[u8])> {
+    let digits = line.get(..3)?;
+    if !(b'1'..=b'5').contains(&digits[0]) || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let code = digits
+        .iter()
+        .fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+    match line.get(3) {
+        None => Some((code, true, &[])),
+        Some(b' ') => Some((code, true, &line[4..])),
+        Some(b'-') => Some((code, false, &line[4..])),
+        Some(_) => None,
+    }
+}
+
+/// Splits a leading RFC 3463 `class.subject.detail` off `text` when its class matches `code`.
+fn split_status(code: u16, text: &[u8]) -> (Option<EnhancedStatus>, &[u8]) {
+    let end = text.iter().position(|&b| b == b' ').unwrap_or(text.len());
+    let word = &text[..end];
+    let parsed = std::str::from_utf8(word).ok().and_then(|w| {
+        let mut it = w.split('.');
+        let (c, s, d) = (it.next()?, it.next()?, it.next()?);
+        let ok = |p: &str, max: usize| {
+            !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit())
+        };
+        if it.next().is_some() || !(ok(c, 1) && ok(s, 3) && ok(d, 3)) {
+            return None;
+        }
+        Some(EnhancedStatus::new(
+            c.parse().ok()?,
+            s.parse().ok()?,
+            d.parse().ok()?,
+        ))
+    });
+    match parsed {
+        Some(st) if u16::from(st.class) == code / 100 && matches!(st.class, 2 | 4 | 5) => {
+            (Some(st), text.get(end + 1..).unwrap_or(&[]))
+        }
+        _ => (None, text),
+    }
+}
+
+/// The message in flight.
+#[derive(Debug)]
+struct Txn {
+    id: String,
+    /// The RCPT lines still to be written (one at a time without pipelining).
+    rcpt_lines: VecDeque<Vec<u8>>,
+    /// Per recipient: `None` until the RCPT reply; `Some(Ok(()))` accepted at RCPT.
+    results: Vec<Option<Result<(), RcptOutcome>>>,
+    /// The MAIL reply, once in; `Err` when MAIL was refused.
+    mail: Option<Result<(), Reply>>,
+    /// RCPT replies received so far.
+    rcpt_replies: usize,
+    size: u64,
+    dsn_relayed: bool,
+}
+
+impl Txn {
+    /// The outcome: recipients without a final answer (accepted at RCPT, or never answered)
+    /// get `pending`.
+    fn outcome(self, pending: &RcptOutcome) -> MessageOutcome {
+        let recipients = self
+            .results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let o = match r {
+                    Some(Err(o)) => o,
+                    Some(Ok(())) | None => pending.clone(),
+                };
+                (i, o)
+            })
+            .collect();
+        MessageOutcome {
+            id: self.id,
+            recipients,
+            dsn_relayed: self.dsn_relayed,
+        }
+    }
+
+    fn any_accepted(&self) -> bool {
+        self.results.iter().any(|r| matches!(r, Some(Ok(()))))
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    AwaitGreeting,
+    AwaitEhlo,
+    AwaitHelo,
+    /// NeedMessage was issued; waiting for `send` or `no_more`.
+    Ready,
+    /// MAIL and RCPT replies outstanding.
+    AwaitEnvelope(Box<Txn>),
+    /// DATA sent, waiting for 354.
+    AwaitGoAhead(Box<Txn>),
+    /// The driver is streaming the body.
+    SendingBody(Box<Txn>),
+    /// The reply after the body.
+    AwaitFinal(Box<Txn>),
+    AwaitRset,
+    AwaitQuit,
+    Closed,
+}
+
+/// The reversed-session client machine for one connection.
+#[derive(Debug)]
+pub struct Reversed {
+    cfg: ReversedConfig,
+    phase: Phase,
+    caps: Capabilities,
+    parser: ReplyParser,
+    out: Vec<u8>,
+    actions: VecDeque<Action>,
+}
+
+impl Reversed {
+    /// A machine for a freshly reversed connection; it first awaits the customer's 220.
+    pub fn new(cfg: ReversedConfig) -> Self {
+        Reversed {
+            cfg,
+            phase: Phase::AwaitGreeting,
+            caps: Capabilities::default(),
+            parser: ReplyParser::new(),
+            out: Vec::with_capacity(512),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Consumes reply bytes and returns how many were used. Stops early, leaving the rest for
+    /// a later call, when no reply is awaited (the machine waits for the driver) or a line is
+    /// incomplete.
+    pub fn handle_input(&mut self, input: &[u8]) -> usize {
+        let mut pos = 0;
+        while pos < input.len() && self.awaits_reply() {
+            match self.parser.parse(&input[pos..]) {
+                Parsed::More { consumed } => {
+                    pos += consumed;
+                    break;
+                }
+                Parsed::Reply { reply, consumed } => {
+                    pos += consumed;
+                    self.on_reply(reply);
+                }
+                Parsed::Error(e) => {
+                    // The session ends; the rest of the input is meaningless.
+                    pos = input.len();
+                    self.fail(CloseReason::Protocol(e));
+                }
+            }
+        }
+        pos
+    }
+
+    /// The next thing the driver must do, if any.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Commands to send. The driver writes them and clears the buffer.
+    pub fn output(&mut self) -> &mut Vec<u8> {
+        &mut self.out
+    }
+
+    /// What the customer offered (all false before its EHLO reply, or after HELO).
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// True once a Close has been queued.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// Offers the next message after [`Action::NeedMessage`]. Called at any other time, the
+    /// message is reported at once with every recipient `Deferred` (`451 4.3.0`), so the
+    /// caller's accounting always sees one outcome per message.
+    pub fn send(&mut self, msg: Outgoing) {
+        if !matches!(self.phase, Phase::Ready) {
+            let r = Reply::with_status(451, (4, 3, 0), "Session not ready for a message");
+            let outcome = all(&msg, RcptOutcome::Deferred(r));
+            self.actions.push_back(Action::Delivered(outcome));
+            return;
+        }
+        if msg.envelope.recipients.is_empty() {
+            self.actions
+                .push_back(Action::Delivered(all(&msg, RcptOutcome::Delivered)));
+            self.actions.push_back(Action::NeedMessage);
+            return;
+        }
+        if let Some(refusal) = self.precheck(&msg) {
+            let outcome = all(&msg, RcptOutcome::Failed(refusal));
+            self.actions.push_back(Action::Delivered(outcome));
+            self.actions.push_back(Action::NeedMessage);
+            return;
+        }
+        let (mail, rcpts, dsn) = self.envelope_lines(&msg);
+        let mut txn = Txn {
+            id: msg.id,
+            rcpt_lines: rcpts.into(),
+            results: vec![None; msg.envelope.recipients.len()],
+            mail: None,
+            rcpt_replies: 0,
+            size: msg.size,
+            dsn_relayed: dsn,
+        };
+        self.out.extend_from_slice(&mail);
+        if self.pipelining() {
+            for line in txn.rcpt_lines.drain(..) {
+                self.out.extend_from_slice(&line);
+            }
+        }
+        self.phase = Phase::AwaitEnvelope(Box::new(txn));
+    }
+
+    /// The queue is drained: sends QUIT. Ignored unless a message was asked for.
+    pub fn no_more(&mut self) {
+        if matches!(self.phase, Phase::Ready) {
+            self.out.extend_from_slice(b"QUIT\r\n");
+            self.phase = Phase::AwaitQuit;
+        }
+    }
+
+    /// The driver finished streaming the body after [`Action::SendBody`].
+    pub fn body_sent(&mut self) {
+        self.phase = match std::mem::replace(&mut self.phase, Phase::Closed) {
+            Phase::SendingBody(txn) => Phase::AwaitFinal(txn),
+            other => other,
+        };
+    }
+
+    /// The connection failed or a timeout expired: reports the message in flight (recipients
+    /// without a final answer `Deferred` with `451 4.4.2`) and queues Close. Idempotent.
+    pub fn abort(&mut self) {
+        if self.is_closed() {
+            return;
+        }
+        let r = Reply::with_status(451, (4, 4, 2), "Connection lost or timed out");
+        self.finish_txn(RcptOutcome::Deferred(r));
+        self.close(CloseReason::Aborted);
+    }
+
+    fn awaits_reply(&self) -> bool {
+        !matches!(
+            self.phase,
+            Phase::Ready | Phase::SendingBody(_) | Phase::Closed
+        )
+    }
+
+    fn pipelining(&self) -> bool {
+        self.cfg.pipelining && self.caps.pipelining
+    }
+
+    fn chunking(&self) -> bool {
+        self.cfg.chunking && self.caps.chunking
+    }
+
+    /// RFC 1870, RFC 6152, RFC 6531 checks: a refusal reply, or `None` to send.
+    fn precheck(&self, msg: &Outgoing) -> Option<Reply> {
+        let env = &msg.envelope;
+        let unsendable = |s: &str| s.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0));
+        let bad_mailbox = |m: &Mailbox| unsendable(&m.local) || unsendable(&m.domain);
+        if env.sender.as_ref().is_some_and(bad_mailbox)
+            || env.envid.as_deref().is_some_and(unsendable)
+            || env
+                .recipients
+                .iter()
+                .any(|r| bad_mailbox(&r.mailbox) || r.orcpt.as_deref().is_some_and(unsendable))
+        {
+            return Some(Reply::with_status(
+                554,
+                (5, 6, 0),
+                "Envelope cannot be serialised (CR, LF or NUL in a field)",
+            ));
+        }
+        if self.caps.size_limit.is_some_and(|limit| msg.size > limit) {
+            return Some(Reply::with_status(
+                552,
+                (5, 3, 4),
+                "Message size exceeds the customer's SIZE limit",
+            ));
+        }
+        if env.body == BodyType::BinaryMime && !(self.caps.binary_mime && self.chunking()) {
+            return Some(Reply::with_status(
+                554,
+                (5, 6, 3),
+                "Binary content and the customer does not offer BINARYMIME",
+            ));
+        }
+        if msg.eight_bit && !self.caps.eight_bit_mime {
+            return Some(Reply::with_status(
+                554,
+                (5, 6, 3),
+                "8-bit content and the customer does not offer 8BITMIME",
+            ));
+        }
+        if self.needs_utf8(msg) && !self.caps.smtputf8 {
+            return Some(Reply::with_status(
+                553,
+                (5, 6, 7),
+                "Non-ASCII address and the customer does not offer SMTPUTF8",
+            ));
+        }
+        None
+    }
+
+    fn needs_utf8(&self, msg: &Outgoing) -> bool {
+        let env = &msg.envelope;
+        msg.utf8_addresses
+            || env.smtputf8
+            || env.sender.as_ref().is_some_and(Mailbox::is_utf8)
+            || env.recipients.iter().any(|r| r.mailbox.is_utf8())
+    }
+
+    /// The MAIL line, the RCPT lines and whether DSN parameters were included.
+    fn envelope_lines(&self, msg: &Outgoing) -> (Vec<u8>, Vec<Vec<u8>>, bool) {
+        let env = &msg.envelope;
+        let caps = &self.caps;
+        let mut mail = String::from("MAIL FROM:<");
+        if let Some(s) = &env.sender {
+            let _ = write!(mail, "{s}");
+        }
+        mail.push('>');
+        if caps.size {
+            let _ = write!(mail, " SIZE={}", msg.size);
+        }
+        let body = match env.body {
+            BodyType::BinaryMime => Some("BINARYMIME"),
+            _ if caps.eight_bit_mime && (msg.eight_bit || env.body == BodyType::EightBitMime) => {
+                Some("8BITMIME")
+            }
+            _ => None,
+        };
+        if let Some(b) = body {
+            let _ = write!(mail, " BODY={b}");
+        }
+        if self.needs_utf8(msg) {
+            mail.push_str(" SMTPUTF8");
+        }
+        if caps.dsn {
+            match env.ret {
+                Some(Ret::Full) => mail.push_str(" RET=FULL"),
+                Some(Ret::Hdrs) => mail.push_str(" RET=HDRS"),
+                None => {}
+            }
+            if let Some(e) = &env.envid {
+                let _ = write!(mail, " ENVID={e}");
+            }
+        }
+        mail.push_str("\r\n");
+        let rcpts = env
+            .recipients
+            .iter()
+            .map(|r| {
+                let mut line = format!("RCPT TO:<{}>", r.mailbox);
+                if caps.dsn {
+                    if let Some(n) = r.notify {
+                        let _ = write!(line, " NOTIFY={}", notify_value(n));
+                    }
+                    if let Some(o) = &r.orcpt {
+                        let _ = write!(line, " ORCPT={o}");
+                    }
+                }
+                line.push_str("\r\n");
+                line.into_bytes()
+            })
+            .collect();
+        (mail.into_bytes(), rcpts, caps.dsn)
+    }
+
+    fn on_reply(&mut self, reply: Reply) {
+        if reply.code == 421 {
+            self.finish_txn(RcptOutcome::Deferred(reply.clone()));
+            return self.close(CloseReason::ServiceClosing(reply));
+        }
+        match std::mem::replace(&mut self.phase, Phase::Closed) {
+            Phase::AwaitGreeting if reply.code == 220 => {
+                self.out.extend_from_slice(b"EHLO ");
+                self.out.extend_from_slice(self.cfg.hostname.as_bytes());
+                self.out.extend_from_slice(b"\r\n");
+                self.phase = Phase::AwaitEhlo;
+            }
+            Phase::AwaitGreeting => self.close(CloseReason::Greeting(reply)),
+            Phase::AwaitEhlo if reply.code / 100 == 2 => {
+                self.caps = Capabilities::parse(&reply);
+                self.ready();
+            }
+            Phase::AwaitEhlo if reply.code / 100 == 5 => {
+                self.out.extend_from_slice(b"HELO ");
+                self.out.extend_from_slice(self.cfg.hostname.as_bytes());
+                self.out.extend_from_slice(b"\r\n");
+                self.phase = Phase::AwaitHelo;
+            }
+            Phase::AwaitHelo if reply.code / 100 == 2 => {
+                self.caps = Capabilities::default();
+                self.ready();
+            }
+            Phase::AwaitEhlo | Phase::AwaitHelo => self.close(CloseReason::Refused(reply)),
+            Phase::AwaitEnvelope(txn) => self.envelope_reply(txn, reply),
+            Phase::AwaitGoAhead(txn) => match reply.code / 100 {
+                3 if reply.code == 354 => {
+                    self.actions.push_back(Action::SendBody {
+                        id: txn.id.clone(),
+                        framing: BodyFraming::Data,
+                    });
+                    self.phase = Phase::SendingBody(txn);
+                }
+                4 | 5 => self.final_reply(*txn, reply),
+                _ => {
+                    self.phase = Phase::AwaitGoAhead(txn);
+                    self.fail(CloseReason::Protocol(ProtocolError::Unexpected(reply.code)));
+                }
+            },
+            Phase::AwaitFinal(txn) => match reply.code / 100 {
+                2 | 4 | 5 => self.final_reply(*txn, reply),
+                _ => {
+                    self.phase = Phase::AwaitFinal(txn);
+                    self.fail(CloseReason::Protocol(ProtocolError::Unexpected(reply.code)));
+                }
+            },
+            Phase::AwaitRset if reply.code / 100 == 2 => self.ready(),
+            Phase::AwaitRset => self.close(CloseReason::Refused(reply)),
+            Phase::AwaitQuit => self.close(CloseReason::Done),
+            // Not awaiting a reply: handle_input does not parse in these phases.
+            p @ (Phase::Ready | Phase::SendingBody(_) | Phase::Closed) => self.phase = p,
+        }
+    }
+
+    /// A reply to MAIL or to one RCPT.
+    fn envelope_reply(&mut self, mut txn: Box<Txn>, reply: Reply) {
+        let class = reply.code / 100;
+        if !matches!(class, 2 | 4 | 5) {
+            self.phase = Phase::AwaitEnvelope(txn);
+            return self.fail(CloseReason::Protocol(ProtocolError::Unexpected(reply.code)));
+        }
+        if txn.mail.is_none() {
+            if class == 2 {
+                txn.mail = Some(Ok(()));
+                if let Some(line) = txn.rcpt_lines.pop_front() {
+                    self.out.extend_from_slice(&line);
+                }
+            } else {
+                let outcome = if class == 4 {
+                    RcptOutcome::Deferred(reply.clone())
+                } else {
+                    RcptOutcome::Failed(reply.clone())
+                };
+                txn.results
+                    .iter_mut()
+                    .for_each(|r| *r = Some(Err(outcome.clone())));
+                txn.mail = Some(Err(reply));
+                // Nothing more was written without pipelining, so nothing more will come.
+                txn.rcpt_lines.clear();
+            }
+        } else {
+            let i = txn.rcpt_replies;
+            txn.rcpt_replies += 1;
+            if matches!(txn.mail, Some(Ok(()))) {
+                if let Some(slot) = txn.results.get_mut(i) {
+                    *slot = Some(match class {
+                        2 => Ok(()),
+                        4 => Err(RcptOutcome::Deferred(reply)),
+                        _ => Err(RcptOutcome::Failed(reply)),
+                    });
+                }
+                if let Some(line) = txn.rcpt_lines.pop_front() {
+                    self.out.extend_from_slice(&line);
+                }
+            }
+        }
+        // Replies still due: those to RCPTs already written.
+        let written = txn.results.len() - txn.rcpt_lines.len();
+        let due = match txn.mail {
+            Some(Err(_)) if !self.pipelining() => 0,
+            _ => written - txn.rcpt_replies,
+        };
+        if due > 0 {
+            self.phase = Phase::AwaitEnvelope(txn);
+            return;
+        }
+        match txn.mail {
+            Some(Ok(())) if txn.any_accepted() => {
+                if self.chunking() {
+                    self.out
+                        .extend_from_slice(format!("BDAT {} LAST\r\n", txn.size).as_bytes());
+                    self.actions.push_back(Action::SendBody {
+                        id: txn.id.clone(),
+                        framing: BodyFraming::Bdat,
+                    });
+                    self.phase = Phase::SendingBody(txn);
+                } else {
+                    self.out.extend_from_slice(b"DATA\r\n");
+                    self.phase = Phase::AwaitGoAhead(txn);
+                }
+            }
+            Some(Ok(())) => {
+                // Every recipient refused: end the transaction without a body.
+                let unused = RcptOutcome::Deferred(Reply::with_status(451, (4, 5, 0), "unused"));
+                let outcome = txn.outcome(&unused);
+                self.actions.push_back(Action::Delivered(outcome));
+                self.out.extend_from_slice(b"RSET\r\n");
+                self.phase = Phase::AwaitRset;
+            }
+            _ => {
+                let unused = RcptOutcome::Deferred(Reply::with_status(451, (4, 5, 0), "unused"));
+                let outcome = txn.outcome(&unused);
+                self.actions.push_back(Action::Delivered(outcome));
+                self.ready();
+            }
+        }
+    }
+
+    /// The reply after the body (or a 4xx/5xx to DATA) settles the accepted recipients.
+    fn final_reply(&mut self, txn: Txn, reply: Reply) {
+        let accepted = match reply.code / 100 {
+            2 => RcptOutcome::Delivered,
+            4 => RcptOutcome::Deferred(reply),
+            _ => RcptOutcome::Failed(reply),
+        };
+        let outcome = txn.outcome(&accepted);
+        self.actions.push_back(Action::Delivered(outcome));
+        self.ready();
+    }
+
+    fn ready(&mut self) {
+        self.phase = Phase::Ready;
+        self.actions.push_back(Action::NeedMessage);
+    }
+
+    /// Reports the message in flight, if any: recipients without a final answer get `pending`.
+    fn finish_txn(&mut self, pending: RcptOutcome) {
+        let txn = match std::mem::replace(&mut self.phase, Phase::Closed) {
+            Phase::AwaitEnvelope(t)
+            | Phase::AwaitGoAhead(t)
+            | Phase::SendingBody(t)
+            | Phase::AwaitFinal(t) => t,
+            other => {
+                self.phase = other;
+                return;
+            }
+        };
+        let outcome = txn.outcome(&pending);
+        self.actions.push_back(Action::Delivered(outcome));
+    }
+
+    /// A protocol failure: the message in flight is deferred, then Close.
+    fn fail(&mut self, reason: CloseReason) {
+        let r = Reply::new(451, Some(EnhancedStatus::new(4, 5, 0)), reason.to_string());
+        self.finish_txn(RcptOutcome::Deferred(r));
+        self.close(reason);
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        self.phase = Phase::Closed;
+        self.actions.push_back(Action::Close(reason));
+    }
+}
+
+/// An outcome giving every recipient of `msg` the same answer.
+fn all(msg: &Outgoing, o: RcptOutcome) -> MessageOutcome {
+    MessageOutcome {
+        id: msg.id.clone(),
+        recipients: (0..msg.envelope.recipients.len())
+            .map(|i| (i, o.clone()))
+            .collect(),
+        dsn_relayed: false,
+    }
+}
+
+/// `NEVER` or a comma list of `SUCCESS,FAILURE,DELAY` (RFC 3461 §4.1).
+fn notify_value(n: Notify) -> String {
+    if n.never || !(n.success || n.failure || n.delay) {
+        return "NEVER".into();
+    }
+    let flags = [
+        (n.success, "SUCCESS"),
+        (n.failure, "FAILURE"),
+        (n.delay, "DELAY"),
+    ];
+    flags
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, s)| *s)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::inbound::{self, Directory, Inbound, InboundConfig, Incoming, RcptVerdict};
+    use crate::proto::stuff::DotStuffer;
+    use crate::types::Recipient;
+
+    fn mb(s: &str) -> Mailbox {
+        let (local, domain) = s.rsplit_once('@').expect("an address");
+        Mailbox {
+            local: local.into(),
+            domain: domain.into(),
+        }
+    }
+
+    fn rcpt(s: &str) -> Recipient {
+        Recipient {
+            mailbox: mb(s),
+            notify: None,
+            orcpt: None,
+        }
+    }
+
+    /// A held message and its stored body.
+    #[derive(Clone, Debug)]
+    struct Msg {
+        out: Outgoing,
+        body: Vec<u8>,
+    }
+
+    fn msg(id: &str, sender: Option<&str>, rcpts: &[&str], body: &[u8]) -> Msg {
+        Msg {
+            out: Outgoing {
+                id: id.into(),
+                envelope: Envelope {
+                    sender: sender.map(mb),
+                    recipients: rcpts.iter().map(|r| rcpt(r)).collect(),
+                    ..Envelope::default()
+                },
+                size: body.len() as u64,
+                eight_bit: body.iter().any(|b| *b > 127),
+                utf8_addresses: false,
+            },
+            body: body.to_vec(),
+        }
+    }
+
+    fn dsn_msg() -> Msg {
+        let mut m = msg("m1", Some("a@s.example"), &["u@example.org"], b"hi\r\n");
+        m.out.envelope.ret = Some(Ret::Hdrs);
+        m.out.envelope.envid = Some("E+2B1".into());
+        m.out.envelope.recipients[0].notify = Some(Notify {
+            success: true,
+            failure: true,
+            ..Notify::default()
+        });
+        m.out.envelope.recipients[0].orcpt = Some("rfc822;u@example.org".into());
+        m
+    }
+
+    fn cfg(pipelining: bool, chunking: bool) -> ReversedConfig {
+        ReversedConfig {
+            hostname: "provider.example".into(),
+            pipelining,
+            chunking,
+        }
+    }
+
+    /// Summarises an outcome: `id: ok defer450 fail550 ...` in recipient order.
+    fn describe(o: &MessageOutcome) -> String {
+        let mut s = format!("{}:", o.id);
+        for (k, (i, r)) in o.recipients.iter().enumerate() {
+            assert_eq!(k, *i, "recipient indices in order");
+            match r {
+                RcptOutcome::Delivered => s.push_str(" ok"),
+                RcptOutcome::Deferred(r) => s.push_str(&format!(" defer{}", r.code)),
+                RcptOutcome::Failed(r) => s.push_str(&format!(" fail{}", r.code)),
+            }
+        }
+        if o.dsn_relayed {
+            s.push_str(" +dsn");
+        }
+        s
+    }
+
+    /// What one side's driver saw, independent of how the input was split.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Run {
+        transcript: Vec<String>,
+        events: Vec<String>,
+        outcomes: Vec<MessageOutcome>,
+        closed: bool,
+    }
+
+    /// The provider's driver: obeys every action, streaming bodies into `wire`.
+    struct Provider {
+        m: Reversed,
+        queue: VecDeque<Msg>,
+        current: Option<Msg>,
+        wire: Vec<u8>,
+        buf: Vec<u8>,
+        run: Run,
+    }
+
+    impl Provider {
+        fn new(cfg: ReversedConfig, msgs: &[Msg]) -> Self {
+            Provider {
+                m: Reversed::new(cfg),
+                queue: msgs.iter().cloned().collect(),
+                current: None,
+                wire: Vec::new(),
+                buf: Vec::new(),
+                run: Run::default(),
+            }
+        }
+
+        /// Obeys the queued actions; true if there were any.
+        fn pump(&mut self) -> bool {
+            let mut acted = false;
+            self.wire.append(self.m.output());
+            while let Some(a) = self.m.poll_action() {
+                acted = true;
+                match a {
+                    Action::NeedMessage => match self.queue.pop_front() {
+                        Some(msg) => {
+                            self.m.send(msg.out.clone());
+                            self.current = Some(msg);
+                        }
+                        None => self.m.no_more(),
+                    },
+                    Action::SendBody { id, framing } => {
+                        let msg = self.current.as_ref().expect("a message in flight");
+                        assert_eq!(msg.out.id, id);
+                        self.wire.append(self.m.output());
+                        match framing {
+                            BodyFraming::Bdat => self.wire.extend_from_slice(&msg.body),
+                            BodyFraming::Data => {
+                                // Streamed in 7-byte pieces, as from disk.
+                                let mut s = DotStuffer::new();
+                                for piece in msg.body.chunks(7) {
+                                    s.push(piece, &mut self.wire);
+                                }
+                                s.finish(&mut self.wire);
+                            }
+                        }
+                        self.m.body_sent();
+                    }
+                    Action::Delivered(o) => {
+                        self.run.events.push(describe(&o));
+                        self.run.outcomes.push(o);
+                    }
+                    Action::Close(reason) => {
+                        self.run.closed = true;
+                        self.run.events.push(format!("close: {reason}"));
+                    }
+                }
+                self.wire.append(self.m.output());
+            }
+            acted
+        }
+
+        fn feed(&mut self, piece: &[u8]) {
+            self.buf.extend_from_slice(piece);
+            loop {
+                let n = self.m.handle_input(&self.buf);
+                assert!(n <= self.buf.len());
+                self.buf.drain(..n);
+                if !self.pump() || self.buf.is_empty() || self.m.is_closed() {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn lines(prefix: &str, bytes: &[u8]) -> Vec<String> {
+        let text = String::from_utf8_lossy(bytes);
+        let text = text.strip_suffix("\r\n").unwrap_or(&text).to_string();
+        if bytes.is_empty() {
+            return Vec::new();
+        }
+        text.split("\r\n")
+            .map(|l| format!("{prefix} {l}"))
+            .collect()
+    }
+
+    /// Drives the provider with the customer's flights, each piece handled before the next.
+    fn drive(cfg: &ReversedConfig, msgs: &[Msg], flights: &[Vec<&[u8]>]) -> Run {
+        let mut p = Provider::new(cfg.clone(), msgs);
+        p.pump();
+        for pieces in flights {
+            let whole: Vec<u8> = pieces.concat();
+            p.run.transcript.extend(lines("C:", &whole));
+            for piece in pieces {
+                p.feed(piece);
+            }
+            let wire = std::mem::take(&mut p.wire);
+            p.run.transcript.extend(lines("P:", &wire));
+        }
+        assert_eq!(p.run.closed, p.m.is_closed());
+        p.run
+    }
+
+    /// Customer flights of a `C:`/`P:` script, and the normalised expected transcript.
+    fn parse(script: &str) -> (Vec<Vec<u8>>, Vec<String>) {
+        let mut flights: Vec<Vec<u8>> = Vec::new();
+        let mut expected = Vec::new();
+        let mut in_flight = false;
+        for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let (who, rest) = line.split_at(2);
+            let rest = rest.strip_prefix(' ').unwrap_or(rest);
+            expected.push(format!("{who} {rest}"));
+            match who {
+                "C:" => {
+                    if !in_flight {
+                        flights.push(Vec::new());
+                        in_flight = true;
+                    }
+                    let rest = rest.replace("\\n", "\n").replace("\\r", "\r");
+                    let f = flights.last_mut().expect("pushed");
+                    f.extend_from_slice(rest.as_bytes());
+                    f.extend_from_slice(b"\r\n");
+                }
+                "P:" => in_flight = false,
+                _ => panic!("bad script line {line:?}"),
+            }
+        }
+        (flights, expected)
+    }
+
+    /// Runs the script whole, with every flight split at every offset, and byte by byte:
+    /// every run must be the same. Returns the run's events.
+    fn check(cfg: &ReversedConfig, msgs: &[Msg], script: &str) -> Vec<String> {
+        let (flights, expected) = parse(script);
+        let whole: Vec<Vec<&[u8]>> = flights.iter().map(|f| vec![f.as_slice()]).collect();
+        let run = drive(cfg, msgs, &whole);
+        // Bare CR/LF in a script show up on the customer side as they were written.
+        let got: Vec<String> = run
+            .transcript
+            .iter()
+            .map(|l| l.replace('\n', "\\n").replace('\r', "\\r"))
+            .collect();
+        let want: Vec<String> = expected
+            .iter()
+            .map(|l| l.replace('\n', "\\n").replace('\r', "\\r"))
+            .collect();
+        assert_eq!(got.join("\n"), want.join("\n"), "events {:?}", run.events);
+        for (k, f) in flights.iter().enumerate() {
+            for cut in 0..=f.len() {
+                let mut split = whole.clone();
+                split[k] = vec![&f[..cut], &f[cut..]];
+                assert_eq!(drive(cfg, msgs, &split), run, "flight {k} cut {cut}");
+            }
+        }
+        let singles: Vec<Vec<&[u8]>> = flights.iter().map(|f| f.chunks(1).collect()).collect();
+        assert_eq!(drive(cfg, msgs, &singles), run, "byte by byte");
+        run.events
+    }
+
+    const EHLO_ALL: &str = "
+        C: 220 customer.example ESMTP
+        P: EHLO provider.example
+        C: 250-customer.example
+        C: 250-PIPELINING
+        C: 250-SIZE 1000
+        C: 250-8BITMIME
+        C: 250-SMTPUTF8
+        C: 250-ENHANCEDSTATUSCODES
+        C: 250-CHUNKING
+        C: 250-STARTTLS
+        C: 250 DSN";
+
+    const EHLO_PLAIN: &str = "
+        C: 220 customer.example ESMTP
+        P: EHLO provider.example
+        C: 250 customer.example";
+
+    #[test]
+    fn pipelined_bdat_with_dsn_parameters() {
+        let events = check(
+            &cfg(true, true),
+            &[dsn_msg()],
+            &format!(
+                "{EHLO_ALL}
+                 P: MAIL FROM:<a@s.example> SIZE=4 RET=HDRS ENVID=E+2B1
+                 P: RCPT TO:<u@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;u@example.org
+                 C: 250 2.1.0 Ok
+                 C: 250 2.1.5 Ok
+                 P: BDAT 4 LAST
+                 P: hi
+                 C: 250 2.0.0 Ok queued
+                 P: QUIT
+                 C: 221 2.0.0 Bye"
+            ),
+        );
+        assert_eq!(events, ["m1: ok +dsn", "close: session done"]);
+    }
+
+    #[test]
+    fn dsn_parameters_only_when_offered_and_one_command_per_round_trip() {
+        let two = msg("m2", None, &["u@example.org", "v@example.org"], b".x\r\n");
+        let mut m = dsn_msg();
+        m.out.envelope.recipients.push(rcpt("w@example.org"));
+        let events = check(
+            &cfg(true, true),
+            &[m, two],
+            &format!(
+                "{EHLO_PLAIN}
+                 P: MAIL FROM:<a@s.example>
+                 C: 250 Ok
+                 P: RCPT TO:<u@example.org>
+                 C: 550 5.1.1 No such user
+                 P: RCPT TO:<w@example.org>
+                 C: 451-4.3.0 try
+                 C: 451 4.3.0 later
+                 P: RSET
+                 C: 250 Ok
+                 P: MAIL FROM:<>
+                 C: 250 Ok
+                 P: RCPT TO:<u@example.org>
+                 C: 250 Ok
+                 P: RCPT TO:<v@example.org>
+                 C: 250 Ok
+                 P: DATA
+                 C: 354 go
+                 P: ..x
+                 P: .
+                 C: 250 Ok
+                 P: QUIT
+                 C: 221 Bye"
+            ),
+        );
+        assert_eq!(
+            events,
+            ["m1: fail550 defer451", "m2: ok ok", "close: session done"]
+        );
+    }
+
+    #[test]
+    fn pipelining_not_used_when_disabled_and_data_when_chunking_disabled() {
+        let m = msg(
+            "m1",
+            Some("a@s.example"),
+            &["u@example.org", "v@example.org"],
+            b"x\r\n",
+        );
+        let events = check(
+            &cfg(false, false),
+            &[m],
+            &format!(
+                "{EHLO_ALL}
+                 P: MAIL FROM:<a@s.example> SIZE=3
+                 C: 250 2.1.0 Ok
+                 P: RCPT TO:<u@example.org>
+                 C: 250 2.1.5 Ok
+                 P: RCPT TO:<v@example.org>
+                 C: 452 4.5.3 Too many recipients
+                 P: DATA
+                 C: 354 go
+                 P: x
+                 P: .
+                 C: 554 5.6.0 Content refused
+                 P: QUIT
+                 C: 221 Bye"
+            ),
+        );
+        assert_eq!(events, ["m1: fail554 defer452 +dsn", "close: session done"]);
+    }
+
+    #[test]
+    fn ehlo_refused_falls_back_to_helo_without_extensions() {
+        let mut m = dsn_msg();
+        m.out.envelope.body = BodyType::EightBitMime; // declared but 7-bit: sent plainly
+        let events = check(
+            &cfg(true, true),
+            &[m],
+            "C: 220 customer.example
+             P: EHLO provider.example
+             C: 502 5.5.1 What?
+             P: HELO provider.example
+             C: 250 customer.example
+             P: MAIL FROM:<a@s.example>
+             C: 250 Ok
+             P: RCPT TO:<u@example.org>
+             C: 250 Ok
+             P: DATA
+             C: 354 go
+             P: hi
+             P: .
+             C: 451 4.3.0 Disk full
+             P: QUIT
+             C: 221 Bye",
+        );
+        assert_eq!(events, ["m1: defer451", "close: session done"]);
+    }
+
+    #[test]
+    fn local_refusals_send_nothing() {
+        let big = msg(
+            "big",
+            Some("a@s.example"),
+            &["u@example.org"],
+            &[b'x'; 1001],
+        );
+        let mut eight = msg(
+            "8bit",
+            Some("a@s.example"),
+            &["u@example.org"],
+            b"caf\xe9\r\n",
+        );
+        eight.out.envelope.body = BodyType::EightBitMime;
+        let utf8_rcpt = msg(
+            "utf8",
+            Some("a@s.example"),
+            &["δοκιμή@example.org"],
+            b"x\r\n",
+        );
+        let mut utf8_flag = msg("flag", Some("a@s.example"), &["u@example.org"], b"x\r\n");
+        utf8_flag.out.utf8_addresses = true;
+        let no_rcpts = msg("none", Some("a@s.example"), &[], b"x\r\n");
+        let fits = msg(
+            "fits",
+            Some("a@s.example"),
+            &["u@example.org"],
+            &[b'y'; 998],
+        );
+        let events = check(
+            &cfg(true, true),
+            &[big, eight, utf8_rcpt, utf8_flag, no_rcpts, fits],
+            "C: 220 customer.example
+             P: EHLO provider.example
+             C: 250-customer.example
+             C: 250-PIPELINING
+             C: 250 SIZE 1000
+             P: MAIL FROM:<a@s.example> SIZE=998
+             P: RCPT TO:<u@example.org>
+             C: 250 Ok
+             C: 250 Ok
+             P: DATA",
+        );
+        assert_eq!(
+            events,
+            [
+                "big: fail552",
+                "8bit: fail554",
+                "utf8: fail553",
+                "flag: fail553",
+                "none:",
+            ]
+        );
+    }
+
+    #[test]
+    fn size_zero_is_no_limit_and_8bit_utf8_parameters_are_sent_when_offered() {
+        let mut m = msg(
+            "m",
+            Some("jörg@s.example"),
+            &["δ@example.org"],
+            b"caf\xc3\xa9\r\n",
+        );
+        m.out.envelope.smtputf8 = true;
+        let events = check(
+            &cfg(true, false),
+            &[m],
+            "C: 220 c
+             P: EHLO provider.example
+             C: 250-c
+             C: 250-SIZE 0
+             C: 250-8BITMIME
+             C: 250 SMTPUTF8
+             P: MAIL FROM:<jörg@s.example> SIZE=7 BODY=8BITMIME SMTPUTF8
+             C: 250 Ok
+             P: RCPT TO:<δ@example.org>
+             C: 250 Ok
+             P: DATA
+             C: 354 go
+             P: café
+             P: .
+             C: 250 Ok
+             P: QUIT
+             C: 221 Bye",
+        );
+        assert_eq!(events, ["m: ok", "close: session done"]);
+    }
+
+    #[test]
+    fn refused_mail_in_a_pipeline_reads_and_ignores_the_rcpt_replies() {
+        let a = msg(
+            "a",
+            Some("a@s.example"),
+            &["u@example.org", "v@example.org"],
+            b"x\r\n",
+        );
+        let b = msg("b", Some("b@s.example"), &["u@example.org"], b"x\r\n");
+        let events = check(
+            &cfg(true, true),
+            &[a, b],
+            "C: 220 c
+             P: EHLO provider.example
+             C: 250-c
+             C: 250 PIPELINING
+             P: MAIL FROM:<a@s.example>
+             P: RCPT TO:<u@example.org>
+             P: RCPT TO:<v@example.org>
+             C: 550 5.7.1 Sender refused
+             C: 503 5.5.1 Need MAIL
+             C: 503 5.5.1 Need MAIL
+             P: MAIL FROM:<b@s.example>
+             P: RCPT TO:<u@example.org>
+             C: 452 4.3.1 Busy
+             C: 503 5.5.1 Need MAIL
+             P: QUIT
+             C: 221 Bye",
+        );
+        assert_eq!(
+            events,
+            ["a: fail550 fail550", "b: defer452", "close: session done"]
+        );
+    }
+
+    #[test]
+    fn service_closing_defers_the_rest() {
+        let m = || {
+            msg(
+                "m",
+                Some("a@s.example"),
+                &["u@example.org", "v@example.org"],
+                b"x\r\n",
+            )
+        };
+        let cases: Vec<(&str, Vec<&str>)> = vec![
+            (
+                "C: 421 4.3.2 Shutting down",
+                vec!["close: customer closing: 421 4.3.2 Shutting down"],
+            ),
+            (
+                "C: 220 c
+                 P: EHLO provider.example
+                 C: 421 c going away",
+                vec!["close: customer closing: 421 c going away"],
+            ),
+            (
+                "C: 220 c
+                 P: EHLO provider.example
+                 C: 250-c
+                 C: 250 PIPELINING
+                 P: MAIL FROM:<a@s.example>
+                 P: RCPT TO:<u@example.org>
+                 P: RCPT TO:<v@example.org>
+                 C: 250 Ok
+                 C: 550 No
+                 C: 421 Bye",
+                vec!["m: fail550 defer421", "close: customer closing: 421 Bye"],
+            ),
+            (
+                "C: 220 c
+                 P: EHLO provider.example
+                 C: 250 c
+                 P: MAIL FROM:<a@s.example>
+                 C: 250 Ok
+                 P: RCPT TO:<u@example.org>
+                 C: 250 Ok
+                 P: RCPT TO:<v@example.org>
+                 C: 250 Ok
+                 P: DATA
+                 C: 354 go
+                 P: x
+                 P: .
+                 C: 421 4.4.1 Timeout",
+                vec![
+                    "m: defer421 defer421",
+                    "close: customer closing: 421 4.4.1 Timeout",
+                ],
+            ),
+        ];
+        for (script, want) in cases {
+            assert_eq!(check(&cfg(true, true), &[m()], script), want, "{script}");
+        }
+    }
+
+    #[test]
+    fn bad_greetings_and_refusals_close() {
+        let cases: Vec<(&str, &str)> = vec![
+            (
+                "C: 554 No service",
+                "close: customer greeting refused: 554 No service",
+            ),
+            (
+                "C: 220 c
+                 P: EHLO provider.example
+                 C: 550 no
+                 P: HELO provider.example
+                 C: 550 still no",
+                "close: customer refused the session: 550 still no",
+            ),
+            (
+                "C: 220 c
+                 P: EHLO provider.example
+                 C: 450 later",
+                "close: customer refused the session: 450 later",
+            ),
+        ];
+        for (script, want) in cases {
+            assert_eq!(check(&cfg(true, true), &[], script), [want], "{script}");
+        }
+    }
+
+    #[test]
+    fn garbage_replies_close_with_a_protocol_error_and_defer() {
+        let long = format!("C: 250 {}", "x".repeat(MAX_REPLY_LINE));
+        let many: String = (0..MAX_REPLY_LINES)
+            .map(|_| "C: 250-x\n")
+            .chain(std::iter::once("C: 250 x"))
+            .collect();
+        let cases: Vec<(String, &str)> = vec![
+            ("C: hello".into(), "malformed reply line"),
+            ("C: 22".into(), "malformed reply line"),
+            ("C: 2200 x".into(), "malformed reply line"),
+            ("C: 220x".into(), "malformed reply line"),
+            ("C: 020 x".into(), "malformed reply line"),
+            (
+                "C: 220 a\\nb".into(),
+                "reply framing: bare LF in command line",
+            ),
+            (
+                "C: 220 a\\rb".into(),
+                "reply framing: bare CR in command line",
+            ),
+            (
+                "C: 220-a\nC: 250 b".into(),
+                "multi-line reply changed its code",
+            ),
+            (long, "reply framing: line too long"),
+            (many, "too many lines in one reply"),
+        ];
+        for (script, want) in &cases {
+            let events = check(&cfg(true, true), &[], script);
+            assert_eq!(
+                events,
+                [format!("close: protocol error: {want}")],
+                "{script}"
+            );
+        }
+        // Mid-message: the recipients are deferred, never delivered or failed.
+        let m = msg("m", Some("a@s.example"), &["u@example.org"], b"x\r\n");
+        let unexpected: Vec<(&str, &str)> = vec![
+            ("C: 354 go on", "unexpected reply code 354"),
+            (
+                "C: 250 Ok\nC: 250 Ok\nP: DATA\nC: 250 no 354",
+                "unexpected reply code 250",
+            ),
+            (
+                "C: 250 Ok\nC: 250 Ok\nP: DATA\nC: 354 go\nP: x\nP: .\nC: 354 again",
+                "unexpected reply code 354",
+            ),
+            (
+                "C: 250 Ok\nP: RCPT TO:<u@example.org>\nC: 2",
+                "malformed reply line",
+            ),
+        ];
+        for (tail, want) in unexpected {
+            let script = format!(
+                "C: 220 c
+                 P: EHLO provider.example
+                 C: 250 c
+                 P: MAIL FROM:<a@s.example>
+                 {}",
+                tail.replacen(
+                    "C: 250 Ok\nC: 250 Ok",
+                    "C: 250 Ok\nP: RCPT TO:<u@example.org>\nC: 250 Ok",
+                    1
+                )
+            );
+            let events = check(&cfg(false, false), std::slice::from_ref(&m), &script);
+            assert_eq!(
+                events,
+                [
+                    "m: defer451".to_string(),
+                    format!("close: protocol error: {want}")
+                ],
+                "{script}"
+            );
+        }
+    }
+
+    #[test]
+    fn abort_defers_everything_unanswered_and_is_idempotent() {
+        let m = msg(
+            "m",
+            Some("a@s.example"),
+            &["u@example.org", "v@example.org"],
+            b"x\r\n",
+        );
+        let mut p = Provider::new(cfg(true, true), &[m]);
+        p.feed(b"220 c\r\n250-c\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+        p.feed(b"250 Ok\r\n550 no\r\n250 Ok\r\n");
+        assert!(p.run.events.is_empty());
+        p.m.abort();
+        p.m.abort();
+        p.pump();
+        assert_eq!(
+            p.run.events,
+            ["m: fail550 defer451", "close: aborted by the driver"]
+        );
+        // The deferral names the connection, with an enhanced code.
+        let RcptOutcome::Deferred(r) = &p.run.outcomes[0].recipients[1].1 else {
+            panic!("deferred expected")
+        };
+        assert_eq!(r.status, Some(EnhancedStatus::new(4, 4, 2)));
+    }
+
+    #[test]
+    fn send_out_of_turn_is_reported_deferred() {
+        let m = msg("m", Some("a@s.example"), &["u@example.org"], b"x\r\n");
+        let mut r = Reversed::new(cfg(true, true));
+        r.send(m.out);
+        assert!(r.output().is_empty());
+        let Some(Action::Delivered(o)) = r.poll_action() else {
+            panic!("an outcome expected")
+        };
+        assert_eq!(describe(&o), "m: defer451");
+    }
+
+    #[test]
+    fn replies_parse_with_enhanced_codes_and_capabilities() {
+        let mut p = ReplyParser::new();
+        let wire = b"250-2.1.0 first\r\n250-second\r\n250 2.1.0 third\r\n";
+        let Parsed::Reply { reply, consumed } = p.parse(wire) else {
+            panic!("a reply")
+        };
+        assert_eq!(consumed, wire.len());
+        assert_eq!(reply.status, Some(EnhancedStatus::new(2, 1, 0)));
+        assert_eq!(reply.lines, ["first", "second", "third"]);
+        // A status whose class does not match the code is text.
+        let Parsed::Reply { reply, .. } = p.parse(b"550 2.0.0 odd\r\n") else {
+            panic!("a reply")
+        };
+        assert_eq!((reply.status, reply.lines[0].as_ref()), (None, "2.0.0 odd"));
+        let Parsed::Reply { reply, .. } = p.parse(b"250\r\n") else {
+            panic!("a reply")
+        };
+        assert_eq!((reply.code, reply.lines.len()), (250, 1));
+        let caps = Capabilities::parse(&Reply {
+            code: 250,
+            status: None,
+            lines: vec![
+                "c".into(),
+                "size 2048".into(),
+                "pipelining".into(),
+                "ENHANCEDSTATUSCODES".into(),
+                "BINARYMIME".into(),
+                "X-UNKNOWN".into(),
+                "".into(),
+            ],
+        });
+        assert!(caps.pipelining && caps.size && caps.enhanced_status_codes && caps.binary_mime);
+        assert_eq!(caps.size_limit, Some(2048));
+        assert!(!caps.dsn && !caps.chunking && !caps.starttls);
+    }
+
+    // ---- The pair: our provider client against our own inbound server, in memory. ----
+
+    /// Accepts example.org; `nobody@` 550, `later@` 450; other domains are relaying (550).
+    struct Dir;
+
+    impl Directory for Dir {
+        fn check_rcpt(&self, rcpt: &Mailbox, _size: Option<u64>) -> RcptVerdict {
+            match (rcpt.local.as_str(), rcpt.domain.as_str()) {
+                ("nobody", "example.org") => {
+                    RcptVerdict::Reject(Reply::with_status(550, (5, 1, 1), "No such user"))
+                }
+                ("later", "example.org") => {
+                    RcptVerdict::Reject(Reply::with_status(450, (4, 2, 0), "Try later"))
+                }
+                (_, "example.org") => RcptVerdict::Accept,
+                _ => RcptVerdict::Reject(Reply::with_status(550, (5, 7, 1), "Relay denied")),
+            }
+        }
+    }
+
+    /// How bytes travel between the two machines.
+    #[derive(Clone, Copy, Debug)]
+    enum Split {
+        Whole,
+        /// Every transfer split in two at this offset.
+        At(usize),
+        Bytes,
+    }
+
+    fn pieces(bytes: &[u8], split: Split) -> Vec<&[u8]> {
+        match split {
+            Split::Whole => vec![bytes],
+            Split::At(n) => {
+                let n = n.min(bytes.len());
+                vec![&bytes[..n], &bytes[n..]]
+            }
+            Split::Bytes => bytes.chunks(1).collect(),
+        }
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    struct PairRun {
+        provider: Run,
+        to_customer: Vec<u8>,
+        received: Vec<Incoming>,
+        customer_closed: bool,
+    }
+
+    fn pair(rcfg: &ReversedConfig, icfg: &InboundConfig, msgs: &[Msg], split: Split) -> PairRun {
+        let mut p = Provider::new(rcfg.clone(), msgs);
+        let mut c = Inbound::new(icfg.clone());
+        let mut cbuf: Vec<u8> = Vec::new();
+        let mut received = Vec::new();
+        let mut all_to_customer = Vec::new();
+        let mut customer_closed = false;
+        for _round in 0..10_000 {
+            // Customer -> provider.
+            let replies = std::mem::take(c.output());
+            for piece in pieces(&replies, split) {
+                p.feed(piece);
+            }
+            p.pump();
+            // Provider -> customer.
+            let cmds = std::mem::take(&mut p.wire);
+            all_to_customer.extend_from_slice(&cmds);
+            for piece in pieces(&cmds, split) {
+                if customer_closed {
+                    break;
+                }
+                cbuf.extend_from_slice(piece);
+                loop {
+                    let n = c.handle_input(&cbuf, &Dir);
+                    cbuf.drain(..n);
+                    let mut acted = false;
+                    while let Some(a) = c.poll_action() {
+                        acted = true;
+                        match a {
+                            inbound::Action::Deliver(incoming) => {
+                                received.push(incoming);
+                                c.stored(Ok(format!("Q{}", received.len())));
+                            }
+                            inbound::Action::StartTls => panic!("never asked for"),
+                            inbound::Action::Close => customer_closed = true,
+                        }
+                    }
+                    if !acted || cbuf.is_empty() || customer_closed {
+                        break;
+                    }
+                }
+            }
+            if replies.is_empty() && cmds.is_empty() {
+                break;
+            }
+        }
+        assert!(p.m.is_closed(), "provider finished: {:?}", p.run.events);
+        PairRun {
+            provider: p.run,
+            to_customer: all_to_customer,
+            received,
+            customer_closed,
+        }
+    }
+
+    fn pair_messages() -> Vec<Msg> {
+        let mut m1 = dsn_msg();
+        m1.out.id = "mixed".into();
+        m1.body =
+            b"Received: from x\r\nSubject: dots\r\n\r\n.\r\n..x\r\n.y\r\n\r\nend\r\n".to_vec();
+        m1.out.size = m1.body.len() as u64;
+        for r in [
+            "nobody@example.org",
+            "later@example.org",
+            "v@example.org",
+            "w@other.example",
+        ] {
+            m1.out.envelope.recipients.push(rcpt(r));
+        }
+        let refused = msg(
+            "refused",
+            Some("a@s.example"),
+            &["nobody@example.org"],
+            b"x\r\n",
+        );
+        let empty = msg("empty", None, &["u@example.org"], b"");
+        let mut eight = msg(
+            "8bit",
+            Some("a@s.example"),
+            &["u@example.org"],
+            b"caf\xc3\xa9\r\n",
+        );
+        eight.out.envelope.body = BodyType::EightBitMime;
+        let mut utf8 = msg(
+            "utf8",
+            Some("j\u{f6}rg@s.example"),
+            &["δ@example.org"],
+            b"x\r\n",
+        );
+        utf8.out.envelope.smtputf8 = true;
+        let big = msg(
+            "big",
+            Some("a@s.example"),
+            &["u@example.org"],
+            &[b'z'; 5000],
+        );
+        vec![m1, refused, empty, eight, utf8, big]
+    }
+
+    #[test]
+    fn pair_delivers_byte_identical_bodies_at_every_split() {
+        let msgs = pair_messages();
+        let combos = [
+            (cfg(true, true), true, true),
+            (cfg(true, true), true, false),
+            (cfg(true, true), false, true),
+            (cfg(true, true), false, false),
+            (cfg(false, false), true, true),
+        ];
+        for (rcfg, pipelining, chunking) in combos {
+            let icfg = InboundConfig {
+                max_message_size: 4096,
+                pipelining,
+                chunking,
+                ..InboundConfig::new("customer.example")
+            };
+            let run = pair(&rcfg, &icfg, &msgs, Split::Whole);
+            let label = format!("{rcfg:?} server pipelining {pipelining} chunking {chunking}");
+            assert_eq!(
+                run.provider.events,
+                [
+                    "mixed: ok fail550 defer450 ok fail550 +dsn",
+                    "refused: fail550 +dsn",
+                    "empty: ok +dsn",
+                    "8bit: ok +dsn",
+                    "utf8: ok +dsn",
+                    "big: fail552",
+                    "close: session done",
+                ],
+                "{label}"
+            );
+            assert!(run.customer_closed, "{label}");
+            // What the customer received is exactly what was stored, with the envelope kept.
+            let sent: Vec<&Msg> = msgs
+                .iter()
+                .filter(|m| m.out.id != "refused" && m.out.id != "big")
+                .collect();
+            assert_eq!(run.received.len(), sent.len(), "{label}");
+            for (got, want) in run.received.iter().zip(&sent) {
+                assert_eq!(got.body, want.body, "{label} {}", want.out.id);
+                let env = &want.out.envelope;
+                assert_eq!(got.envelope.sender, env.sender);
+                assert_eq!(got.envelope.smtputf8, env.smtputf8);
+                assert_eq!(got.envelope.ret, env.ret);
+                assert_eq!(got.envelope.envid, env.envid);
+                let accepted: Vec<&Recipient> = env
+                    .recipients
+                    .iter()
+                    .filter(|r| Dir.check_rcpt(&r.mailbox, None) == RcptVerdict::Accept)
+                    .collect();
+                let got_rcpts: Vec<&Recipient> = got.envelope.recipients.iter().collect();
+                assert_eq!(got_rcpts, accepted, "{label}");
+            }
+            let uses_bdat = rcfg.chunking && chunking;
+            let wire = String::from_utf8_lossy(&run.to_customer);
+            assert_eq!(wire.contains("BDAT "), uses_bdat, "{label}");
+            assert_eq!(wire.contains("\r\nDATA\r\n"), !uses_bdat, "{label}");
+            let cut_max = run.to_customer.len().min(400);
+            for cut in 0..=cut_max {
+                assert_eq!(
+                    pair(&rcfg, &icfg, &msgs, Split::At(cut)),
+                    run,
+                    "{label} cut {cut}"
+                );
+            }
+            assert_eq!(
+                pair(&rcfg, &icfg, &msgs, Split::Bytes),
+                run,
+                "{label} bytes"
+            );
+        }
+    }
+}
