@@ -22,7 +22,7 @@ use crate::runtime::limiter::Limiter;
 use crate::runtime::mesh::Mesh;
 use crate::runtime::IoKind;
 use crate::spool;
-use crate::types::{BodyType, DomainName, Mailbox, MessageId};
+use crate::types::{BodyType, DomainName, Envelope, Mailbox, MessageId};
 
 use super::hosted::{CounterTable, Hosted};
 
@@ -165,6 +165,8 @@ pub struct Core {
     pub hosted: RefCell<Arc<Hosted>>,
     /// This core's journal writer.
     pub journal: spool::JournalHandle,
+    /// Reads held messages (any core's journal) for reversals on this core.
+    pub reader: spool::Reader,
     /// Writers of journals this core adopted: directories of cores that no longer run (the
     /// server restarted with fewer cores). DONE/EXPIRE for their messages are appended there.
     adopted: HashMap<u16, spool::JournalHandle>,
@@ -194,8 +196,10 @@ impl Core {
         // Random start so ids stay unique across restarts even within one millisecond.
         let mut seed = [0u8; 8];
         let _ = getrandom::fill(&mut seed);
+        let reader = spool::Reader::new(shared.config.server.data_dir.clone(), shared.io);
         Rc::new(Core {
             index,
+            reader,
             shared,
             hosted: RefCell::new(hosted),
             journal,
@@ -280,25 +284,11 @@ impl Core {
         body.extend_from_slice(received.as_bytes());
         body.extend_from_slice(&incoming.body);
         drop(incoming.body);
-        let received_at = now.as_secs();
-        let env = &incoming.envelope;
-        let started = std::time::Instant::now();
-        let stored = self
-            .journal
-            .append_message(id, received_at, env, &body)
-            .await;
-        drop(body);
-        match stored {
-            Ok(location) => {
-                let mut m = self.metrics.borrow_mut();
-                m.message_held(location.body_len);
-                m.record_accept(started.elapsed());
-                drop(m);
-                for part in spool::HeldPart::for_message(id, received_at, env, location) {
-                    let shard = self.shard_of(&part.domain);
-                    self.shared.mesh.send(shard, MeshMsg::Held(part));
-                }
-                tracing::info!(%id, %peer, sender = ?incoming.envelope.sender.as_ref().map(|m| m.to_string()), rcpts = incoming.envelope.recipients.len(), "held");
+        match self.hold(id, now.as_secs(), &incoming.envelope, body).await {
+            Ok(()) => {
+                let sender = incoming.envelope.sender.as_ref().map(|m| m.to_string());
+                let rcpts = incoming.envelope.recipients.len();
+                tracing::info!(%id, %peer, ?sender, rcpts, "held");
                 Ok(id.to_string())
             }
             Err(e) => {
@@ -310,6 +300,48 @@ impl Core {
                 ))
             }
         }
+    }
+
+    /// Stores a message this server wrote itself (a delivery report) through the same durable
+    /// path as received mail. Parts for hosted domains wait for ATRN; the others form the
+    /// outbound queue (shown by `turnpike queue`) until the relay delivers them.
+    pub async fn store_generated(
+        &self,
+        envelope: &Envelope,
+        body: Vec<u8>,
+    ) -> Result<MessageId, spool::Error> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let id = self.new_id(now.as_millis() as u64);
+        self.hold(id, now.as_secs(), envelope, body).await?;
+        Ok(id)
+    }
+
+    /// Appends to this core's journal (group commit: returns after fdatasync) and indexes each
+    /// domain part on its shard core.
+    async fn hold(
+        &self,
+        id: MessageId,
+        received_at: u64,
+        env: &Envelope,
+        body: Vec<u8>,
+    ) -> Result<(), spool::Error> {
+        let started = std::time::Instant::now();
+        let location = self
+            .journal
+            .append_message(id, received_at, env, &body)
+            .await?;
+        drop(body);
+        let mut m = self.metrics.borrow_mut();
+        m.message_held(location.body_len);
+        m.record_accept(started.elapsed());
+        drop(m);
+        for part in spool::HeldPart::for_message(id, received_at, env, location) {
+            let shard = self.shard_of(&part.domain);
+            self.shared.mesh.send(shard, MeshMsg::Held(part));
+        }
+        Ok(())
     }
 
     /// Applies mesh messages for this core until shutdown.

@@ -4,10 +4,12 @@
 //! - [`atrn`]: the ATRN decision: authorisation, leases, "is there mail".
 //! - [`core`]: what one core owns (journal writer, index shard, hosted snapshot).
 //! - [`hosted`]: the hosted-domain snapshot and quota counters.
+//! - [`reversal`]: delivering held mail after ATRN.
 //! - [`mx`]: the MX session driver.
 
 pub mod atrn;
 pub mod core;
 pub mod hosted;
 pub mod mx;
+pub mod reversal;
 pub mod server;

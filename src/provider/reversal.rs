@@ -1,0 +1,425 @@
+//! The reversal (RFC 2645 §4, DESIGN.md "ATRN, step by step" 4-5): after its 250 to ATRN the
+//! provider is the SMTP client on the same connection and delivers everything held for the
+//! leased domains, driving the sans-IO [`Reversed`] machine.
+//!
+//! - Each message carries only the recipients of the leased domains, also when it was stored
+//!   once for several domains (another customer's recipients never leak).
+//! - Bodies stream from the journal file to the socket in chunks (through rustls when TLS is
+//!   on): raw after `BDAT <len> LAST`, or dot-stuffed on the fly after DATA's 354. A whole
+//!   message is never in memory.
+//! - Per domain part: every recipient 2xx -> DONE delivered; any 5xx and none deferred -> a
+//!   delivery report to the sender, DONE bounced; any 4xx -> the part stays held. Whatever is
+//!   not acknowledged when the connection drops stays held.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::metrics::DeliveryOutcome;
+use crate::proto::dsn::{self, DsnAction, Report, ReportRecipient};
+use crate::proto::reversed::{
+    Action, BodyFraming, CloseReason, MessageOutcome, Outgoing, RcptOutcome, Reversed,
+    ReversedConfig,
+};
+use crate::proto::stuff::DotStuffer;
+use crate::runtime::conn::Conn;
+use crate::spool::{self, Location, Outcome};
+use crate::types::{BodyType, DomainName, Envelope, MessageId, Recipient};
+
+use super::atrn::Leases;
+use super::core::{Core, MeshMsg};
+
+/// Body bytes read from the journal per chunk.
+const BODY_CHUNK: usize = 256 * 1024;
+
+/// RFC 5321 §4.5.3.2 client timeouts are minutes; the longest (end of data) bounds every
+/// read here.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One held message queued for this session, with its leased parts.
+struct Queued {
+    id: MessageId,
+    location: Location,
+    received_at: u64,
+    /// Leased domain -> recipients of that domain, in RCPT order.
+    parts: Vec<(DomainName, Vec<Recipient>)>,
+}
+
+/// What was sent for one message, to map the machine's per-recipient outcome back to parts.
+struct InFlight {
+    queued: Queued,
+    envelope: Envelope,
+    /// Envelope recipient index -> part index.
+    owner: Vec<usize>,
+    started: Instant,
+}
+
+/// Totals of one reversal, for the log line.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Messages whose every leased recipient was accepted.
+    pub delivered: u64,
+    /// Messages with at least one recipient deferred (still held).
+    pub deferred: u64,
+    /// Messages bounced (report queued to the sender).
+    pub bounced: u64,
+}
+
+/// Delivers the leased domains' mail over `conn`, then returns (leases are released by the
+/// caller dropping them).
+pub async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, leases: &Leases) -> Summary {
+    let mut queue = build_queue(leases);
+    let cfg = ReversedConfig {
+        hostname: core.shared.config.server.hostname.to_string(),
+        pipelining: true,
+        chunking: true,
+    };
+    let mut machine = Reversed::new(cfg);
+    let mut in_flight: HashMap<String, InFlight> = HashMap::new();
+    let mut summary = Summary::default();
+    let mut input = Vec::with_capacity(16 * 1024);
+    let mut pos = 0;
+    let mut next_tag = 0u64;
+    loop {
+        pos += machine.handle_input(&input[pos..]);
+        while let Some(action) = machine.poll_action() {
+            match action {
+                Action::NeedMessage => match queue.pop_front() {
+                    Some(q) => match prepare(core, q, next_tag).await {
+                        Ok((outgoing, flight)) => {
+                            next_tag += 1;
+                            in_flight.insert(outgoing.id.clone(), flight);
+                            machine.send(outgoing);
+                        }
+                        Err(e) => {
+                            // Unreadable record: keep it held, tell the operator, move on.
+                            tracing::error!(%peer, error = %e, "cannot read a held message; it stays held");
+                            machine.no_more();
+                        }
+                    },
+                    None => machine.no_more(),
+                },
+                Action::SendBody { id, framing } => {
+                    if flush(conn, &mut machine).await.is_err() {
+                        machine.abort();
+                        continue;
+                    }
+                    let Some(flight) = in_flight.get(&id) else {
+                        machine.abort();
+                        continue;
+                    };
+                    match send_body(core, conn, &flight.queued.location, framing).await {
+                        Ok(()) => machine.body_sent(),
+                        Err(e) => {
+                            tracing::warn!(%peer, id = %flight.queued.id, error = %e, "body transfer failed; message stays held");
+                            machine.abort();
+                        }
+                    }
+                }
+                Action::Delivered(outcome) => {
+                    if let Some(flight) = in_flight.remove(&outcome.id) {
+                        settle(core, flight, outcome, &mut summary).await;
+                    }
+                }
+                Action::Close(reason) => {
+                    let _ = flush(conn, &mut machine).await;
+                    match reason {
+                        CloseReason::Done => {
+                            tracing::info!(%peer, delivered = summary.delivered, deferred = summary.deferred, bounced = summary.bounced, "reversal finished");
+                        }
+                        other => {
+                            tracing::info!(%peer, reason = %other, delivered = summary.delivered, "reversal ended early; undelivered mail stays held");
+                        }
+                    }
+                    return summary;
+                }
+            }
+        }
+        if pos > 0 && pos == input.len() {
+            input.clear();
+            pos = 0;
+        }
+        if flush(conn, &mut machine).await.is_err() {
+            machine.abort();
+            continue;
+        }
+        match tokio::time::timeout(REPLY_TIMEOUT, conn.read_append(&mut input, 16 * 1024)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => machine.abort(),
+        }
+    }
+}
+
+/// The session's work list: one entry per held message (merged across leased domains), oldest
+/// first.
+fn build_queue(leases: &Leases) -> VecDeque<Queued> {
+    let mut by_id: BTreeMap<(u64, MessageId), Queued> = BTreeMap::new();
+    for (domain, parts) in &leases.parts {
+        for part in parts {
+            if part.expired {
+                continue; // waiting for its bounce, no longer deliverable
+            }
+            let entry = by_id
+                .entry((part.received_at, part.id))
+                .or_insert_with(|| Queued {
+                    id: part.id,
+                    location: part.location,
+                    received_at: part.received_at,
+                    parts: Vec::new(),
+                });
+            entry.parts.push((domain.clone(), part.recipients.clone()));
+        }
+    }
+    by_id.into_values().collect()
+}
+
+/// Reads the stored envelope and builds what the machine sends: only the leased recipients.
+async fn prepare(core: &Core, q: Queued, tag: u64) -> Result<(Outgoing, InFlight), spool::Error> {
+    let meta = core.reader.read_message(&q.location).await?;
+    let mut envelope = meta.envelope;
+    let mut recipients = Vec::new();
+    let mut owner = Vec::new();
+    for (i, (_, rcpts)) in q.parts.iter().enumerate() {
+        for r in rcpts {
+            recipients.push(r.clone());
+            owner.push(i);
+        }
+    }
+    envelope.recipients = recipients;
+    let utf8_addresses = envelope.sender.as_ref().is_some_and(|m| m.is_utf8())
+        || envelope.recipients.iter().any(|r| r.mailbox.is_utf8());
+    let outgoing = Outgoing {
+        id: tag.to_string(),
+        envelope: envelope.clone(),
+        size: q.location.body_len,
+        eight_bit: envelope.body != BodyType::SevenBit,
+        utf8_addresses,
+    };
+    Ok((
+        outgoing,
+        InFlight {
+            queued: q,
+            envelope,
+            owner,
+            started: Instant::now(),
+        },
+    ))
+}
+
+/// Streams one body from the journal: raw for BDAT, dot-stuffed with its terminator for DATA.
+async fn send_body(
+    core: &Core,
+    conn: &mut Conn,
+    location: &Location,
+    framing: BodyFraming,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut stream = core.reader.body_stream(*location, BODY_CHUNK);
+    let mut stuffer = DotStuffer::new();
+    let mut chunk = Vec::with_capacity(BODY_CHUNK);
+    let mut wire = Vec::with_capacity(BODY_CHUNK + BODY_CHUNK / 8);
+    while let Some(buf) = stream.next_chunk(std::mem::take(&mut chunk)).await? {
+        let out = match framing {
+            BodyFraming::Bdat => buf,
+            BodyFraming::Data => {
+                wire.clear();
+                stuffer.push(&buf, &mut wire);
+                chunk = buf;
+                std::mem::take(&mut wire)
+            }
+        };
+        let (r, out) = conn.write_owned(out).await;
+        r?;
+        match framing {
+            BodyFraming::Bdat => chunk = out,
+            BodyFraming::Data => wire = out,
+        }
+        chunk.clear();
+    }
+    if let BodyFraming::Data = framing {
+        wire.clear();
+        stuffer.finish(&mut wire);
+        let (r, _) = conn.write_owned(wire).await;
+        r?;
+    }
+    Ok(())
+}
+
+/// Applies one message's per-recipient outcome to its parts.
+async fn settle(core: &Core, flight: InFlight, outcome: MessageOutcome, summary: &mut Summary) {
+    let parts = &flight.queued.parts;
+    let mut results: Vec<Vec<&RcptOutcome>> = vec![Vec::new(); parts.len()];
+    for (i, o) in &outcome.recipients {
+        if let Some(part) = flight.owner.get(*i) {
+            results[*part].push(o);
+        }
+    }
+    let id = flight.queued.id;
+    let mut failed: Vec<(usize, &crate::proto::reply::Reply)> = Vec::new();
+    let (mut any_deferred, mut any_failed) = (false, false);
+    for (part_index, (domain, _)) in parts.iter().enumerate() {
+        let rs = &results[part_index];
+        let deferred = rs.iter().any(|o| matches!(o, RcptOutcome::Deferred(_)))
+            || rs.len() < parts[part_index].1.len();
+        let part_failed = rs.iter().any(|o| matches!(o, RcptOutcome::Failed(_)));
+        if deferred {
+            any_deferred = true;
+            if rs.iter().any(|o| matches!(o, RcptOutcome::Delivered)) {
+                // The journal tracks parts, not single recipients: the accepted ones will be
+                // offered again with the deferred ones next time.
+                tracing::warn!(%id, %domain, "part partly deferred; accepted recipients may see it twice");
+            }
+            core.shared.mesh.send(
+                core.shard_of(domain),
+                MeshMsg::Deferred {
+                    domain: domain.clone(),
+                },
+            );
+            continue;
+        }
+        let done = if part_failed {
+            Outcome::Bounced
+        } else {
+            Outcome::Delivered
+        };
+        any_failed |= part_failed;
+        core.shared.mesh.send(
+            core.writer_of(id),
+            MeshMsg::Done {
+                id,
+                domain: domain.clone(),
+                outcome: done,
+            },
+        );
+    }
+    for (i, o) in &outcome.recipients {
+        if let RcptOutcome::Failed(reply) = o {
+            let part = flight.owner.get(*i).copied().unwrap_or(0);
+            let part_deferred = results[part]
+                .iter()
+                .any(|o| matches!(o, RcptOutcome::Deferred(_)));
+            if !part_deferred {
+                failed.push((*i, reply));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bounce(core, &flight, &failed).await;
+    }
+    let elapsed = flight.started.elapsed();
+    let result = if any_deferred {
+        summary.deferred += 1;
+        DeliveryOutcome::Deferred
+    } else if any_failed {
+        summary.bounced += 1;
+        DeliveryOutcome::Bounced
+    } else {
+        summary.delivered += 1;
+        DeliveryOutcome::Delivered
+    };
+    core.metrics.borrow_mut().record_delivery(result, elapsed);
+    tracing::debug!(%id, ?result, "reversal outcome");
+}
+
+/// Queues an RFC 3464 failure report to the sender for the refused recipients.
+async fn bounce(core: &Core, flight: &InFlight, failed: &[(usize, &crate::proto::reply::Reply)]) {
+    let env = &flight.envelope;
+    let Some(sender) = env.sender.as_ref() else {
+        tracing::info!(id = %flight.queued.id, "refused mail from the null sender: no report (never bounce a bounce)");
+        return;
+    };
+    let ret = dsn::default_ret(env.ret);
+    let original = match read_for_report(core, &flight.queued.location, ret).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(id = %flight.queued.id, error = %e, "cannot read the original for its report");
+            Vec::new()
+        }
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let hostname = core.shared.config.server.hostname.to_string();
+    let recipients = failed
+        .iter()
+        .filter_map(|(i, reply)| {
+            let r = env.recipients.get(*i)?;
+            Some(ReportRecipient {
+                final_recipient: &r.mailbox,
+                original_recipient: r.orcpt.as_deref(),
+                action: DsnAction::Failed,
+                status: reply
+                    .status
+                    .unwrap_or(crate::proto::reply::EnhancedStatus::new(5, 0, 0)),
+                diagnostic: Some(format!("{} {}", reply.code, reply.lines.join(" "))),
+                remote_mta: None,
+            })
+        })
+        .collect();
+    let report = Report {
+        reporting_mta: &hostname,
+        arrival_unix: flight.queued.received_at,
+        now_unix: now.as_secs(),
+        envid: env.envid.as_deref(),
+        original_sender: Some(sender),
+        recipients,
+        ret,
+        original: &original,
+        boundary_seed: now.as_nanos() as u64 ^ flight.queued.id.0 as u64,
+    };
+    let Some(body) = dsn::build(&report) else {
+        return;
+    };
+    let report_env = Envelope {
+        sender: None,
+        body: if dsn::is_eight_bit(&body) {
+            BodyType::EightBitMime
+        } else {
+            BodyType::SevenBit
+        },
+        smtputf8: sender.is_utf8(),
+        recipients: vec![Recipient {
+            mailbox: sender.clone(),
+            notify: None,
+            orcpt: None,
+        }],
+        ..Envelope::default()
+    };
+    match core.store_generated(&report_env, body).await {
+        Ok(report_id) => {
+            tracing::info!(id = %flight.queued.id, report = %report_id, to = %sender, "delivery report queued")
+        }
+        Err(e) => {
+            tracing::error!(id = %flight.queued.id, error = %e, "could not queue the delivery report")
+        }
+    }
+}
+
+/// The part of the original a report returns: headers only for RET=HDRS (read just enough),
+/// the whole message for RET=FULL.
+async fn read_for_report(
+    core: &Core,
+    loc: &Location,
+    ret: crate::types::Ret,
+) -> Result<Vec<u8>, spool::Error> {
+    if ret == crate::types::Ret::Full {
+        return core.reader.read_body(loc).await;
+    }
+    let n = loc.body_len.min(256 * 1024) as usize;
+    let head = core.reader.read_body_range(loc, 0, n, Vec::new()).await?;
+    let end = memchr::memmem::find(&head, b"\r\n\r\n")
+        .map(|i| i + 4)
+        .unwrap_or(head.len());
+    Ok(head[..end].to_vec())
+}
+
+async fn flush(conn: &mut Conn, machine: &mut Reversed) -> std::io::Result<()> {
+    if machine.output().is_empty() {
+        return Ok(());
+    }
+    let out = std::mem::take(machine.output());
+    let (r, mut out) = conn.write_owned(out).await;
+    out.clear();
+    *machine.output() = out;
+    r
+}
