@@ -1,4 +1,5 @@
-//! The inbound SMTP server state machine (the provider as MX): RFC 5321 with PIPELINING
+//! The inbound SMTP server state machine: the provider as MX ([`Mode::Mx`]), and the provider's
+//! ODMR listener up to the turnaround ([`Mode::Odmr`], RFC 2645 §5). RFC 5321 with PIPELINING
 //! (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES
 //! (RFC 2034), CHUNKING (RFC 3030), STARTTLS (RFC 3207) and DSN parameters (RFC 3461).
 //!
@@ -24,6 +25,27 @@
 //!      then call [`Inbound::tls_started`].
 //!    - [`Action::Close`]: flush the output and close the connection.
 //! 4. On an idle timeout, call [`Inbound::timed_out`] and go to step 1; it queues a Close.
+//!
+//! In ODMR mode ([`Inbound::new_odmr`]) the driver also:
+//!
+//! - passes a [`SessionContext`] (random bytes, Unix time) at construction and calls
+//!   [`Inbound::set_context`] after [`Inbound::tls_started`] with the RFC 9266 exporter bytes
+//!   and the client certificate identity;
+//! - calls [`Inbound::handle_odmr_input`] (it takes the [`Credentials`] AUTH verifies against)
+//!   instead of `handle_input`;
+//! - after the actions, calls [`Inbound::poll_event`]. At most one [`OdmrEvent`] is pending
+//!   and, like an action, it stops the machine until answered:
+//!   - [`OdmrEvent::AuthSucceeded`] / [`OdmrEvent::AuthFailed`]: the credentials have been
+//!     checked but nothing is answered yet. Ask the per-core [`crate::proto::throttle`]
+//!     (`check` with the account), then record the success or failure there, sleep the
+//!     [`Delay`](crate::proto::throttle::Verdict::Delay) if any, and call
+//!     [`Inbound::auth_checked`] with the refusal (or `None`). So a locked account gets
+//!     `454` even with the right password, and guessing learns nothing.
+//!   - [`OdmrEvent::Atrn`]: check authorization, scan the queue, take the domain leases, then
+//!     call [`Inbound::atrn_decided`].
+//!   - [`OdmrEvent::Reverse`]: flush the output (it ends with the `250`), then run the
+//!     reversed session on the same connection, TLS kept. Read the customer's greeting only
+//!     after that flush; the inbound machine is done.
 //!
 //! After any action, go back to step 1 and then call `handle_input` with the bytes still
 //! buffered, even if no new ones arrived.
@@ -54,6 +76,28 @@
 //! any state --- QUIT, error or progress limit, sync violation, timed_out() ---> Closed
 //! ```
 //!
+//! In ODMR mode the mail states are unreachable for now (MAIL, RCPT, DATA and BDAT are
+//! refused); RFC 2645's Initial, Authenticated and Reversed states are:
+//!
+//! ```text
+//!  Initial (session.account = None)              Authenticated (account = Some)
+//! +-----------+ EHLO  +-----------+  AUTH   +----------------+  334 / line   (loops)
+//! | AwaitHelo | ----> | AwaitMail | ------> | Authenticating | <------------+
+//! +-----------+       +-----------+         +----------------+ -------------+
+//!                       ^  ^    ^  SCRAM v=    |          | success / 535
+//!                       |  |    |  (334) +--------------+ |
+//!                       |  |    |        | AwaitAuthAck | | empty line
+//!                       |  |    |        +--------------+ v
+//!                       |  |    +--- auth_checked() -- AwaitAuthCheck  (AuthSucceeded /
+//!                       |  |         235, 535, 454                       AuthFailed event)
+//!                       |  |  ATRN (authenticated, nothing pipelined)
+//!                       |  +--- 450/451/453 ---+
+//!                       |                      v
+//!                       |               +-----------+ atrn_decided(Accepted): 250
+//!                       +-------------- | AwaitAtrn | ------------------------------> Reversed
+//!                                       +-----------+  (Reverse event; machine done)
+//! ```
+//!
 //! # Policy decisions (each has a test)
 //!
 //! - Sequencing errors are `503 5.5.1` (MAIL before EHLO/HELO, nested MAIL, RCPT before MAIL,
@@ -81,7 +125,28 @@
 //! - BDAT without CHUNKING (or before EHLO) is refused, but its chunk is still read and
 //!   discarded so that the chunk bytes are never parsed as commands. Replies to a BDAT always
 //!   come after its chunk has been read (RFC 3030 §2).
-//! - AUTH, ATRN and ETRN are `502 5.5.1` in MX mode (the ODMR mode will implement them).
+//! - AUTH, ATRN and ETRN are `502 5.5.1` in MX mode.
+//!
+//! ODMR mode (RFC 2645 §5, RFC 4954; codes as in PROTOCOL.md §1):
+//!
+//! - EHLO lists PIPELINING (if configured), ENHANCEDSTATUSCODES, `AUTH` with the configured
+//!   mechanisms usable now ([`Mechanism::check`]: PLAIN, LOGIN and CRAM-MD5 only under TLS
+//!   unless `allow_plaintext_auth`; -PLUS only with exporter bytes; EXTERNAL only with a
+//!   client certificate), `ATRN`, and STARTTLS before TLS. No SIZE: no mail is taken yet.
+//! - AUTH before EHLO, after a success, or inside a transaction: `503 5.5.1`. A mechanism not
+//!   configured: `504 5.5.4`; configured but needing TLS: `538 5.7.11`. The exchange's own
+//!   replies are those of [`crate::proto::sasl`]. `235 2.7.0` only after the throttle agreed.
+//! - Every `535` and every account refusal counts as an authentication failure; reaching
+//!   `max_auth_failures` sends `421 4.7.0` and closes. A throttle refusal of the address
+//!   sends `421 4.7.0` and closes at once.
+//! - STARTTLS forgets the login (RFC 3207 §4.2) like everything else learnt before it.
+//! - ATRN: input pipelined behind it (in the same input, or presented while the decision is
+//!   pending) is `554 5.5.0` and Close, checked first (turnaround injection, PROTOCOL.md
+//!   §3.4); inside a transaction `503 5.5.1`; not authenticated `530 5.7.0`; bad syntax
+//!   `501 5.5.4`; otherwise the [`AtrnDecision`] picks 250/450/451/453.
+//! - HELO, VRFY, ETRN, EXPN: `502 5.5.1`. MAIL, RCPT, DATA, BDAT: `502 5.5.1` "Mail is not
+//!   accepted on the ODMR port before ATRN" (BDAT's chunk is still consumed). QUIT, NOOP,
+//!   RSET, HELP and STARTTLS work as in MX mode.
 
 use std::collections::VecDeque;
 use std::mem;
@@ -90,8 +155,10 @@ use crate::proto::command::{Command, MailParams};
 use crate::proto::data::{ChunkAccumulator, DataOutcome, DataScanner, Progress};
 use crate::proto::frame::{Frame, FrameError, Framer};
 use crate::proto::reply::{self, Reply};
+use crate::proto::sasl::{self, Credentials, Mechanism, SaslContext, SaslExchange, SaslStep};
+use crate::proto::throttle::Refusal;
 use crate::proto::trace::Protocol;
-use crate::types::{BodyType, Envelope, Mailbox, Notify, Recipient};
+use crate::types::{BodyType, DomainName, Envelope, Mailbox, Notify, Recipient};
 
 /// Limits and offered extensions of an inbound listener.
 #[derive(Clone, Debug)]
@@ -184,19 +251,156 @@ pub struct Incoming {
     pub protocol: &'static str,
 }
 
-/// Which service the machine provides. Only the MX service exists so far; the ODMR listener
-/// will add a mode in which AUTH and ATRN are implemented, dispatched in `Inbound::command`.
+/// Which service the machine provides; chosen by the constructor ([`Inbound::new`] or
+/// [`Inbound::new_odmr`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
+#[non_exhaustive]
+pub enum Mode {
+    /// The MX: takes mail for hosted domains. AUTH, ATRN and ETRN are `502`.
     Mx,
+    /// The provider's ODMR listener (RFC 2645 §5): EHLO, AUTH, ATRN, QUIT.
+    Odmr,
 }
 
-/// What the session learnt from EHLO/HELO and TLS; forgotten on STARTTLS (RFC 3207 §4.2).
+/// Settings of the ODMR mode that the MX does not have.
+#[derive(Clone)]
+pub struct OdmrConfig {
+    /// The SASL mechanisms offered, in EHLO order (each only when usable in the session:
+    /// see [`Mechanism::check`]).
+    pub auth_mechanisms: Vec<Mechanism>,
+    /// Allow PLAIN, LOGIN and CRAM-MD5 without TLS (RFC 4954 §4 wants this configurable).
+    pub allow_plaintext_auth: bool,
+    /// Failed authentications per session; reaching it sends `421 4.7.0` and closes.
+    pub max_auth_failures: u32,
+    /// A stable server secret from which unknown users' fake SCRAM salts are derived.
+    pub auth_secret: [u8; 32],
+    /// The iteration count shown to unknown SCRAM users (the store's default).
+    pub scram_iterations: u32,
+}
+
+impl OdmrConfig {
+    /// Every mechanism offered, plaintext ones only under TLS, 3 failures per session,
+    /// 4096 SCRAM iterations.
+    pub fn new(auth_secret: [u8; 32]) -> Self {
+        OdmrConfig {
+            auth_mechanisms: Mechanism::ALL.to_vec(),
+            allow_plaintext_auth: false,
+            max_auth_failures: 3,
+            auth_secret,
+            scram_iterations: 4096,
+        }
+    }
+}
+
+impl std::fmt::Debug for OdmrConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OdmrConfig")
+            .field("auth_mechanisms", &self.auth_mechanisms)
+            .field("allow_plaintext_auth", &self.allow_plaintext_auth)
+            .field("max_auth_failures", &self.max_auth_failures)
+            .field("scram_iterations", &self.scram_iterations)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the driver knows about the connection that the machine cannot compute: randomness,
+/// time and TLS facts. Set at connection start and again after every TLS handshake.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionContext {
+    /// Fresh random bytes for this connection. Each AUTH attempt derives its own nonce and
+    /// challenge from them (`SHA-256(random || attempt number)`).
+    pub random: [u8; 32],
+    /// Seconds since the Unix epoch (the CRAM-MD5 challenge).
+    pub unix_time: u64,
+    /// RFC 9266 `tls-exporter` bytes (TLS 1.3 only); enables SCRAM-SHA-256-PLUS.
+    pub tls_exporter: Option<[u8; 32]>,
+    /// The verified TLS client certificate's identity; enables EXTERNAL.
+    pub peer_identity: Option<String>,
+}
+
+/// A decision the ODMR driver must take; see the module-level contract.
+#[must_use]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OdmrEvent {
+    /// Credentials verified. Ask the failed-login throttle, then call
+    /// [`Inbound::auth_checked`]; `235` is only sent then.
+    AuthSucceeded {
+        /// The authenticated account.
+        account: String,
+    },
+    /// Credentials failed (the `535` is not sent yet). Record the failure in the throttle,
+    /// wait for its delay, then call [`Inbound::auth_checked`].
+    AuthFailed {
+        /// The identity the client claimed, if it got that far.
+        account: Option<String>,
+    },
+    /// Decide the ATRN (authorization, queue scan, domain lease; RFC 2645 §5.2.1), then call
+    /// [`Inbound::atrn_decided`]. The customer waits at least 10 minutes for the answer.
+    Atrn {
+        /// The authenticated account.
+        account: String,
+        /// The requested domains; empty for a bare ATRN (every domain of the account).
+        domains: Vec<DomainName>,
+    },
+    /// The `250` to ATRN is in the output: flush it, then run the reversed session on this
+    /// connection (TLS state kept). This machine is done and consumes nothing more.
+    Reverse,
+}
+
+/// The provider's answer to [`OdmrEvent::Atrn`] (RFC 2645 §5.2.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AtrnDecision {
+    /// At least one domain has mail and its lease is held: `250 2.0.0`, then reverse.
+    Accepted,
+    /// These requested domains are not the account's: `450 4.7.1`, nothing is sent.
+    NotAuthorized(Vec<DomainName>),
+    /// Authorized, nothing queued: `453 4.3.0`.
+    NoMail,
+    /// Another session holds this domain: `451 4.3.0`.
+    Busy(DomainName),
+    /// Too many requests: `450 4.7.0`.
+    RateLimited,
+    /// The mapping or the queue cannot be checked now: `451 4.3.0`.
+    Unavailable,
+}
+
+impl AtrnDecision {
+    /// The reply this decision sends.
+    pub fn reply(&self) -> Reply {
+        match self {
+            AtrnDecision::Accepted => Reply::with_status(250, (2, 0, 0), "OK, turning around"),
+            AtrnDecision::NotAuthorized(domains) => {
+                let list: Vec<&str> = domains.iter().map(DomainName::as_str).collect();
+                let text = format!("Not authorized for {}", list.join(","));
+                Reply::with_status(450, (4, 7, 1), text)
+            }
+            AtrnDecision::NoMail => Reply::with_status(453, (4, 3, 0), "You have no mail"),
+            AtrnDecision::Busy(d) => Reply::with_status(
+                451,
+                (4, 3, 0),
+                format!("{d} is being served by another session", d = d.as_str()),
+            ),
+            AtrnDecision::RateLimited => {
+                Reply::with_status(450, (4, 7, 0), "ATRN requested too often, try later")
+            }
+            AtrnDecision::Unavailable => {
+                Reply::with_status(451, (4, 3, 0), "Unable to process ATRN request now")
+            }
+        }
+    }
+}
+
+/// What the session learnt from EHLO/HELO, TLS and AUTH; forgotten on STARTTLS (RFC 3207
+/// §4.2).
 #[derive(Clone, Debug, Default)]
 struct Session {
     helo: Option<String>,
     esmtp: bool,
     tls: bool,
+    /// Set once `235` has been sent (RFC 2645 §5.1: authenticated only then).
+    account: Option<String>,
 }
 
 /// One mail transaction, from MAIL to the end of the message.
@@ -229,6 +433,22 @@ enum Phase {
     },
     AwaitStored,
     AwaitTls,
+    /// Reading SASL response lines.
+    Authenticating(Box<SaslExchange>),
+    /// SCRAM's server-final was sent as a 334; reading the client's empty line.
+    AwaitAuthAck {
+        account: String,
+    },
+    /// [`OdmrEvent::AuthSucceeded`] or [`OdmrEvent::AuthFailed`] is out.
+    AwaitAuthCheck {
+        account: Option<String>,
+        success: bool,
+    },
+    /// [`OdmrEvent::Atrn`] is out. `early` records input presented meanwhile.
+    AwaitAtrn {
+        early: bool,
+    },
+    Reversed,
     Closed,
 }
 
@@ -236,7 +456,9 @@ enum Phase {
 #[derive(Debug)]
 pub struct Inbound {
     cfg: InboundConfig,
-    mode: Mode,
+    /// Set in ODMR mode.
+    odmr: Option<Box<OdmrConfig>>,
+    context: SessionContext,
     phase: Phase,
     session: Session,
     framer: Framer,
@@ -246,6 +468,12 @@ pub struct Inbound {
     errors: u32,
     /// Command lines since the last progress.
     idle: u32,
+    /// The pending ODMR decision, if any.
+    event: Option<OdmrEvent>,
+    /// AUTH commands seen (each derives its own random bytes).
+    auth_attempts: u32,
+    /// Failed authentications in this session.
+    auth_failures: u32,
 }
 
 impl Inbound {
@@ -258,26 +486,78 @@ impl Inbound {
                 ..Session::default()
             },
             cfg,
-            mode: Mode::Mx,
+            odmr: None,
+            context: SessionContext::default(),
             phase: Phase::AwaitHelo,
             out: Vec::with_capacity(512),
             actions: VecDeque::new(),
             errors: 0,
             idle: 0,
+            event: None,
+            auth_attempts: 0,
+            auth_failures: 0,
         };
         reply::greeting(&m.cfg.hostname).write_to(&mut m.out);
         m
     }
 
+    /// A machine for a new connection of the provider's ODMR listener (RFC 2645 §5), with
+    /// the driver's [`SessionContext`]; the 220 greeting is already in the output.
+    pub fn new_odmr(cfg: InboundConfig, odmr: OdmrConfig, context: SessionContext) -> Self {
+        let mut m = Inbound::new(cfg);
+        m.odmr = Some(Box::new(odmr));
+        m.context = context;
+        m
+    }
+
+    /// The service this machine provides.
+    pub fn mode(&self) -> Mode {
+        match self.odmr {
+            Some(_) => Mode::Odmr,
+            None => Mode::Mx,
+        }
+    }
+
+    /// Replaces the session context: after [`Inbound::tls_started`] (exporter bytes, client
+    /// certificate), or to refresh the time.
+    pub fn set_context(&mut self, context: SessionContext) {
+        self.context = context;
+    }
+
+    /// The authenticated account (ODMR mode, once `235` has been sent).
+    pub fn account(&self) -> Option<&str> {
+        self.session.account.as_deref()
+    }
+
     /// Consumes input and returns how many bytes were used. Stops early, leaving the rest for
     /// a later call, when it must wait for the driver (an action is pending) or needs more
-    /// bytes to complete a line.
+    /// bytes to complete a line. In ODMR mode, use [`Inbound::handle_odmr_input`]; here every
+    /// credential check fails.
     pub fn handle_input(&mut self, input: &[u8], dir: &dyn Directory) -> usize {
+        self.handle_odmr_input(input, dir, &NoCredentials)
+    }
+
+    /// [`Inbound::handle_input`] with the account store that AUTH verifies against.
+    pub fn handle_odmr_input(
+        &mut self,
+        input: &[u8],
+        dir: &dyn Directory,
+        creds: &dyn Credentials,
+    ) -> usize {
         let mut pos = 0;
-        while pos < input.len() && self.actions.is_empty() {
+        while pos < input.len() && self.actions.is_empty() && self.event.is_none() {
             let rest = &input[pos..];
             match &mut self.phase {
-                Phase::AwaitStored | Phase::AwaitTls | Phase::Closed => break,
+                Phase::AwaitStored
+                | Phase::AwaitTls
+                | Phase::AwaitAuthCheck { .. }
+                | Phase::Reversed
+                | Phase::Closed => break,
+                Phase::AwaitAtrn { early } => {
+                    // The customer must wait for the ATRN reply (RFC 2920 §3.1, RFC 2645).
+                    *early = true;
+                    break;
+                }
                 Phase::ReadingData { txn, scanner } => match scanner.feed(rest, &mut txn.body) {
                     Progress::NeedMore => pos = input.len(),
                     Progress::Finished { consumed } => {
@@ -305,20 +585,29 @@ impl Inbound {
                         self.end_of_chunk();
                     }
                 }
-                Phase::AwaitHelo | Phase::AwaitMail | Phase::AwaitRcpt(_) => {
-                    match self.framer.next_line(rest) {
-                        Frame::Incomplete => break,
-                        Frame::Skipped { consumed } => pos += consumed,
-                        Frame::Invalid { error, consumed } => {
-                            pos += consumed;
-                            self.frame_error(error);
-                        }
-                        Frame::Line { line, consumed } => {
-                            pos += consumed;
-                            self.command(line, pos < input.len(), dir);
+                Phase::AwaitHelo
+                | Phase::AwaitMail
+                | Phase::AwaitRcpt(_)
+                | Phase::Authenticating(_)
+                | Phase::AwaitAuthAck { .. } => match self.framer.next_line(rest) {
+                    Frame::Incomplete => break,
+                    Frame::Skipped { consumed } => pos += consumed,
+                    Frame::Invalid { error, consumed } => {
+                        pos += consumed;
+                        self.frame_error(error);
+                    }
+                    Frame::Line { line, consumed } => {
+                        pos += consumed;
+                        if matches!(
+                            self.phase,
+                            Phase::Authenticating(_) | Phase::AwaitAuthAck { .. }
+                        ) {
+                            self.auth_line(line, creds);
+                        } else {
+                            self.command(line, pos < input.len(), dir, creds);
                         }
                     }
-                }
+                },
             }
         }
         pos
@@ -328,6 +617,77 @@ impl Inbound {
     #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// The pending ODMR decision, if any. At most one is pending, and the machine consumes no
+    /// input until it is answered.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<OdmrEvent> {
+        self.event.take()
+    }
+
+    /// Answers [`OdmrEvent::AuthSucceeded`] or [`OdmrEvent::AuthFailed`] with the throttle's
+    /// refusal, if any. `None`: `235 2.7.0` or `535 5.7.8` as verified. `Some(Account)`: `454
+    /// 4.7.0` whatever the credentials were. `Some(Ip)`: `421 4.7.0` and Close. Ignored when
+    /// no such event is pending.
+    pub fn auth_checked(&mut self, refusal: Option<Refusal>) {
+        let Phase::AwaitAuthCheck { account, success } =
+            mem::replace(&mut self.phase, Phase::AwaitMail)
+        else {
+            return;
+        };
+        match refusal {
+            Some(r) if r.closes() => {
+                self.reply(r.reply(&self.cfg.hostname));
+                return self.close();
+            }
+            Some(r) => {
+                self.auth_failures = self.auth_failures.saturating_add(1);
+                self.reply(r.reply(&self.cfg.hostname));
+            }
+            None if success => {
+                self.session.account = account;
+                self.idle = 0;
+                self.reply(Reply::with_status(
+                    235,
+                    (2, 7, 0),
+                    "Authentication successful",
+                ));
+            }
+            None => {
+                self.auth_failures = self.auth_failures.saturating_add(1);
+                self.reply(sasl::bad_credentials());
+            }
+        }
+        let max = self.odmr.as_ref().map_or(u32::MAX, |o| o.max_auth_failures);
+        if self.auth_failures >= max && self.session.account.is_none() {
+            let why = "Too many authentication failures";
+            reply::shutting_down(&self.cfg.hostname, why).write_to(&mut self.out);
+            return self.close();
+        }
+        self.check_limits();
+    }
+
+    /// Answers [`OdmrEvent::Atrn`]. Ignored when no ATRN is pending.
+    pub fn atrn_decided(&mut self, decision: AtrnDecision) {
+        let Phase::AwaitAtrn { early } = mem::replace(&mut self.phase, Phase::AwaitMail) else {
+            return;
+        };
+        if early {
+            return self.atrn_pipelined();
+        }
+        self.reply(decision.reply());
+        if decision == AtrnDecision::Accepted {
+            self.phase = Phase::Reversed;
+            self.event = Some(OdmrEvent::Reverse);
+            return;
+        }
+        self.check_limits();
+    }
+
+    /// True once ATRN was accepted: the connection now belongs to the reversed session.
+    pub fn is_reversed(&self) -> bool {
+        matches!(self.phase, Phase::Reversed)
     }
 
     /// Replies to send. The driver writes them and clears the buffer.
@@ -424,6 +784,13 @@ impl Inbound {
 
     fn frame_error(&mut self, error: FrameError) {
         self.idle = self.idle.saturating_add(1);
+        if matches!(
+            self.phase,
+            Phase::Authenticating(_) | Phase::AwaitAuthAck { .. }
+        ) {
+            // A broken line ends the exchange; the client starts over with AUTH.
+            self.phase = Phase::AwaitMail;
+        }
         let text = match error {
             FrameError::TooLong => "Line too long",
             FrameError::BareLf => "Bare LF received, lines must end in CRLF",
@@ -433,7 +800,13 @@ impl Inbound {
         self.check_limits();
     }
 
-    fn command(&mut self, line: &[u8], more_input: bool, dir: &dyn Directory) {
+    fn command(
+        &mut self,
+        line: &[u8],
+        more_input: bool,
+        dir: &dyn Directory,
+        creds: &dyn Credentials,
+    ) {
         self.idle = self.idle.saturating_add(1);
         let utf8 = matches!(&self.phase, Phase::AwaitRcpt(t) if t.envelope.smtputf8);
         let cmd = match Command::parse(line, utf8) {
@@ -444,6 +817,10 @@ impl Inbound {
                 return;
             }
         };
+        let odmr = self.odmr.is_some();
+        if more_input && odmr && matches!(cmd, Command::Atrn(_)) {
+            return self.atrn_pipelined();
+        }
         if more_input && self.must_end_group(&cmd) {
             let what = if matches!(cmd, Command::StartTls) {
                 " after STARTTLS"
@@ -457,6 +834,10 @@ impl Inbound {
         }
         match cmd {
             Command::Ehlo(name) => self.ehlo(name, true),
+            Command::Helo(_) | Command::Vrfy(_) if odmr => self.reply(reply::not_implemented()),
+            Command::Mail { .. } | Command::Rcpt { .. } | Command::Data if odmr => {
+                self.reply(odmr_no_mail())
+            }
             Command::Helo(name) => self.ehlo(name, false),
             Command::Mail { sender, params } => self.mail(sender, params),
             Command::Rcpt {
@@ -480,15 +861,22 @@ impl Inbound {
                 (2, 5, 0),
                 "Cannot verify, but will accept and attempt delivery",
             )),
+            Command::Help if odmr => self.reply(Reply::with_status(
+                214,
+                (2, 0, 0),
+                "Commands: EHLO AUTH ATRN STARTTLS RSET NOOP QUIT HELP",
+            )),
             Command::Help => self.reply(Reply::with_status(
                 214,
                 (2, 0, 0),
                 "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
             )),
             Command::StartTls => self.starttls(),
-            Command::Auth { .. } | Command::Atrn(_) | Command::Etrn(_) => match self.mode {
-                Mode::Mx => self.reply(reply::not_implemented()),
-            },
+            Command::Auth { mechanism, initial } if odmr => self.auth(&mechanism, initial, creds),
+            Command::Atrn(domains) if odmr => self.atrn(domains),
+            Command::Auth { .. } | Command::Atrn(_) | Command::Etrn(_) => {
+                self.reply(reply::not_implemented())
+            }
         }
         self.check_limits();
     }
@@ -511,6 +899,33 @@ impl Inbound {
         if !esmtp {
             self.reply(Reply::new(250, None, host));
             return;
+        }
+        if let Some(odmr) = &self.odmr {
+            let random = [0; 32];
+            let ctx = self.sasl_context(odmr, &random);
+            let mechs: Vec<&str> = odmr
+                .auth_mechanisms
+                .iter()
+                .filter(|m| m.check(&ctx).is_ok())
+                .map(|m| m.name())
+                .collect();
+            let mut lines: Vec<std::borrow::Cow<'static, str>> = vec![host.into()];
+            if self.cfg.pipelining {
+                lines.push("PIPELINING".into());
+            }
+            lines.push("ENHANCEDSTATUSCODES".into());
+            if !mechs.is_empty() {
+                lines.push(format!("AUTH {}", mechs.join(" ")).into());
+            }
+            lines.push("ATRN".into());
+            if self.cfg.tls_available && !self.session.tls {
+                lines.push("STARTTLS".into());
+            }
+            return self.reply(Reply {
+                code: 250,
+                status: None,
+                lines,
+            });
         }
         let c = &self.cfg;
         let size = format!("SIZE {}", c.max_message_size);
@@ -638,6 +1053,7 @@ impl Inbound {
 
     fn bdat(&mut self, size: u64, last: bool) {
         let refusal = match &self.phase {
+            _ if self.odmr.is_some() => Some(odmr_no_mail()),
             Phase::AwaitHelo => Some(reply::bad_sequence("Send EHLO first")),
             _ if !(self.session.esmtp && self.cfg.chunking) => {
                 Some(Reply::with_status(502, (5, 5, 1), "CHUNKING not offered"))
@@ -724,7 +1140,7 @@ impl Inbound {
         let protocol = Protocol {
             esmtp: self.session.esmtp,
             tls: self.session.tls,
-            auth: false,
+            auth: self.session.account.is_some(),
             utf8: txn.envelope.smtputf8,
         };
         let Transaction { envelope, body, .. } = txn;
@@ -756,6 +1172,175 @@ impl Inbound {
         self.phase = Phase::AwaitTls;
         self.actions.push_back(Action::StartTls);
     }
+
+    /// The SASL context of this session; `random` is the attempt's random bytes.
+    fn sasl_context<'a>(&'a self, odmr: &'a OdmrConfig, random: &'a [u8]) -> SaslContext<'a> {
+        let mut ctx = SaslContext {
+            hostname: &self.cfg.hostname,
+            tls: self.session.tls,
+            allow_plaintext: odmr.allow_plaintext_auth,
+            random,
+            unix_time: self.context.unix_time,
+            secret: &odmr.auth_secret,
+            fake_iterations: odmr.scram_iterations,
+            tls_exporter: self.context.tls_exporter.as_ref().map(|e| &e[..]),
+            peer_identity: self.context.peer_identity.as_deref(),
+            plus_offered: false,
+        };
+        let plus = Mechanism::ScramSha256Plus;
+        ctx.plus_offered = odmr.auth_mechanisms.contains(&plus) && plus.check(&ctx).is_ok();
+        ctx
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<String>, creds: &dyn Credentials) {
+        let refusal = if self.session.helo.is_none() {
+            Some(reply::bad_sequence("Send EHLO first"))
+        } else if self.session.account.is_some() {
+            Some(reply::bad_sequence("Already authenticated"))
+        } else if matches!(self.phase, Phase::AwaitRcpt(_)) {
+            Some(reply::bad_sequence("Mail transaction in progress"))
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            return self.reply(r);
+        }
+        let Some(odmr) = self.odmr.as_deref() else {
+            return self.reply(reply::not_implemented());
+        };
+        let Some(mech) = Mechanism::parse(mechanism).filter(|m| odmr.auth_mechanisms.contains(m))
+        else {
+            return self.reply(sasl::unknown_mechanism());
+        };
+        self.auth_attempts = self.auth_attempts.wrapping_add(1);
+        let random = attempt_random(&self.context.random, self.auth_attempts);
+        let ctx = self.sasl_context(odmr, &random);
+        let (exchange, step) = SaslExchange::start(mech, initial.as_deref(), &ctx, creds);
+        self.sasl_step(Box::new(exchange), step);
+    }
+
+    /// A response line while authenticating.
+    fn auth_line(&mut self, line: &[u8], creds: &dyn Credentials) {
+        // Not UTF-8 is not base64 either; the exchange reports it.
+        let text = std::str::from_utf8(line).unwrap_or("\u{fffd}");
+        match mem::replace(&mut self.phase, Phase::AwaitMail) {
+            Phase::Authenticating(mut exchange) => {
+                let step = exchange.step(text, creds);
+                self.sasl_step(exchange, step);
+            }
+            Phase::AwaitAuthAck { account } => match text {
+                "" => self.auth_outcome(Some(account), true),
+                "*" => self.reply(Reply::with_status(
+                    501,
+                    (5, 0, 0),
+                    "Authentication cancelled",
+                )),
+                _ => self.reply(Reply::with_status(
+                    501,
+                    (5, 5, 2),
+                    "Malformed authentication response",
+                )),
+            },
+            other => self.phase = other,
+        }
+        self.check_limits();
+    }
+
+    fn sasl_step(&mut self, exchange: Box<SaslExchange>, step: SaslStep) {
+        match step {
+            SaslStep::Challenge(payload) => {
+                self.reply(Reply::new(334, None, payload));
+                self.phase = Phase::Authenticating(exchange);
+            }
+            SaslStep::Success {
+                account,
+                server_final: Some(payload),
+            } => {
+                // RFC 4954 §4: additional data with success goes in a 334.
+                self.reply(Reply::new(334, None, payload));
+                self.phase = Phase::AwaitAuthAck { account };
+            }
+            SaslStep::Success {
+                account,
+                server_final: None,
+            } => self.auth_outcome(Some(account), true),
+            SaslStep::Failure(r) if r.code == 535 => {
+                self.auth_outcome(exchange.identity().map(str::to_string), false)
+            }
+            SaslStep::Failure(r) => self.reply(r),
+        }
+    }
+
+    /// Verification is over; the throttle decides what the client is told.
+    fn auth_outcome(&mut self, account: Option<String>, success: bool) {
+        self.event = Some(match (&account, success) {
+            (Some(a), true) => OdmrEvent::AuthSucceeded { account: a.clone() },
+            _ => OdmrEvent::AuthFailed {
+                account: account.clone(),
+            },
+        });
+        self.phase = Phase::AwaitAuthCheck { account, success };
+    }
+
+    fn atrn(&mut self, domains: Vec<DomainName>) {
+        if matches!(self.phase, Phase::AwaitRcpt(_)) {
+            return self.reply(reply::bad_sequence("Mail transaction in progress"));
+        }
+        let Some(account) = self.session.account.clone() else {
+            return self.reply(Reply::with_status(
+                530,
+                (5, 7, 0),
+                "Authentication required",
+            ));
+        };
+        self.idle = 0;
+        self.phase = Phase::AwaitAtrn { early: false };
+        self.event = Some(OdmrEvent::Atrn { account, domains });
+    }
+
+    /// Input after ATRN before its reply: the turnaround-injection defence (PROTOCOL.md §3.4).
+    fn atrn_pipelined(&mut self) {
+        self.reply(Reply::with_status(
+            554,
+            (5, 5, 0),
+            "ATRN must not be pipelined",
+        ));
+        self.close();
+    }
+}
+
+/// Verifies nothing: the credentials of [`Inbound::handle_input`].
+struct NoCredentials;
+
+impl Credentials for NoCredentials {
+    fn scram(&self, _user: &str) -> Option<sasl::ScramSecrets> {
+        None
+    }
+    fn cram_md5(&self, _user: &str, _challenge: &[u8], _digest_hex: &str) -> bool {
+        false
+    }
+    fn external(&self, _cert_identity: &str) -> Option<String> {
+        None
+    }
+}
+
+/// The random bytes of AUTH attempt `n`: distinct per attempt, so a CRAM-MD5 challenge or a
+/// SCRAM nonce is never reused within a connection.
+fn attempt_random(random: &[u8; 32], n: u32) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(random);
+    h.update(n.to_be_bytes());
+    h.finalize().into()
+}
+
+/// `502 5.5.1` for mail commands on the ODMR listener.
+fn odmr_no_mail() -> Reply {
+    Reply::with_status(
+        502,
+        (5, 5, 1),
+        "Mail is not accepted on the ODMR port before ATRN",
+    )
 }
 
 /// `552 5.3.4`: over the SIZE limit (at MAIL or at the end of the message).
@@ -810,13 +1395,104 @@ mod tests {
         delivered: Vec<Incoming>,
         tls_started: bool,
         closed: bool,
+        events: Vec<OdmrEvent>,
+        reversed: bool,
+    }
+
+    /// How to build the machine under test.
+    struct Setup {
+        cfg: InboundConfig,
+        odmr: Option<(OdmrConfig, SessionContext)>,
+    }
+
+    impl Setup {
+        fn machine(&self) -> Inbound {
+            match &self.odmr {
+                None => Inbound::new(self.cfg.clone()),
+                Some((o, ctx)) => Inbound::new_odmr(self.cfg.clone(), o.clone(), ctx.clone()),
+            }
+        }
+    }
+
+    /// "user" (and "locked", "banned") with password "pencil", SCRAM salt "salt" and 16
+    /// iterations (cheap enough for every-offset replays); CRAM-MD5 for "user" only; the
+    /// certificate "CN=gw.customer.example" maps to "user".
+    struct Creds;
+
+    fn test_secrets() -> sasl::ScramSecrets {
+        use sha2::{Digest, Sha256};
+        let mut salted = [0u8; 32];
+        pbkdf2::pbkdf2_hmac::<Sha256>(b"pencil", b"salt", 16, &mut salted);
+        let hmac = |key: &[u8], data: &[u8]| -> [u8; 32] {
+            use hmac::Mac;
+            let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).unwrap();
+            mac.update(data);
+            mac.finalize().into_bytes().into()
+        };
+        sasl::ScramSecrets {
+            salt: b"salt".to_vec(),
+            iterations: 16,
+            stored_key: Sha256::digest(hmac(&salted, b"Client Key")).into(),
+            server_key: hmac(&salted, b"Server Key"),
+        }
+    }
+
+    fn cram_digest(challenge: &[u8]) -> String {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<md5::Md5>::new_from_slice(b"pencil").unwrap();
+        mac.update(challenge);
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    impl Credentials for Creds {
+        fn scram(&self, user: &str) -> Option<sasl::ScramSecrets> {
+            matches!(user, "user" | "locked" | "banned").then(test_secrets)
+        }
+        fn cram_md5(&self, user: &str, challenge: &[u8], digest_hex: &str) -> bool {
+            user == "user" && digest_hex == cram_digest(challenge)
+        }
+        fn external(&self, cert_identity: &str) -> Option<String> {
+            (cert_identity == "CN=gw.customer.example").then(|| "user".into())
+        }
+    }
+
+    /// The throttle as the test driver plays it: "locked" is a locked account, "banned"
+    /// comes from a locked address.
+    fn throttle(event: &OdmrEvent) -> Option<Refusal> {
+        let account = match event {
+            OdmrEvent::AuthSucceeded { account } => Some(account.as_str()),
+            OdmrEvent::AuthFailed { account } => account.as_deref(),
+            _ => None,
+        };
+        match account {
+            Some("locked") => Some(Refusal::Account),
+            Some("banned") => Some(Refusal::Ip),
+            _ => None,
+        }
+    }
+
+    /// The ATRN decision as the test driver plays it, by the first requested domain.
+    fn decide(domains: &[DomainName]) -> AtrnDecision {
+        let d = |s: &str| DomainName::parse(s).unwrap();
+        match domains.first().map(DomainName::as_str) {
+            Some("other.example") => AtrnDecision::NotAuthorized(vec![d("other.example")]),
+            Some("empty.example") => AtrnDecision::NoMail,
+            Some("busy.example") => AtrnDecision::Busy(d("busy.example")),
+            Some("often.example") => AtrnDecision::RateLimited,
+            Some("down.example") => AtrnDecision::Unavailable,
+            _ => AtrnDecision::Accepted,
+        }
     }
 
     /// A driver as the runtime implements it: a read buffer that keeps unconsumed bytes, every
     /// action obeyed, and input re-presented after each action. `flights` are the client's
     /// writes, each sent only once the previous one has been fully answered.
-    fn drive(cfg: &InboundConfig, flights: &[Vec<&[u8]>]) -> Run {
-        let mut m = Inbound::new(cfg.clone());
+    fn drive(setup: &Setup, flights: &[Vec<&[u8]>]) -> Run {
+        let mut m = setup.machine();
         let mut run = Run::default();
         let mut buf: Vec<u8> = Vec::new();
         let take_output = |m: &mut Inbound, run: &mut Run| {
@@ -828,10 +1504,26 @@ mod tests {
             for piece in pieces {
                 buf.extend_from_slice(piece);
                 loop {
-                    let n = m.handle_input(&buf, &Dir);
+                    let n = m.handle_odmr_input(&buf, &Dir, &Creds);
                     buf.drain(..n);
                     take_output(&mut m, &mut run);
                     let mut acted = false;
+                    while let Some(event) = m.poll_event() {
+                        acted = true;
+                        match &event {
+                            OdmrEvent::AuthSucceeded { .. } | OdmrEvent::AuthFailed { .. } => {
+                                m.auth_checked(throttle(&event))
+                            }
+                            OdmrEvent::Atrn { domains, .. } => m.atrn_decided(decide(domains)),
+                            OdmrEvent::Reverse => run.reversed = true,
+                        }
+                        run.events.push(event);
+                        take_output(&mut m, &mut run);
+                        if run.reversed {
+                            assert!(buf.is_empty(), "input left at the turnaround");
+                            break 'flights;
+                        }
+                    }
                     while let Some(action) = m.poll_action() {
                         acted = true;
                         match action {
@@ -853,6 +1545,9 @@ mod tests {
                                 buf.clear();
                                 run.tls_started = true;
                                 m.tls_started();
+                                if let Some((_, ctx)) = &setup.odmr {
+                                    m.set_context(context(true, ctx.unix_time));
+                                }
                             }
                             Action::Close => {
                                 run.closed = true;
@@ -918,6 +1613,17 @@ mod tests {
     /// Runs the transcript with every flight whole, then with each flight split at every
     /// offset, then byte by byte; all runs must produce the same replies and deliveries.
     fn check(cfg: &InboundConfig, script: &str) -> Run {
+        check_in(
+            &Setup {
+                cfg: cfg.clone(),
+                odmr: None,
+            },
+            script,
+        )
+    }
+
+    /// [`check`] for any machine.
+    fn check_in(cfg: &Setup, script: &str) -> Run {
         let t = parse(script);
         let whole: Vec<Vec<&[u8]>> = t.flights.iter().map(|f| vec![f.as_slice()]).collect();
         let run = drive(cfg, &whole);
@@ -941,6 +1647,17 @@ mod tests {
     /// Runs a transcript with each flight whole only: for sync-point violations, whose outcome
     /// by definition depends on what had arrived when the command was read.
     fn check_whole(cfg: &InboundConfig, script: &str) -> Run {
+        check_whole_in(
+            &Setup {
+                cfg: cfg.clone(),
+                odmr: None,
+            },
+            script,
+        )
+    }
+
+    /// [`check_whole`] for any machine.
+    fn check_whole_in(cfg: &Setup, script: &str) -> Run {
         let t = parse(script);
         let whole: Vec<Vec<&[u8]>> = t.flights.iter().map(|f| vec![f.as_slice()]).collect();
         let run = drive(cfg, &whole);
@@ -1617,5 +2334,448 @@ mod tests {
             String::from_utf8_lossy(m.output()),
             "250 2.0.0 Ok queued as ABC\r\n221 2.0.0 Bye\r\n"
         );
+    }
+
+    fn context(tls: bool, unix_time: u64) -> SessionContext {
+        SessionContext {
+            random: [1; 32],
+            unix_time,
+            tls_exporter: tls.then_some([0xab; 32]),
+            peer_identity: tls.then(|| "CN=gw.customer.example".into()),
+        }
+    }
+
+    fn odmr_setup(tls: bool, allow_plaintext_auth: bool) -> Setup {
+        Setup {
+            cfg: InboundConfig {
+                tls_available: true,
+                tls_active: tls,
+                ..cfg()
+            },
+            odmr: Some((
+                OdmrConfig {
+                    scram_iterations: 16,
+                    allow_plaintext_auth,
+                    ..OdmrConfig::new([7; 32])
+                },
+                context(tls, 1_700_000_000),
+            )),
+        }
+    }
+
+    const ODMR_EHLO: &str = "
+        S: 220 mx.example ESMTP turnpike
+        C: EHLO customer.example
+        S: 250-mx.example
+        S: 250-PIPELINING
+        S: 250-ENHANCEDSTATUSCODES
+        S: 250-AUTH SCRAM-SHA-256-PLUS SCRAM-SHA-256 EXTERNAL CRAM-MD5 PLAIN LOGIN
+        S: 250 ATRN";
+
+    fn b64(s: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    fn odmr_session(rest: &str) -> String {
+        format!("{ODMR_EHLO}\n{rest}")
+    }
+
+    fn dn(s: &str) -> DomainName {
+        DomainName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn odmr_auth_then_atrn_reverses() {
+        let run = check_in(
+            &odmr_setup(true, false),
+            &odmr_session(&format!(
+                "C: AUTH PLAIN {plain}
+                 S: 235 2.7.0 Authentication successful
+                 C: ATRN example.org,Example.NET
+                 S: 250 2.0.0 OK, turning around",
+                plain = b64("\0user\0pencil")
+            )),
+        );
+        assert!(run.reversed && !run.closed);
+        let account = String::from("user");
+        assert_eq!(
+            run.events,
+            [
+                OdmrEvent::AuthSucceeded {
+                    account: account.clone()
+                },
+                OdmrEvent::Atrn {
+                    account,
+                    domains: vec![dn("example.org"), dn("example.net")]
+                },
+                OdmrEvent::Reverse,
+            ]
+        );
+    }
+
+    #[test]
+    fn odmr_offers_depend_on_tls() {
+        let ehlo = |auth: &str| {
+            format!(
+                "C: EHLO c
+                 S: 250-mx.example
+                 S: 250-PIPELINING
+                 S: 250-ENHANCEDSTATUSCODES
+                 S: 250-AUTH {auth}
+                 S: 250-ATRN
+                 S: 250 STARTTLS"
+            )
+        };
+        let plain = b64("\0user\0pencil");
+        // Plaintext mechanisms hidden and refused with 538; after STARTTLS all are offered.
+        let run = check_whole_in(
+            &odmr_setup(false, false),
+            &format!(
+                "S: 220 mx.example ESMTP turnpike
+                 {ehlo}
+                 C: AUTH PLAIN {plain}
+                 S: 538 5.7.11 Encryption required for requested authentication mechanism
+                 C: AUTH CRAM-MD5
+                 S: 538 5.7.11 Encryption required for requested authentication mechanism
+                 C: AUTH SCRAM-SHA-256-PLUS
+                 S: 538 5.7.11 Encryption required for requested authentication mechanism
+                 C: AUTH EXTERNAL =
+                 S: 504 5.5.4 Unrecognized authentication type
+                 C: STARTTLS
+                 S: 220 2.0.0 Ready to start TLS
+                 {ehlo_tls}
+                 C: AUTH EXTERNAL =
+                 S: 235 2.7.0 Authentication successful",
+                ehlo = ehlo("SCRAM-SHA-256"),
+                ehlo_tls = ODMR_EHLO.replace("S: 220 mx.example ESMTP turnpike", ""),
+            ),
+        );
+        assert!(run.tls_started);
+        // Allowed without TLS: offered and accepted; STARTTLS then forgets the login.
+        check_whole_in(
+            &odmr_setup(false, true),
+            &format!(
+                "S: 220 mx.example ESMTP turnpike
+                 {ehlo}
+                 C: AUTH PLAIN {plain}
+                 S: 235 2.7.0 Authentication successful
+                 C: STARTTLS
+                 S: 220 2.0.0 Ready to start TLS
+                 C: EHLO c
+                 S: 250-mx.example
+                 S: 250-PIPELINING
+                 S: 250-ENHANCEDSTATUSCODES
+                 S: 250-AUTH SCRAM-SHA-256-PLUS SCRAM-SHA-256 EXTERNAL CRAM-MD5 PLAIN LOGIN
+                 S: 250 ATRN
+                 C: ATRN
+                 S: 530 5.7.0 Authentication required",
+                ehlo = ehlo("SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN"),
+            ),
+        );
+    }
+
+    #[test]
+    fn odmr_auth_replies() {
+        check_in(
+            &odmr_setup(true, false),
+            &format!(
+                "S: 220 mx.example ESMTP turnpike
+                 C: AUTH PLAIN {plain}
+                 S: 503 5.5.1 Send EHLO first
+                 {ehlo}
+                 C: AUTH GSSAPI
+                 S: 504 5.5.4 Unrecognized authentication type
+                 C: AUTH PLAIN
+                 S: 334 {empty}
+                 C: *
+                 S: 501 5.0.0 Authentication cancelled
+                 C: AUTH PLAIN %%%
+                 S: 501 5.5.2 Invalid base64 data
+                 C: AUTH PLAIN {malformed}
+                 S: 501 5.5.2 Malformed authentication response
+                 C: AUTH PLAIN {wrong}
+                 S: 535 5.7.8 Authentication credentials invalid
+                 C: AUTH LOGIN
+                 S: 334 VXNlcm5hbWU6
+                 C: {user}
+                 S: 334 UGFzc3dvcmQ6
+                 C: {pencil}
+                 S: 235 2.7.0 Authentication successful
+                 C: AUTH PLAIN {plain}
+                 S: 503 5.5.1 Already authenticated",
+                ehlo = ODMR_EHLO.replace("S: 220 mx.example ESMTP turnpike", ""),
+                plain = b64("\0user\0pencil"),
+                malformed = b64("user"),
+                wrong = b64("\0user\0wrong"),
+                user = b64("user"),
+                pencil = b64("pencil"),
+                empty = "",
+            ),
+        );
+    }
+
+    #[test]
+    fn odmr_cram_md5_and_scram_plus_exchanges() {
+        use sha2::{Digest, Sha256};
+        let hmac = |key: &[u8], data: &[u8]| -> [u8; 32] {
+            use hmac::Mac;
+            let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).unwrap();
+            mac.update(data);
+            mac.finalize().into_bytes().into()
+        };
+        let enc = |b: &[u8]| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(b)
+        };
+        // Attempt 1: CRAM-MD5, with the challenge derived from the context's random bytes.
+        let r1 = attempt_random(&[1; 32], 1);
+        let n = u64::from_be_bytes(r1[..8].try_into().unwrap());
+        let challenge = format!("<{n}.1700000000@mx.example>");
+        // Attempt 2 (after a failure): SCRAM-SHA-256-PLUS bound to the exporter bytes.
+        let r2 = attempt_random(&[1; 32], 2);
+        let bare = "n=user,r=cnonce";
+        let server_first = format!("r=cnonce{},s={},i=16", enc(&r2), enc(b"salt"));
+        let mut cbind = b"p=tls-exporter,,".to_vec();
+        cbind.extend_from_slice(&[0xab; 32]);
+        let without_proof = format!("c={},r=cnonce{}", enc(&cbind), enc(&r2));
+        let auth_message = format!("{bare},{server_first},{without_proof}");
+        let mut salted = [0u8; 32];
+        pbkdf2::pbkdf2_hmac::<Sha256>(b"pencil", b"salt", 16, &mut salted);
+        let client_key = hmac(&salted, b"Client Key");
+        let signature = hmac(&Sha256::digest(client_key), auth_message.as_bytes());
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(signature)
+            .map(|(k, s)| k ^ s)
+            .collect();
+        let server_signature = hmac(&hmac(&salted, b"Server Key"), auth_message.as_bytes());
+        let run = check_in(
+            &odmr_setup(true, false),
+            &odmr_session(&format!(
+                "C: AUTH CRAM-MD5
+                 S: 334 {challenge_b64}
+                 C: {bad_response}
+                 S: 535 5.7.8 Authentication credentials invalid
+                 C: AUTH SCRAM-SHA-256-PLUS {client_first}
+                 S: 334 {server_first_b64}
+                 C: {client_final}
+                 S: 334 {server_final}
+                 C:
+                 S: 235 2.7.0 Authentication successful",
+                challenge_b64 = b64(&challenge),
+                bad_response = b64(&format!("user {}", cram_digest(b"<other>"))),
+                client_first = b64(&format!("p=tls-exporter,,{bare}")),
+                server_first_b64 = b64(&server_first),
+                client_final = b64(&format!("{without_proof},p={}", enc(&proof))),
+                server_final = b64(&format!("v={}", enc(&server_signature))),
+            )),
+        );
+        assert_eq!(
+            run.events[0],
+            OdmrEvent::AuthFailed {
+                account: Some("user".into())
+            }
+        );
+        // And the good CRAM-MD5 response, on a fresh connection.
+        check_in(
+            &odmr_setup(true, false),
+            &odmr_session(&format!(
+                "C: AUTH CRAM-MD5
+                 S: 334 {challenge_b64}
+                 C: {response}
+                 S: 235 2.7.0 Authentication successful",
+                challenge_b64 = b64(&challenge),
+                response = b64(&format!("user {}", cram_digest(challenge.as_bytes()))),
+            )),
+        );
+    }
+
+    #[test]
+    fn odmr_auth_failure_limit_and_throttle() {
+        let run = check_in(
+            &odmr_setup(true, false),
+            &odmr_session(&format!(
+                "C: AUTH PLAIN {wrong}
+                 S: 535 5.7.8 Authentication credentials invalid
+                 C: AUTH PLAIN {locked}
+                 S: 454 4.7.0 Temporary authentication failure, try again later
+                 C: AUTH PLAIN {unknown}
+                 S: 535 5.7.8 Authentication credentials invalid
+                 S: 421 4.7.0 mx.example Too many authentication failures, closing connection",
+                wrong = b64("\0user\0wrong"),
+                locked = b64("\0locked\0pencil"),
+                unknown = b64("\0nobody\0pencil"),
+            )),
+        );
+        assert!(run.closed);
+        assert_eq!(
+            run.events,
+            [
+                OdmrEvent::AuthFailed {
+                    account: Some("user".into())
+                },
+                OdmrEvent::AuthSucceeded {
+                    account: "locked".into()
+                },
+                OdmrEvent::AuthFailed {
+                    account: Some("nobody".into())
+                },
+            ]
+        );
+        let run = check_in(
+            &odmr_setup(true, false),
+            &odmr_session(&format!(
+                "C: AUTH PLAIN {banned}
+                 S: 421 4.7.0 mx.example Too many authentication failures, closing connection",
+                banned = b64("\0banned\0wrong"),
+            )),
+        );
+        assert!(run.closed);
+    }
+
+    #[test]
+    fn odmr_atrn_replies() {
+        let run = check_in(
+            &odmr_setup(true, false),
+            &odmr_session(
+                "C: ATRN example.org
+                 S: 530 5.7.0 Authentication required
+                 C: AUTH EXTERNAL =
+                 S: 235 2.7.0 Authentication successful
+                 C: ATRN a.example, b.example
+                 S: 501 5.5.4 Syntax error in parameters or arguments
+                 C: ATRN localhost
+                 S: 501 5.5.4 Syntax error in parameters or arguments
+                 C: ATRN a.example,
+                 S: 501 5.5.4 Syntax error in parameters or arguments
+                 C: ATRN other.example,example.org
+                 S: 450 4.7.1 Not authorized for other.example
+                 C: ATRN empty.example
+                 S: 453 4.3.0 You have no mail
+                 C: ATRN busy.example
+                 S: 451 4.3.0 busy.example is being served by another session
+                 C: ATRN often.example
+                 S: 450 4.7.0 ATRN requested too often, try later
+                 C: ATRN down.example
+                 S: 451 4.3.0 Unable to process ATRN request now
+                 C: ATRN
+                 S: 250 2.0.0 OK, turning around",
+            ),
+        );
+        assert!(run.reversed);
+        assert_eq!(
+            run.events.iter().rev().nth(1),
+            Some(&OdmrEvent::Atrn {
+                account: "user".into(),
+                domains: vec![]
+            })
+        );
+    }
+
+    #[test]
+    fn odmr_refuses_other_commands() {
+        check_in(
+            &odmr_setup(true, false),
+            &odmr_session(
+                "C: HELO c
+                 S: 502 5.5.1 Command not implemented
+                 C: MAIL FROM:<a@b.example>
+                 S: 502 5.5.1 Mail is not accepted on the ODMR port before ATRN
+                 C: RCPT TO:<u@example.org>
+                 S: 502 5.5.1 Mail is not accepted on the ODMR port before ATRN
+                 C: DATA
+                 S: 502 5.5.1 Mail is not accepted on the ODMR port before ATRN
+                 C: BDAT 6 LAST
+                 C: QUIT
+                 S: 502 5.5.1 Mail is not accepted on the ODMR port before ATRN
+                 C: VRFY x
+                 S: 502 5.5.1 Command not implemented
+                 C: ETRN example.org
+                 S: 502 5.5.1 Command not implemented
+                 C: HELP
+                 S: 214 2.0.0 Commands: EHLO AUTH ATRN STARTTLS RSET NOOP QUIT HELP
+                 C: NOOP
+                 S: 250 2.0.0 Ok
+                 C: RSET
+                 S: 250 2.0.0 Ok
+                 C: QUIT
+                 S: 221 2.0.0 Bye",
+            ),
+        );
+    }
+
+    #[test]
+    fn odmr_atrn_is_a_sync_point() {
+        let plain = b64("\0user\0pencil");
+        for script in [
+            format!(
+                "C: AUTH PLAIN {plain}
+                 S: 235 2.7.0 Authentication successful
+                 C: ATRN
+                 C: 220 injected greeting
+                 S: 554 5.5.0 ATRN must not be pipelined"
+            ),
+            "C: ATRN example.org
+             C: NOOP
+             S: 554 5.5.0 ATRN must not be pipelined"
+                .to_string(),
+        ] {
+            let run = check_whole_in(&odmr_setup(true, false), &odmr_session(&script));
+            assert!(run.closed && !run.reversed);
+        }
+        // Bytes presented while the decision is pending: refused at the turnaround.
+        let mut m = odmr_setup(true, false).machine();
+        assert_eq!(m.handle_odmr_input(b"EHLO c\r\n", &Dir, &Creds), 8);
+        let input = format!("AUTH PLAIN {plain}\r\n");
+        assert_eq!(
+            m.handle_odmr_input(input.as_bytes(), &Dir, &Creds),
+            input.len()
+        );
+        assert!(matches!(
+            m.poll_event(),
+            Some(OdmrEvent::AuthSucceeded { .. })
+        ));
+        m.auth_checked(None);
+        assert_eq!(m.account(), Some("user"));
+        assert_eq!(m.handle_odmr_input(b"ATRN\r\n", &Dir, &Creds), 6);
+        assert!(matches!(m.poll_event(), Some(OdmrEvent::Atrn { .. })));
+        assert_eq!(m.handle_odmr_input(b"220 early\r\n", &Dir, &Creds), 0);
+        m.output().clear();
+        m.atrn_decided(AtrnDecision::Accepted);
+        assert_eq!(m.output(), b"554 5.5.0 ATRN must not be pipelined\r\n");
+        assert!(matches!(m.poll_action(), Some(Action::Close)));
+        assert!(m.is_closed() && !m.is_reversed() && m.poll_event().is_none());
+    }
+
+    #[test]
+    fn odmr_auth_and_atrn_inside_a_transaction() {
+        // MAIL is refused on the ODMR port for now, so the transaction is set up directly.
+        let txn = || {
+            Phase::AwaitRcpt(Box::new(Transaction {
+                envelope: Envelope::default(),
+                declared_size: None,
+                body: Vec::new(),
+                chunks: None,
+            }))
+        };
+        let plain = b64("\0user\0pencil");
+        let mut m = odmr_setup(true, false).machine();
+        let _ = m.handle_odmr_input(b"EHLO c\r\n", &Dir, &Creds);
+        m.phase = txn();
+        m.output().clear();
+        let input = format!("AUTH PLAIN {plain}\r\n");
+        let _ = m.handle_odmr_input(input.as_bytes(), &Dir, &Creds);
+        assert_eq!(m.output(), b"503 5.5.1 Mail transaction in progress\r\n");
+        m.phase = Phase::AwaitMail;
+        let _ = m.handle_odmr_input(input.as_bytes(), &Dir, &Creds);
+        assert!(m.poll_event().is_some());
+        m.auth_checked(None);
+        m.phase = txn();
+        m.output().clear();
+        let _ = m.handle_odmr_input(b"ATRN\r\n", &Dir, &Creds);
+        assert_eq!(m.output(), b"503 5.5.1 Mail transaction in progress\r\n");
+        assert_eq!(m.mode(), Mode::Odmr);
+        assert_eq!(Inbound::new(cfg()).mode(), Mode::Mx);
     }
 }

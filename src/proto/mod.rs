@@ -13,7 +13,9 @@
 //! - [`data`]: the resumable end-of-DATA scanner and unstuffer, with smuggling detection.
 //! - [`stuff`]: the outbound dot-stuffer, the inverse of [`data`].
 //! - [`trace`]: the `Received:` header (RFC 5321 §4.4, RFC 3848).
-//! - [`inbound`]: the MX-side server state machine that drives all of the above.
+//! - [`sasl`]: the provider's side of the SMTP AUTH mechanisms (RFC 4954, RFC 4422).
+//! - [`throttle`]: the failed-login throttle, per address and per account.
+//! - [`inbound`]: the server state machine (MX and ODMR modes) that drives all of the above.
 //! - [`reversed`]: the client machine the provider runs after ATRN (RFC 2645 §5.3).
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces and delay reports).
 //! - [`fuzzing`]: the bodies of the fuzz targets, shared with the corpus-replay test.
@@ -26,5 +28,7 @@ pub mod fuzzing;
 pub mod inbound;
 pub mod reply;
 pub mod reversed;
+pub mod sasl;
 pub mod stuff;
+pub mod throttle;
 pub mod trace;
