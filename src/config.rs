@@ -87,6 +87,8 @@ pub struct Config {
     pub limits: Limits,
     /// `[spool]`: the held-mail journal.
     pub spool: SpoolSettings,
+    /// `[odmr]`: the ODMR listener's authentication and ATRN policy.
+    pub odmr: OdmrSettings,
     /// `[quota]`: held-bytes limits for particular domains, overriding
     /// [`SpoolSettings::default_quota`].
     pub quota: BTreeMap<DomainName, u64>,
@@ -200,6 +202,26 @@ pub struct Limits {
     pub max_connections_per_ip: u32,
     /// Simultaneous connections in total.
     pub max_connections: u32,
+}
+
+/// `[odmr]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OdmrSettings {
+    /// Offer PLAIN, LOGIN and CRAM-MD5 on a connection without TLS (RFC 4954 §4 wants it
+    /// configurable; off by default: credentials only inside TLS).
+    pub allow_plaintext_auth: bool,
+    /// The shortest interval between two ATRN requests of one account; more often is
+    /// answered `450 4.7.0` (RFC 2645 §5.2.1 allows it). Zero turns the limit off.
+    pub min_atrn_interval: Duration,
+}
+
+impl Default for OdmrSettings {
+    fn default() -> OdmrSettings {
+        OdmrSettings {
+            allow_plaintext_auth: false,
+            min_atrn_interval: Duration::ZERO,
+        }
+    }
 }
 
 /// `[spool]`.
@@ -438,7 +460,10 @@ pub(crate) fn line_column(source: &str, at: usize) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
-const TOP_KEYS: &[&str] = &["server", "listen", "tls", "limits", "spool", "quota"];
+const TOP_KEYS: &[&str] = &[
+    "server", "listen", "tls", "limits", "spool", "odmr", "quota",
+];
+const ODMR_KEYS: &[&str] = &["allow_plaintext_auth", "min_atrn_interval"];
 const SERVER_KEYS: &[&str] = &["hostname", "data_dir", "cores", "io"];
 const LISTEN_KEYS: &[&str] = &["mx", "odmr", "submission", "submissions", "metrics"];
 const TLS_KEYS: &[&str] = &["cert", "key"];
@@ -486,6 +511,18 @@ impl Parser<'_> {
         }
         if let Some(t) = self.section(top, "spool")? {
             self.spool(t, &mut config.spool)?;
+        }
+        if let Some(t) = self.section(top, "odmr")? {
+            self.known_keys("odmr", t, ODMR_KEYS)?;
+            if let Some(v) = t.get("allow_plaintext_auth") {
+                config.odmr.allow_plaintext_auth = match v {
+                    Value::Boolean(b) => *b,
+                    _ => return Err(self.invalid("odmr.allow_plaintext_auth", "true or false", v)),
+                };
+            }
+            if let Some(v) = t.get("min_atrn_interval") {
+                config.odmr.min_atrn_interval = self.duration("odmr.min_atrn_interval", v)?;
+            }
         }
         if let Some(t) = self.section(top, "quota")? {
             config.quota = self.quota(t)?;

@@ -153,6 +153,39 @@ pub struct Shared {
     pub counters: Arc<CounterTable>,
     /// The I/O driver every core runs.
     pub io: IoKind,
+    /// Server secret for fake SCRAM salts of unknown users (stable across restarts).
+    pub auth_secret: [u8; 32],
+    /// Last ATRN per account, for `odmr.min_atrn_interval`. Touched once per ATRN.
+    pub last_atrn: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Source of ATRN session ids (lease owners).
+    pub sessions: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// A new ATRN session id.
+    pub fn next_session(&self) -> u64 {
+        self.sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// False when `account` asked for ATRN less than `odmr.min_atrn_interval` ago (then
+    /// `450 4.7.0`, RFC 2645 §5.2.1); records this request otherwise.
+    pub fn atrn_allowed(&self, account: &str) -> bool {
+        let min = self.config.odmr.min_atrn_interval;
+        if min.is_zero() {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let mut last = self.last_atrn.lock().unwrap_or_else(|p| p.into_inner());
+        if last
+            .get(account)
+            .is_some_and(|t| now.duration_since(*t) < min)
+        {
+            return false;
+        }
+        last.insert(account.to_string(), now);
+        true
+    }
 }
 
 /// One core's state. Lives in an `Rc` on that core's thread.
@@ -175,6 +208,8 @@ pub struct Core {
     next_seq: Cell<u64>,
     /// Domain -> ATRN session holding it, for the domains this core shards.
     leases: RefCell<HashMap<DomainName, u64>>,
+    /// Failed-login throttle for sessions on this core.
+    pub throttle: RefCell<crate::proto::throttle::Throttle>,
     /// This core's counters and latency histograms.
     pub metrics: RefCell<metrics::CoreMetrics>,
     /// ATRN and delivery history of the domains this core shards, for the metrics gauges.
@@ -208,6 +243,7 @@ impl Core {
             next_seq: Cell::new(u64::from_le_bytes(seed) >> 16),
             leases: RefCell::new(HashMap::new()),
             metrics: RefCell::new(metrics::CoreMetrics::new()),
+            throttle: RefCell::new(crate::proto::throttle::Throttle::new(Default::default())),
             activity: RefCell::new(HashMap::new()),
             shutdown: tokio::sync::Notify::new(),
             stopping: Cell::new(false),

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::accounts::Accounts;
 use crate::config::Config;
+use crate::proto::sasl::{Credentials, ScramSecrets};
 use crate::types::DomainName;
 
 /// Live totals for one domain's held mail.
@@ -34,6 +35,31 @@ impl DomainCounters {
     pub fn remove(&self, bytes: u64) {
         self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.held_messages.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The SASL machine checks credentials against this snapshot's verifiers (never plaintext).
+impl Credentials for Hosted {
+    fn scram(&self, user: &str) -> Option<ScramSecrets> {
+        let v = self.accounts.account(user)?.scram();
+        Some(ScramSecrets {
+            salt: v.salt().to_vec(),
+            iterations: v.iterations(),
+            stored_key: *v.stored_key(),
+            server_key: *v.server_key(),
+        })
+    }
+
+    fn cram_md5(&self, user: &str, challenge: &[u8], digest_hex: &str) -> bool {
+        self.accounts
+            .account(user)
+            .is_some_and(|a| a.cram_md5_verify(challenge, digest_hex))
+    }
+
+    fn external(&self, _cert_identity: &str) -> Option<String> {
+        // Client certificates are not requested yet (tls::ClientAuth::None), so no identity
+        // ever reaches here; mapping certificates to accounts comes with EXTERNAL support.
+        None
     }
 }
 
@@ -65,6 +91,7 @@ pub struct HostedDomain {
 pub struct Hosted {
     domains: HashMap<DomainName, HostedDomain>,
     by_account: HashMap<String, Vec<DomainName>>,
+    accounts: Accounts,
 }
 
 impl Hosted {
@@ -87,6 +114,7 @@ impl Hosted {
         Hosted {
             domains,
             by_account,
+            accounts: accounts.clone(),
         }
     }
 

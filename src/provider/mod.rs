@@ -5,11 +5,11 @@
 //! - [`core`]: what one core owns (journal writer, index shard, hosted snapshot).
 //! - [`hosted`]: the hosted-domain snapshot and quota counters.
 //! - [`reversal`]: delivering held mail after ATRN.
-//! - [`mx`]: the MX session driver.
+//! - [`session`]: the session driver for the MX and ODMR listeners.
 
 pub mod atrn;
 pub mod core;
 pub mod hosted;
-pub mod mx;
 pub mod reversal;
 pub mod server;
+pub mod session;

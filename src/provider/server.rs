@@ -24,7 +24,7 @@ use crate::spool;
 
 use super::core::{Core, MeshMsg, Shared};
 use super::hosted::{CounterTable, Hosted};
-use super::mx;
+use super::session::{self, Kind};
 
 /// How often each core runs expiry and journal reclaim: a quarter of the maximum hold, within
 /// these bounds (so expiry is never late by more than a quarter of the hold).
@@ -138,6 +138,9 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         tls,
         counters,
         io,
+        auth_secret: auth_secret(&data_dir)?,
+        last_atrn: Default::default(),
+        sessions: Default::default(),
     });
 
     // Split recovered parts by shard core, and the writers' state by core.
@@ -328,7 +331,12 @@ async fn accept_loop(core: Rc<Core>, service: Service, listener: Listener) {
         let core = core.clone();
         tokio::task::spawn_local(async move {
             let _permit = permit;
-            mx::serve(core, conn, peer).await;
+            let kind = if service == Service::Odmr {
+                Kind::Odmr
+            } else {
+                Kind::Mx
+            };
+            session::serve(core, conn, peer, kind).await;
         });
     }
 }
@@ -407,6 +415,33 @@ pub fn read_listening(data_dir: &Path) -> Option<HashMap<String, SocketAddr>> {
         map.insert(name.to_string(), addr.parse().ok()?);
     }
     Some(map)
+}
+
+/// The server's SASL secret (`<data>/auth-secret`, 32 random bytes, mode 0600), made on first
+/// run. Stable across restarts so unknown users' fake SCRAM salts never change.
+fn auth_secret(data_dir: &Path) -> io::Result<[u8; 32]> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("auth-secret");
+    if let Ok(bytes) = std::fs::read(&path) {
+        if let Ok(secret) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            return Ok(secret);
+        }
+        return Err(io::Error::other(format!(
+            "{}: not a 32-byte secret",
+            path.display()
+        )));
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| io::Error::other(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(&secret)?;
+    f.sync_all()?;
+    Ok(secret)
 }
 
 /// An exclusive lock on `<data>/lock`, so two servers never append to the same journal.

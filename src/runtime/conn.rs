@@ -54,6 +54,17 @@ impl Conn {
         Some(format!("{version} {}", suite.unwrap_or_default()))
     }
 
+    /// RFC 9266 `tls-exporter` channel binding (32 bytes), for SCRAM-SHA-256-PLUS. Only
+    /// defined for TLS 1.3; `None` otherwise.
+    pub fn channel_binding(&self) -> Option<[u8; 32]> {
+        let tls = self.tls.as_ref()?;
+        if tls.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+            return None;
+        }
+        tls.export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
+            .ok()
+    }
+
     /// Runs a TLS handshake as the server (STARTTLS on our listeners, or implicit TLS).
     pub async fn start_tls_server(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
         let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
