@@ -75,34 +75,67 @@ fn accounts_added_while_running_are_hosted_at_once() {
     );
 }
 
-/// A part held longer than `spool.max_hold` is marked expired (awaiting its bounce), and the
-/// mark survives a restart because an EXPIRE record was journaled.
+/// A part held longer than `spool.max_hold` is bounced: an RFC 3464 report (status 5.4.7)
+/// goes to the sender from `<>` (queued under the sender's domain, the outbound queue), and
+/// the part leaves the hold. Both facts survive a restart (EXPIRE, report and DONE are
+/// journaled).
 #[test]
-fn parts_past_max_hold_expire_and_stay_expired_after_restart() {
+fn parts_past_max_hold_are_reported_to_the_sender_and_leave_the_hold() {
     let mut server = TestServer::start(
         "[spool]\nmax_hold = \"1s\"\n",
         &[("acme", &["acme.example"])],
     );
     deliver(&server, "info@acme.example");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let show = server.queue_show_json("acme.example");
-        if show["messages"][0]["expired"] == true {
+        let queue = server.queue_json();
+        let held = queue_entry(&queue, "acme.example")
+            .map(|e| e.0)
+            .unwrap_or(0);
+        let reports = queue_entry(&queue, "client.test").map(|e| e.0).unwrap_or(0);
+        if held == 0 && reports == 1 {
             break;
         }
-        assert!(Instant::now() < deadline, "not expired after 10 s: {show}");
+        assert!(Instant::now() < deadline, "not expired after 15 s: {queue}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    let report = server.queue_show_json("client.test");
+    assert_eq!(
+        report["messages"][0]["sender"], "",
+        "a report comes from <>: {report}"
+    );
+    assert_eq!(report["messages"][0]["recipients"][0], "sender@client.test");
     server.stop();
-    // Offline view (journal read directly) and the restarted server agree.
-    let offline = server.queue_show_json("acme.example");
-    assert_eq!(offline["messages"][0]["expired"], true, "{offline}");
-    server.restart();
-    let online = server.queue_show_json("acme.example");
-    assert_eq!(online["messages"][0]["expired"], true, "{online}");
+    let offline = server.queue_json();
+    assert_eq!(queue_entry(&offline, "acme.example"), None, "{offline}");
+    assert_eq!(
+        queue_entry(&offline, "client.test").map(|e| e.0),
+        Some(1),
+        "{offline}"
+    );
+    // The report itself is a proper DSN naming the status.
+    let recovered = turnpike::spool::recover(server.data_dir()).unwrap();
+    let part = &recovered.parts[0];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reader = turnpike::spool::Reader::new(server.data_dir(), turnpike::spool::IoKind::Epoll);
+    let body = String::from_utf8(rt.block_on(reader.read_body(&part.location)).unwrap()).unwrap();
+    assert!(body.contains("report-type=delivery-status"), "{body}");
+    assert!(body.contains("Status: 5.4.7"), "{body}");
     assert!(
-        server.logs().contains("expired"),
-        "no log line for the expiry"
+        body.contains("Final-Recipient: rfc822; info@acme.example"),
+        "{body}"
+    );
+    server.restart();
+    // The expired part never comes back. (The report may itself expire under this test's 1 s
+    // hold; a report from <> is then dropped without another report.)
+    let after = server.queue_json();
+    assert_eq!(queue_entry(&after, "acme.example"), None, "{after}");
+    assert!(
+        server.logs().contains("delivery report queued"),
+        "no log line for the report"
     );
 }
 

@@ -25,16 +25,21 @@ use crate::spool;
 use crate::types::{BodyType, DomainName, Envelope, Mailbox, MessageId};
 
 use super::hosted::{CounterTable, Hosted};
+use super::report;
+use crate::proto::reply::EnhancedStatus;
 
 /// Work one core sends another.
 pub enum MeshMsg {
     /// A committed message part for a domain this core shards: index it.
     Held(spool::HeldPart),
-    /// To the writer core of `id`: a part passed the maximum hold; append its EXPIRE.
-    Expire {
+    /// To the writer core of the part's message: it passed the maximum hold. Append its
+    /// EXPIRE, queue the report to the sender, then its DONE.
+    Expire(spool::HeldPart),
+    /// To the shard core: expiring this part failed half-way; try again at the next scan.
+    ExpireFailed {
         /// The message.
         id: MessageId,
-        /// The expired part.
+        /// The part.
         domain: DomainName,
     },
     /// To the shard core: the EXPIRE is durable; mark the part expired (it awaits its bounce).
@@ -206,6 +211,8 @@ pub struct Core {
     /// The index of the domains this core shards.
     pub index_shard: RefCell<spool::DomainIndex>,
     next_seq: Cell<u64>,
+    /// Parts of this shard whose expiry is in progress on their writer core.
+    expiring: RefCell<std::collections::HashSet<(MessageId, DomainName)>>,
     /// Domain -> ATRN session holding it, for the domains this core shards.
     leases: RefCell<HashMap<DomainName, u64>>,
     /// Failed-login throttle for sessions on this core.
@@ -242,6 +249,7 @@ impl Core {
             index_shard: RefCell::new(index_shard),
             next_seq: Cell::new(u64::from_le_bytes(seed) >> 16),
             leases: RefCell::new(HashMap::new()),
+            expiring: RefCell::new(Default::default()),
             metrics: RefCell::new(metrics::CoreMetrics::new()),
             throttle: RefCell::new(crate::proto::throttle::Throttle::new(Default::default())),
             activity: RefCell::new(HashMap::new()),
@@ -392,9 +400,12 @@ impl Core {
                     c.add(part.bytes);
                     self.index_shard.borrow_mut().insert(part);
                 }
-                MeshMsg::Expire { id, domain } => {
+                MeshMsg::Expire(part) => {
                     let core = self.clone();
-                    tokio::task::spawn_local(async move { core.append_expire(id, domain).await });
+                    tokio::task::spawn_local(async move { core.expire(part).await });
+                }
+                MeshMsg::ExpireFailed { id, domain } => {
+                    self.expiring.borrow_mut().remove(&(id, domain));
                 }
                 MeshMsg::Expired { id, domain } => {
                     if self.index_shard.borrow_mut().mark_expired(id, &domain) {
@@ -472,6 +483,7 @@ impl Core {
                             _ => {}
                         }
                     }
+                    self.expiring.borrow_mut().remove(&(id, domain.clone()));
                     if let Some(part) = self.index_shard.borrow_mut().remove(id, &domain) {
                         counters
                             .entry(domain.clone())
@@ -502,6 +514,26 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Parts of this shard to expire now: past the maximum hold, plus parts marked expired
+    /// whose report never got through (after a crash or a failure), minus those in progress.
+    fn expiry_candidates(&self, now: u64, max_hold: u64) -> Vec<spool::HeldPart> {
+        let index = self.index_shard.borrow();
+        let mut expiring = self.expiring.borrow_mut();
+        let mut out = Vec::new();
+        for (id, domain) in index.due_for_expiry(now, max_hold) {
+            if let Some(p) = index.get(id, &domain) {
+                out.push(p.clone());
+            }
+        }
+        for (domain, stats) in index.all_stats() {
+            if stats.expired > 0 {
+                out.extend(index.parts(&domain).filter(|p| p.expired).cloned());
+            }
+        }
+        out.retain(|p| expiring.insert((p.id, p.domain.clone())));
+        out
     }
 
     /// Gauges for every domain this core shards that holds mail or has history.
@@ -580,21 +612,57 @@ impl Core {
         }
     }
 
-    async fn append_expire(&self, id: MessageId, domain: DomainName) {
-        let Some(journal) = self.journal_of(id) else {
-            tracing::error!(%id, core = self.index, "EXPIRE routed to a core without its journal");
-            return;
+    /// Expires a part (on its writer core): EXPIRE record, report to the sender, DONE. Each
+    /// step is durable before the next, so a crash in between resumes from the EXPIRE mark.
+    async fn expire(&self, part: spool::HeldPart) {
+        let (id, domain) = (part.id, part.domain.clone());
+        let shard = self.shard_of(&domain);
+        let failed = |why: &str| {
+            tracing::error!(%id, %domain, why, "expiry not finished; retried at the next scan");
+            let msg = MeshMsg::ExpireFailed {
+                id,
+                domain: domain.clone(),
+            };
+            self.shared.mesh.send(shard, msg);
         };
-        match journal.append_expire(id, &domain).await {
-            Ok(_) => {
-                let shard = self.shard_of(&domain);
-                self.shared
-                    .mesh
-                    .send(shard, MeshMsg::Expired { id, domain });
+        let Some(journal) = self.journal_of(id) else {
+            return failed("routed to a core without its journal");
+        };
+        if !part.expired {
+            if let Err(e) = journal.append_expire(id, &domain).await {
+                return failed(&e.to_string());
             }
-            // Retried at the next expiry scan: the part is still not marked.
-            Err(e) => tracing::error!(%id, %domain, error = %e, "could not record expiry"),
+            let msg = MeshMsg::Expired {
+                id,
+                domain: domain.clone(),
+            };
+            self.shared.mesh.send(shard, msg);
         }
+        let envelope = match self.reader.read_message(&part.location).await {
+            Ok(meta) => meta.envelope,
+            Err(e) => return failed(&e.to_string()),
+        };
+        let days = self.shared.config.spool.max_hold.as_secs() / 86_400;
+        let failures: Vec<report::Failure> = part
+            .recipients
+            .iter()
+            .map(|r| report::Failure {
+                recipient: r.clone(),
+                status: EnhancedStatus::new(5, 4, 7),
+                diagnostic: format!(
+                    "held {days} days for {domain} without being collected (ATRN); giving up"
+                ),
+            })
+            .collect();
+        let loc = &part.location;
+        let reported =
+            report::queue_failure(self, id, loc, part.received_at, &envelope, &failures).await;
+        if !reported {
+            return failed("report not stored");
+        }
+        self.metrics.borrow_mut().message_expired();
+        self.append_done(id, domain, spool::Outcome::ExpiredBounced)
+            .await;
     }
 
     /// Periodic work: expire parts held too long (this core's shard) and reclaim journal
@@ -612,11 +680,10 @@ impl Core {
                 .unwrap_or_default()
                 .as_secs();
             let max_hold = self.shared.config.spool.max_hold.as_secs();
-            let due = self.index_shard.borrow().due_for_expiry(now, max_hold);
-            for (id, domain) in due {
+            for part in self.expiry_candidates(now, max_hold) {
                 self.shared
                     .mesh
-                    .send(self.writer_of(id), MeshMsg::Expire { id, domain });
+                    .send(self.writer_of(part.id), MeshMsg::Expire(part));
             }
             let journals = std::iter::once(&self.journal).chain(self.adopted.values());
             for journal in journals {

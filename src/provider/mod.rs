@@ -4,12 +4,14 @@
 //! - [`atrn`]: the ATRN decision: authorisation, leases, "is there mail".
 //! - [`core`]: what one core owns (journal writer, index shard, hosted snapshot).
 //! - [`hosted`]: the hosted-domain snapshot and quota counters.
+//! - [`report`]: RFC 3464 delivery reports (refusals, expiry).
 //! - [`reversal`]: delivering held mail after ATRN.
 //! - [`session`]: the session driver for the MX and ODMR listeners.
 
 pub mod atrn;
 pub mod core;
 pub mod hosted;
+pub mod report;
 pub mod reversal;
 pub mod server;
 pub mod session;

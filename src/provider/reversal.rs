@@ -14,10 +14,10 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::metrics::DeliveryOutcome;
-use crate::proto::dsn::{self, DsnAction, Report, ReportRecipient};
+use crate::proto::reply::{EnhancedStatus, Reply};
 use crate::proto::reversed::{
     Action, BodyFraming, CloseReason, MessageOutcome, Outgoing, RcptOutcome, Reversed,
     ReversedConfig,
@@ -29,6 +29,7 @@ use crate::types::{BodyType, DomainName, Envelope, MessageId, Recipient};
 
 use super::atrn::Leases;
 use super::core::{Core, MeshMsg};
+use super::report::{self, Failure};
 
 /// Body bytes read from the journal per chunk.
 const BODY_CHUNK: usize = 256 * 1024;
@@ -255,7 +256,7 @@ async fn settle(core: &Core, flight: InFlight, outcome: MessageOutcome, summary:
         }
     }
     let id = flight.queued.id;
-    let mut failed: Vec<(usize, &crate::proto::reply::Reply)> = Vec::new();
+    let mut failed: Vec<(usize, &Reply)> = Vec::new();
     let (mut any_deferred, mut any_failed) = (false, false);
     for (part_index, (domain, _)) in parts.iter().enumerate() {
         let rs = &results[part_index];
@@ -322,95 +323,27 @@ async fn settle(core: &Core, flight: InFlight, outcome: MessageOutcome, summary:
 }
 
 /// Queues an RFC 3464 failure report to the sender for the refused recipients.
-async fn bounce(core: &Core, flight: &InFlight, failed: &[(usize, &crate::proto::reply::Reply)]) {
-    let env = &flight.envelope;
-    let Some(sender) = env.sender.as_ref() else {
-        tracing::info!(id = %flight.queued.id, "refused mail from the null sender: no report (never bounce a bounce)");
-        return;
-    };
-    let ret = dsn::default_ret(env.ret);
-    let original = match read_for_report(core, &flight.queued.location, ret).await {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(id = %flight.queued.id, error = %e, "cannot read the original for its report");
-            Vec::new()
-        }
-    };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let hostname = core.shared.config.server.hostname.to_string();
-    let recipients = failed
+async fn bounce(core: &Core, flight: &InFlight, failed: &[(usize, &Reply)]) {
+    let failures: Vec<Failure> = failed
         .iter()
         .filter_map(|(i, reply)| {
-            let r = env.recipients.get(*i)?;
-            Some(ReportRecipient {
-                final_recipient: &r.mailbox,
-                original_recipient: r.orcpt.as_deref(),
-                action: DsnAction::Failed,
-                status: reply
-                    .status
-                    .unwrap_or(crate::proto::reply::EnhancedStatus::new(5, 0, 0)),
-                diagnostic: Some(format!("{} {}", reply.code, reply.lines.join(" "))),
-                remote_mta: None,
+            Some(Failure {
+                recipient: flight.envelope.recipients.get(*i)?.clone(),
+                status: reply.status.unwrap_or(EnhancedStatus::new(5, 0, 0)),
+                diagnostic: format!("{} {}", reply.code, reply.lines.join(" ")),
             })
         })
         .collect();
-    let report = Report {
-        reporting_mta: &hostname,
-        arrival_unix: flight.queued.received_at,
-        now_unix: now.as_secs(),
-        envid: env.envid.as_deref(),
-        original_sender: Some(sender),
-        recipients,
-        ret,
-        original: &original,
-        boundary_seed: now.as_nanos() as u64 ^ flight.queued.id.0 as u64,
-    };
-    let Some(body) = dsn::build(&report) else {
-        return;
-    };
-    let report_env = Envelope {
-        sender: None,
-        body: if dsn::is_eight_bit(&body) {
-            BodyType::EightBitMime
-        } else {
-            BodyType::SevenBit
-        },
-        smtputf8: sender.is_utf8(),
-        recipients: vec![Recipient {
-            mailbox: sender.clone(),
-            notify: None,
-            orcpt: None,
-        }],
-        ..Envelope::default()
-    };
-    match core.store_generated(&report_env, body).await {
-        Ok(report_id) => {
-            tracing::info!(id = %flight.queued.id, report = %report_id, to = %sender, "delivery report queued")
-        }
-        Err(e) => {
-            tracing::error!(id = %flight.queued.id, error = %e, "could not queue the delivery report")
-        }
-    }
-}
-
-/// The part of the original a report returns: headers only for RET=HDRS (read just enough),
-/// the whole message for RET=FULL.
-async fn read_for_report(
-    core: &Core,
-    loc: &Location,
-    ret: crate::types::Ret,
-) -> Result<Vec<u8>, spool::Error> {
-    if ret == crate::types::Ret::Full {
-        return core.reader.read_body(loc).await;
-    }
-    let n = loc.body_len.min(256 * 1024) as usize;
-    let head = core.reader.read_body_range(loc, 0, n, Vec::new()).await?;
-    let end = memchr::memmem::find(&head, b"\r\n\r\n")
-        .map(|i| i + 4)
-        .unwrap_or(head.len());
-    Ok(head[..end].to_vec())
+    let q = &flight.queued;
+    report::queue_failure(
+        core,
+        q.id,
+        &q.location,
+        q.received_at,
+        &flight.envelope,
+        &failures,
+    )
+    .await;
 }
 
 async fn flush(conn: &mut Conn, machine: &mut Reversed) -> std::io::Result<()> {
