@@ -9,9 +9,14 @@ use crate::proto::data::{DataScanner, Progress};
 use crate::proto::frame::{Frame, Framer};
 use std::collections::VecDeque;
 
-use crate::proto::inbound::{Action, Directory, Inbound, InboundConfig, RcptVerdict};
+use crate::proto::inbound::{
+    Action, AtrnDecision, Directory, Inbound, InboundConfig, Mode, OdmrConfig, OdmrEvent,
+    RcptVerdict, SessionContext,
+};
 use crate::proto::reversed::{self, Outgoing, Reversed, ReversedConfig};
+use crate::proto::sasl::{Credentials, ScramSecrets};
 use crate::proto::stuff;
+use crate::proto::throttle::Refusal;
 use crate::types::{Envelope, Mailbox, MessageId, Notify, Recipient, Ret};
 
 /// Frames `data` into lines and parses each one as a command, with and without UTF-8.
@@ -148,9 +153,49 @@ impl Directory for AcceptAll {
     }
 }
 
+/// One account, "user" with password "pencil" (16 SCRAM iterations, to keep fuzzing fast),
+/// also for CRAM-MD5 (digest of anything: the fuzzer cannot compute HMAC-MD5, so the check
+/// accepts the all-zero digest to reach the success paths) and certificate "CN=gw".
+struct FuzzCreds;
+
+impl Credentials for FuzzCreds {
+    fn scram(&self, user: &str) -> Option<ScramSecrets> {
+        use hmac::Mac;
+        use sha2::{Digest, Sha256};
+        if user != "user" {
+            return None;
+        }
+        let mut salted = [0u8; 32];
+        pbkdf2::pbkdf2_hmac::<Sha256>(b"pencil", b"salt", 16, &mut salted);
+        let hmac = |data: &[u8]| -> [u8; 32] {
+            let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&salted).expect("any key");
+            mac.update(data);
+            mac.finalize().into_bytes().into()
+        };
+        Some(ScramSecrets {
+            salt: b"salt".to_vec(),
+            iterations: 16,
+            stored_key: Sha256::digest(hmac(b"Client Key")).into(),
+            server_key: hmac(b"Server Key"),
+        })
+    }
+    fn cram_md5(&self, user: &str, _challenge: &[u8], digest_hex: &str) -> bool {
+        user == "user" && digest_hex == "00000000000000000000000000000000"
+    }
+    fn external(&self, cert_identity: &str) -> Option<String> {
+        (cert_identity == "CN=gw").then(|| "user".into())
+    }
+}
+
 /// Drives an [`Inbound`] machine with `data` as the client's input, in pieces whose size is
-/// taken from the first byte, obeying every action like a real driver.
+/// taken from the first byte, obeying every action like a real driver: once as the MX and
+/// once as the ODMR listener.
 pub fn inbound(data: &[u8]) {
+    inbound_in(data, Mode::Mx);
+    inbound_in(data, Mode::Odmr);
+}
+
+fn inbound_in(data: &[u8], mode: Mode) {
     let cfg = InboundConfig {
         max_message_size: 2048,
         max_recipients: 5,
@@ -159,18 +204,72 @@ pub fn inbound(data: &[u8]) {
         ..InboundConfig::new("mx.example")
     };
     let piece = data.first().map_or(1, |&b| usize::from(b % 32) + 1);
-    let mut m = Inbound::new(cfg);
+    let context = |tls: bool| SessionContext {
+        random: [9; 32],
+        unix_time: 1_700_000_000,
+        tls_exporter: tls.then_some([0xab; 32]),
+        peer_identity: tls.then(|| "CN=gw".into()),
+    };
+    let odmr = OdmrConfig {
+        scram_iterations: 16,
+        max_auth_failures: 5,
+        // Reach the password checks without a handshake (STARTTLS is exercised too).
+        allow_plaintext_auth: true,
+        ..OdmrConfig::new([3; 32])
+    };
+    let mut m = match mode {
+        Mode::Odmr => Inbound::new_odmr(cfg, odmr, context(false)),
+        _ => Inbound::new(cfg),
+    };
+    let mut reversed = false;
     let mut buf = Vec::new();
     let mut output = Vec::new();
     let mut deliveries = 0u64;
     for chunk in data.chunks(piece) {
         buf.extend_from_slice(chunk);
         loop {
-            let n = m.handle_input(&buf, &AcceptAll);
+            let n = m.handle_odmr_input(&buf, &AcceptAll, &FuzzCreds);
             assert!(n <= buf.len());
             buf.drain(..n);
             output.append(m.output());
             let mut acted = false;
+            while let Some(event) = m.poll_event() {
+                assert_eq!(m.mode(), Mode::Odmr);
+                acted = true;
+                match event {
+                    OdmrEvent::AuthSucceeded { account } => {
+                        assert_eq!(account, "user");
+                        m.auth_checked(None);
+                        assert_eq!(m.account(), Some("user"));
+                    }
+                    OdmrEvent::AuthFailed { account } => {
+                        // Every other failure is throttled at the account, one in seven closes.
+                        let refusal = match account.as_deref().map(str::len) {
+                            Some(n) if n % 7 == 0 => Some(Refusal::Ip),
+                            Some(n) if n % 2 == 0 => Some(Refusal::Account),
+                            _ => None,
+                        };
+                        m.auth_checked(refusal);
+                        assert!(m.account().is_none());
+                    }
+                    OdmrEvent::Atrn { account, domains } => {
+                        assert_eq!(m.account(), Some(account.as_str()));
+                        let decision = match domains.len() % 4 {
+                            0 => AtrnDecision::Accepted,
+                            1 => AtrnDecision::NoMail,
+                            2 => AtrnDecision::NotAuthorized(domains),
+                            _ => AtrnDecision::Unavailable,
+                        };
+                        m.atrn_decided(decision);
+                    }
+                    OdmrEvent::Reverse => {
+                        // The turnaround never leaves customer bytes behind.
+                        assert!(m.is_reversed() && buf.is_empty());
+                        reversed = true;
+                    }
+                }
+                output.append(m.output());
+            }
             while let Some(action) = m.poll_action() {
                 acted = true;
                 match action {
@@ -184,14 +283,19 @@ pub fn inbound(data: &[u8]) {
                     Action::StartTls => {
                         buf.clear();
                         m.tls_started();
+                        m.set_context(context(true));
                     }
                     Action::Close => assert!(m.is_closed()),
                 }
                 output.append(m.output());
             }
-            if !acted || buf.is_empty() || m.is_closed() {
+            if !acted || buf.is_empty() || m.is_closed() || reversed {
                 break;
             }
+        }
+        if reversed {
+            assert_eq!(m.handle_input(b"220 customer\r\n", &AcceptAll), 0);
+            return check_replies(&output);
         }
         // The driver never has to hold more than one line, or one line plus one read.
         assert!(

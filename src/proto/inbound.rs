@@ -753,6 +753,8 @@ impl Inbound {
     }
 
     fn close(&mut self) {
+        // A decision still pending (say, a timeout during ATRN) is moot once closed.
+        self.event = None;
         self.phase = Phase::Closed;
         self.actions.push_back(Action::Close);
     }
@@ -2746,6 +2748,17 @@ mod tests {
         assert_eq!(m.output(), b"554 5.5.0 ATRN must not be pipelined\r\n");
         assert!(matches!(m.poll_action(), Some(Action::Close)));
         assert!(m.is_closed() && !m.is_reversed() && m.poll_event().is_none());
+        // A timeout while the decision is pending withdraws it.
+        let mut m = odmr_setup(true, false).machine();
+        let _ = m.handle_odmr_input(b"EHLO c\r\n", &Dir, &Creds);
+        let _ = m.handle_odmr_input(input.as_bytes(), &Dir, &Creds);
+        assert!(m.poll_event().is_some());
+        m.auth_checked(None);
+        assert_eq!(m.handle_odmr_input(b"ATRN\r\n", &Dir, &Creds), 6);
+        m.timed_out();
+        assert!(m.poll_event().is_none() && m.is_closed());
+        m.atrn_decided(AtrnDecision::Accepted);
+        assert!(!m.is_reversed());
     }
 
     #[test]
