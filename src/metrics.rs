@@ -492,6 +492,23 @@ pub struct DomainGauge {
     pub bounced: u64,
 }
 
+impl DomainGauge {
+    /// A domain with nothing held and no history yet.
+    pub fn new(domain: impl Into<String>) -> Self {
+        DomainGauge {
+            domain: domain.into(),
+            held_messages: 0,
+            held_bytes: 0,
+            oldest_unix: None,
+            last_atrn_unix: None,
+            last_atrn_result: None,
+            delivered: 0,
+            deferred: 0,
+            bounced: 0,
+        }
+    }
+}
+
 /// Facts about the running server, rendered as `turnpike_build_info` and `turnpike_cores`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerInfo<'a> {

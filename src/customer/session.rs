@@ -375,13 +375,6 @@ impl Client {
     }
 
     async fn flush(&mut self, machine: &mut Inbound) -> std::io::Result<()> {
-        if machine.output().is_empty() {
-            return Ok(());
-        }
-        let out = std::mem::take(machine.output());
-        let (r, mut out) = self.conn.write_owned(out).await;
-        out.clear();
-        *machine.output() = out;
-        r
+        self.conn.flush_buffer(machine.output()).await
     }
 }

@@ -541,25 +541,18 @@ impl Core {
         let index = self.index_shard.borrow();
         let activity = self.activity.borrow();
         let mut gauges: HashMap<DomainName, metrics::DomainGauge> = HashMap::new();
-        let blank = |d: &DomainName| metrics::DomainGauge {
-            domain: d.to_string(),
-            held_messages: 0,
-            held_bytes: 0,
-            oldest_unix: None,
-            last_atrn_unix: None,
-            last_atrn_result: None,
-            delivered: 0,
-            deferred: 0,
-            bounced: 0,
-        };
         for (d, s) in index.all_stats() {
-            let g = gauges.entry(d.clone()).or_insert_with(|| blank(&d));
+            let g = gauges
+                .entry(d.clone())
+                .or_insert_with(|| metrics::DomainGauge::new(d.as_str()));
             g.held_messages = s.messages;
             g.held_bytes = s.bytes;
             g.oldest_unix = s.oldest;
         }
         for (d, a) in activity.iter() {
-            let g = gauges.entry(d.clone()).or_insert_with(|| blank(d));
+            let g = gauges
+                .entry(d.clone())
+                .or_insert_with(|| metrics::DomainGauge::new(d.as_str()));
             g.last_atrn_unix = a.last_atrn.map(|(t, _)| t);
             g.last_atrn_result = a.last_atrn.map(|(_, r)| r.as_str());
             g.delivered = a.delivered;

@@ -347,12 +347,5 @@ async fn bounce(core: &Core, flight: &InFlight, failed: &[(usize, &Reply)]) {
 }
 
 async fn flush(conn: &mut Conn, machine: &mut Reversed) -> std::io::Result<()> {
-    if machine.output().is_empty() {
-        return Ok(());
-    }
-    let out = std::mem::take(machine.output());
-    let (r, mut out) = conn.write_owned(out).await;
-    out.clear();
-    *machine.output() = out;
-    r
+    conn.flush_buffer(machine.output()).await
 }

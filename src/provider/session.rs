@@ -320,9 +320,5 @@ async fn flush(
             tracing::info!(%peer, reply = %text.trim_end(), "refused");
         }
     }
-    let out = std::mem::take(machine.output());
-    let (res, mut out) = conn.write_owned(out).await;
-    out.clear();
-    *machine.output() = out;
-    res
+    conn.flush_buffer(machine.output()).await
 }

@@ -195,6 +195,18 @@ impl Conn {
         (self.flush_tls().await, buf)
     }
 
+    /// Writes and empties `buf` (a protocol machine's output), keeping its allocation for the
+    /// next replies. Does nothing when it is empty.
+    pub async fn flush_buffer(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (res, mut out) = self.write_owned(std::mem::take(buf)).await;
+        out.clear();
+        *buf = out;
+        res
+    }
+
     /// Sends TLS close_notify (if TLS) and half-closes the socket.
     pub async fn close(&mut self) {
         if let Some(tls) = self.tls.as_mut() {
