@@ -134,9 +134,16 @@ pub struct Account {
     domains: Vec<DomainName>,
     scram: ScramVerifier,
     cram_md5: Option<CramMd5Key>,
+    linger: bool,
 }
 
 impl Account {
+    /// Push delivery: after ATRN drains the queue, the provider keeps the reversed session
+    /// open and delivers new mail as it arrives (DESIGN.md "linger").
+    pub fn linger(&self) -> bool {
+        self.linger
+    }
+
     /// The account (and SASL authentication) name.
     pub fn name(&self) -> &AccountName {
         &self.name
@@ -423,6 +430,18 @@ impl Accounts {
         self.insert(Account::new(name, domains, scram, cram_md5)?)
     }
 
+    /// Turns push delivery (linger) on or off for the account `name`.
+    pub fn set_linger(&mut self, name: &str, linger: bool) -> Result<(), AccountsError> {
+        let account = AccountName::parse(name)
+            .ok()
+            .and_then(|n| self.by_name.get_mut(&n))
+            .ok_or_else(|| {
+                AccountsError::new(AccountsErrorKind::NoSuchAccount).for_account(name)
+            })?;
+        account.linger = linger;
+        Ok(())
+    }
+
     /// Removes the account `name` and frees its domains.
     pub fn remove(&mut self, name: &str) -> Result<Account, AccountsError> {
         let account = AccountName::parse(name)
@@ -517,6 +536,7 @@ impl Account {
             domains,
             scram,
             cram_md5,
+            linger: false,
         })
     }
 
@@ -570,11 +590,14 @@ impl Account {
                 CramMd5Key::from_hex(hex).ok_or_else(|| secret("cram_md5", "not 64 hex digits"))?,
             ),
         };
-        Account::new(name, domains, scram, cram_md5)
+        let mut account = Account::new(name, domains, scram, cram_md5)?;
+        account.linger = raw.linger;
+        Ok(account)
     }
 
     fn to_raw(&self) -> RawAccount {
         RawAccount {
+            linger: self.linger,
             name: self.name.0.clone(),
             domains: self.domains.iter().map(|d| d.as_str().to_owned()).collect(),
             cram_md5: self.cram_md5.as_ref().map(CramMd5Key::to_hex),
@@ -610,6 +633,8 @@ struct RawAccount {
     domains: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cram_md5: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    linger: bool,
     scram_sha256: RawScram,
 }
 

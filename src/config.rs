@@ -213,6 +213,11 @@ pub struct OdmrSettings {
     /// The shortest interval between two ATRN requests of one account; more often is
     /// answered `450 4.7.0` (RFC 2645 §5.2.1 allows it). Zero turns the limit off.
     pub min_atrn_interval: Duration,
+    /// How long a lingering (push) session stays open after its queue drained.
+    pub linger_max: Duration,
+    /// How often a lingering session sends NOOP, well inside the customer's idle timeout
+    /// (RFC 5321: at least 5 minutes).
+    pub linger_keepalive: Duration,
 }
 
 impl Default for OdmrSettings {
@@ -220,6 +225,8 @@ impl Default for OdmrSettings {
         OdmrSettings {
             allow_plaintext_auth: false,
             min_atrn_interval: Duration::ZERO,
+            linger_max: Duration::from_secs(3600),
+            linger_keepalive: Duration::from_secs(60),
         }
     }
 }
@@ -463,7 +470,12 @@ pub(crate) fn line_column(source: &str, at: usize) -> (usize, usize) {
 const TOP_KEYS: &[&str] = &[
     "server", "listen", "tls", "limits", "spool", "odmr", "quota",
 ];
-const ODMR_KEYS: &[&str] = &["allow_plaintext_auth", "min_atrn_interval"];
+const ODMR_KEYS: &[&str] = &[
+    "allow_plaintext_auth",
+    "min_atrn_interval",
+    "linger_max",
+    "linger_keepalive",
+];
 const SERVER_KEYS: &[&str] = &["hostname", "data_dir", "cores", "io"];
 const LISTEN_KEYS: &[&str] = &["mx", "odmr", "submission", "submissions", "metrics"];
 const TLS_KEYS: &[&str] = &["cert", "key"];
@@ -521,7 +533,14 @@ impl Parser<'_> {
                 };
             }
             if let Some(v) = t.get("min_atrn_interval") {
-                config.odmr.min_atrn_interval = self.duration("odmr.min_atrn_interval", v)?;
+                config.odmr.min_atrn_interval =
+                    self.duration_or_zero("odmr.min_atrn_interval", v)?;
+            }
+            if let Some(v) = t.get("linger_max") {
+                config.odmr.linger_max = self.duration("odmr.linger_max", v)?;
+            }
+            if let Some(v) = t.get("linger_keepalive") {
+                config.odmr.linger_keepalive = self.duration("odmr.linger_keepalive", v)?;
             }
         }
         if let Some(t) = self.section(top, "quota")? {
@@ -739,12 +758,18 @@ impl Parser<'_> {
     }
 
     fn duration(&self, key: &str, v: &Value) -> Result<Duration, ConfigError> {
-        let expected = "a duration like \"5m\" (units s, m, h, d)";
-        match v.as_str().and_then(parse_duration) {
-            Some(d) if d.is_zero() => Err(self.rejected(key, "must be longer than zero")),
-            Some(d) => Ok(d),
-            None => Err(self.invalid(key, expected, v)),
+        match self.duration_or_zero(key, v)? {
+            d if d.is_zero() => Err(self.rejected(key, "must be longer than zero")),
+            d => Ok(d),
         }
+    }
+
+    /// A duration where zero is meaningful ("off").
+    fn duration_or_zero(&self, key: &str, v: &Value) -> Result<Duration, ConfigError> {
+        let expected = "a duration like \"5m\" (units s, m, h, d)";
+        v.as_str()
+            .and_then(parse_duration)
+            .ok_or_else(|| self.invalid(key, expected, v))
     }
 
     fn addresses(&self, key: &str, v: &Value, port: u16) -> Result<Vec<SocketAddr>, ConfigError> {
@@ -973,7 +998,15 @@ mod tests {
             (
                 "[sevrer]\ncores = 1",
                 "turnpike.toml: sevrer: unknown key (expected one of: server, listen, tls, \
-                 limits, spool, quota)",
+                 limits, spool, odmr, quota)",
+            ),
+            (
+                "[odmr]\nallow_plaintext_auth = \"yes\"",
+                "turnpike.toml: odmr.allow_plaintext_auth: expected true or false, got \"yes\"",
+            ),
+            (
+                "[odmr]\nlinger_max = \"0s\"",
+                "turnpike.toml: odmr.linger_max: must be longer than zero",
             ),
             (
                 "server = 3",

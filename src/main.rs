@@ -84,6 +84,17 @@ enum AccountAction {
         /// Do not store a CRAM-MD5 key (fetchmail speaks only CRAM-MD5).
         #[arg(long)]
         no_cram_md5: bool,
+        /// Push delivery: keep the session open after ATRN and deliver new mail at once.
+        #[arg(long)]
+        linger: bool,
+    },
+    /// Turn push delivery (linger) on or off for an account.
+    Linger {
+        /// Account name.
+        name: String,
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
     },
     /// List accounts and their domains.
     List,
@@ -188,11 +199,18 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let path = data_dir.join("accounts.toml");
             let mut accounts = Accounts::load(&path)?;
             match action {
+                AccountAction::Linger { name, state } => {
+                    accounts.set_linger(&name, state == "on")?;
+                    accounts.save(&path)?;
+                    notify_server(&data_dir);
+                    println!("account {name}: linger {state}");
+                }
                 AccountAction::Add {
                     name,
                     domains,
                     password_stdin: _,
                     no_cram_md5,
+                    linger,
                 } => {
                     let domains = domains
                         .iter()
@@ -205,6 +223,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         return Err("empty password on standard input".into());
                     }
                     accounts.add(&name, domains, password, !no_cram_md5)?;
+                    if linger {
+                        accounts.set_linger(&name, true)?;
+                    }
                     accounts.save(&path)?;
                     notify_server(&data_dir);
                     println!("account {name} added");

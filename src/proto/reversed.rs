@@ -494,6 +494,8 @@ enum Phase {
     /// The reply after the body.
     AwaitFinal(Box<Txn>),
     AwaitRset,
+    /// A keep-alive NOOP sent while idle (linger), waiting for its reply.
+    AwaitNoop,
     AwaitQuit,
     Closed,
 }
@@ -614,6 +616,17 @@ impl Reversed {
         if matches!(self.phase, Phase::Ready) {
             self.out.extend_from_slice(b"QUIT\r\n");
             self.phase = Phase::AwaitQuit;
+        }
+    }
+
+    /// While idle (after [`Action::NeedMessage`], nothing to send yet): sends `NOOP` so the
+    /// customer's idle timer (RFC 5321 §4.5.3.2: 5 minutes) does not end a lingering session.
+    /// A 2xx reply issues [`Action::NeedMessage`] again; anything else closes. Ignored in any
+    /// other state.
+    pub fn keepalive(&mut self) {
+        if matches!(self.phase, Phase::Ready) {
+            self.out.extend_from_slice(b"NOOP\r\n");
+            self.phase = Phase::AwaitNoop;
         }
     }
 
@@ -816,6 +829,8 @@ impl Reversed {
             },
             Phase::AwaitRset if reply.code / 100 == 2 => self.ready(),
             Phase::AwaitRset => self.close(CloseReason::Refused(reply)),
+            Phase::AwaitNoop if reply.code / 100 == 2 => self.ready(),
+            Phase::AwaitNoop => self.close(CloseReason::Refused(reply)),
             Phase::AwaitQuit => self.close(CloseReason::Done),
             // Not awaiting a reply: handle_input does not parse in these phases.
             p @ (Phase::Ready | Phase::SendingBody(_) | Phase::Closed) => self.phase = p,
@@ -1958,6 +1973,40 @@ mod tests {
                 run,
                 "{label} bytes"
             );
+        }
+    }
+
+    #[test]
+    fn keepalive_noop_while_idle_then_ready_again() {
+        for split in 0..=8 {
+            let mut m = Reversed::new(ReversedConfig {
+                hostname: "p.test".into(),
+                pipelining: true,
+                chunking: true,
+            });
+            m.handle_input(b"220 c.test ESMTP\r\n");
+            m.output().clear();
+            m.handle_input(b"250 c.test\r\n");
+            assert!(matches!(m.poll_action(), Some(Action::NeedMessage)));
+            m.keepalive();
+            assert_eq!(m.output().as_slice(), b"NOOP\r\n");
+            m.output().clear();
+            let reply = b"250 2.0.0 Ok\r\n";
+            // Fed like a driver: unconsumed bytes are presented again with the rest.
+            let (a, _) = reply.split_at(split.min(reply.len()));
+            let used = m.handle_input(a);
+            assert_eq!(m.handle_input(&reply[used..]), reply.len() - used);
+            assert!(
+                matches!(m.poll_action(), Some(Action::NeedMessage)),
+                "split {split}"
+            );
+            m.keepalive();
+            m.output().clear();
+            m.handle_input(b"502 5.5.1 no NOOP here\r\n");
+            assert!(matches!(
+                m.poll_action(),
+                Some(Action::Close(CloseReason::Refused(_)))
+            ));
         }
     }
 }
