@@ -48,6 +48,8 @@ pub struct Leases {
     by_shard: BTreeMap<usize, Vec<DomainName>>,
     /// Held parts per leased domain, oldest first.
     pub parts: Vec<(DomainName, Vec<HeldPart>)>,
+    /// For a lingering (push) session: parts held after the lease, as they arrive.
+    pub pushed: Option<tokio::sync::mpsc::UnboundedReceiver<HeldPart>>,
 }
 
 impl Leases {
@@ -113,6 +115,14 @@ pub async fn decide(
     for d in wanted {
         by_shard.entry(core.shard_of(&d)).or_default().push(d);
     }
+    let linger = core.hosted.borrow().lingers(account);
+    let (push, pushed) = match linger {
+        true => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
     let mut waiting = Vec::new();
     for (shard, domains) in &by_shard {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -120,6 +130,7 @@ pub async fn decide(
             session,
             domains: domains.clone(),
             reply: tx,
+            push: push.clone(),
         };
         core.shared.mesh.send(*shard, msg);
         waiting.push(rx);
@@ -130,6 +141,7 @@ pub async fn decide(
         session,
         by_shard,
         parts: Vec::new(),
+        pushed,
     };
     let mut busy = None;
     for rx in waiting {
@@ -142,7 +154,9 @@ pub async fn decide(
     if let Some(d) = busy {
         return Verdict::Busy(d);
     }
-    if leases.parts.iter().all(|(_, p)| p.is_empty()) {
+    // A lingering account is served even with nothing held yet: RFC 2645 §5.2.1 allows a
+    // 250 with nothing to send, and the session then waits for mail.
+    if !linger && leases.parts.iter().all(|(_, p)| p.is_empty()) {
         return Verdict::NoMail;
     }
     Verdict::Granted(leases)

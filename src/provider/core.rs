@@ -67,6 +67,8 @@ pub enum MeshMsg {
         domains: Vec<DomainName>,
         /// Where the answer goes.
         reply: tokio::sync::oneshot::Sender<LeaseAnswer>,
+        /// For a lingering session: where parts held later for these domains are pushed.
+        push: Option<tokio::sync::mpsc::UnboundedSender<spool::HeldPart>>,
     },
     /// To a shard core: the session is over; its leases end.
     Release {
@@ -215,6 +217,8 @@ pub struct Core {
     expiring: RefCell<std::collections::HashSet<(MessageId, DomainName)>>,
     /// Domain -> ATRN session holding it, for the domains this core shards.
     leases: RefCell<HashMap<DomainName, u64>>,
+    /// Lingering sessions: where newly held parts of their leased domains go.
+    pushes: RefCell<HashMap<u64, tokio::sync::mpsc::UnboundedSender<spool::HeldPart>>>,
     /// Failed-login throttle for sessions on this core.
     pub throttle: RefCell<crate::proto::throttle::Throttle>,
     /// This core's counters and latency histograms.
@@ -249,6 +253,7 @@ impl Core {
             index_shard: RefCell::new(index_shard),
             next_seq: Cell::new(u64::from_le_bytes(seed) >> 16),
             leases: RefCell::new(HashMap::new()),
+            pushes: RefCell::new(HashMap::new()),
             expiring: RefCell::new(Default::default()),
             metrics: RefCell::new(metrics::CoreMetrics::new()),
             throttle: RefCell::new(crate::proto::throttle::Throttle::new(Default::default())),
@@ -398,6 +403,11 @@ impl Core {
                         .entry(part.domain.clone())
                         .or_insert_with(|| self.shared.counters.counters(&part.domain));
                     c.add(part.bytes);
+                    let session = self.leases.borrow().get(&part.domain).copied();
+                    if let Some(push) = session.and_then(|s| self.pushes.borrow().get(&s).cloned())
+                    {
+                        let _ = push.send(part.clone());
+                    }
                     self.index_shard.borrow_mut().insert(part);
                 }
                 MeshMsg::Expire(part) => {
@@ -425,10 +435,16 @@ impl Core {
                     session,
                     domains,
                     reply,
+                    push,
                 } => {
-                    let _ = reply.send(self.lease(session, &domains));
+                    let answer = self.lease(session, &domains);
+                    if let (LeaseAnswer::Granted(_), Some(push)) = (&answer, push) {
+                        self.pushes.borrow_mut().insert(session, push);
+                    }
+                    let _ = reply.send(answer);
                 }
                 MeshMsg::Release { session, domains } => {
+                    self.pushes.borrow_mut().remove(&session);
                     let mut leases = self.leases.borrow_mut();
                     for d in domains {
                         if leases.get(&d) == Some(&session) {

@@ -118,6 +118,11 @@ impl Hosted {
         }
     }
 
+    /// True when `account` asked for push delivery (linger).
+    pub fn lingers(&self, account: &str) -> bool {
+        self.accounts.account(account).is_some_and(|a| a.linger())
+    }
+
     /// The domains `account` owns (empty for an unknown account).
     pub fn domains_of(&self, account: &str) -> &[DomainName] {
         self.by_account

@@ -69,8 +69,15 @@ pub struct Summary {
 
 /// Delivers the leased domains' mail over `conn`, then returns (leases are released by the
 /// caller dropping them).
-pub async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, leases: &Leases) -> Summary {
+pub async fn run(
+    core: &Rc<Core>,
+    conn: &mut Conn,
+    peer: SocketAddr,
+    leases: &mut Leases,
+) -> Summary {
     let mut queue = build_queue(leases);
+    let odmr = &core.shared.config.odmr;
+    let linger_until = tokio::time::Instant::now() + odmr.linger_max;
     let cfg = ReversedConfig {
         hostname: core.shared.config.server.hostname.to_string(),
         pipelining: true,
@@ -86,21 +93,52 @@ pub async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, leases: &Le
         pos += machine.handle_input(&input[pos..]);
         while let Some(action) = machine.poll_action() {
             match action {
-                Action::NeedMessage => match queue.pop_front() {
-                    Some(q) => match prepare(core, q, next_tag).await {
-                        Ok((outgoing, flight)) => {
-                            next_tag += 1;
-                            in_flight.insert(outgoing.id.clone(), flight);
-                            machine.send(outgoing);
+                Action::NeedMessage => {
+                    let next = match queue.pop_front() {
+                        Some(q) => Some(q),
+                        // Push mode: wait for new mail for the leased domains, keeping the
+                        // session alive with NOOP, until linger_max.
+                        None => match leases.pushed.as_mut() {
+                            None => {
+                                machine.no_more();
+                                None
+                            }
+                            Some(pushed) => {
+                                let keepalive = odmr.linger_keepalive;
+                                match linger(pushed, keepalive, linger_until).await {
+                                    Lingered::Mail(part) => Some(Queued {
+                                        id: part.id,
+                                        location: part.location,
+                                        received_at: part.received_at,
+                                        parts: vec![(part.domain, part.recipients)],
+                                    }),
+                                    Lingered::Keepalive => {
+                                        machine.keepalive();
+                                        None
+                                    }
+                                    Lingered::Done => {
+                                        machine.no_more();
+                                        None
+                                    }
+                                }
+                            }
+                        },
+                    };
+                    if let Some(q) = next {
+                        match prepare(core, q, next_tag).await {
+                            Ok((outgoing, flight)) => {
+                                next_tag += 1;
+                                in_flight.insert(outgoing.id.clone(), flight);
+                                machine.send(outgoing);
+                            }
+                            Err(e) => {
+                                // Unreadable record: keep it held, tell the operator, end.
+                                tracing::error!(%peer, error = %e, "cannot read a held message; it stays held");
+                                machine.no_more();
+                            }
                         }
-                        Err(e) => {
-                            // Unreadable record: keep it held, tell the operator, move on.
-                            tracing::error!(%peer, error = %e, "cannot read a held message; it stays held");
-                            machine.no_more();
-                        }
-                    },
-                    None => machine.no_more(),
-                },
+                    }
+                }
                 Action::SendBody { id, framing } => {
                     if flush(conn, &mut machine).await.is_err() {
                         machine.abort();
@@ -149,6 +187,34 @@ pub async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, leases: &Le
             Ok(Ok(n)) if n > 0 => {}
             _ => machine.abort(),
         }
+    }
+}
+
+/// What a lingering session's wait ended with.
+enum Lingered {
+    /// A new part for a leased domain.
+    Mail(spool::HeldPart),
+    /// Time for a NOOP.
+    Keepalive,
+    /// linger_max reached, or the push channel closed: QUIT.
+    Done,
+}
+
+/// Waits (idle, after the queue drained) for pushed mail, the keep-alive interval or the
+/// linger deadline, whichever comes first.
+///
+/// It deliberately does not read from the connection meanwhile: an io_uring read that loses
+/// the race would still complete in the kernel and swallow the customer's next reply. A
+/// customer that hung up is noticed at the next NOOP instead (at most one keep-alive later).
+async fn linger(
+    pushed: &mut tokio::sync::mpsc::UnboundedReceiver<spool::HeldPart>,
+    keepalive: Duration,
+    until: tokio::time::Instant,
+) -> Lingered {
+    tokio::select! {
+        part = pushed.recv() => part.map_or(Lingered::Done, Lingered::Mail),
+        _ = tokio::time::sleep(keepalive) => Lingered::Keepalive,
+        _ = tokio::time::sleep_until(until) => Lingered::Done,
     }
 }
 

@@ -58,8 +58,8 @@ pub async fn serve(core: Rc<Core>, conn: Conn, peer: SocketAddr, kind: Kind) {
         Err(_) => End::SessionTimeout,
     };
     match ended {
-        End::Reverse(leases) => {
-            reversal::run(&core, &mut conn, peer, &leases).await;
+        End::Reverse(mut leases) => {
+            reversal::run(&core, &mut conn, peer, &mut leases).await;
             drop(leases);
             conn.close().await;
             return;
