@@ -465,9 +465,19 @@ pub fn require_program(name: &str) -> bool {
     // Straight to the stderr handle, not eprintln!: the test harness captures the macros.
     let _ = writeln!(
         io::stderr(),
-        "SKIP: {test}: {name} not installed (apt-get install swaks postfix)"
+        "SKIP: {test}: {name} not installed (apt-get install {}, or run \
+         tests/support/install-mail-clients.sh)",
+        debian_package(name)
     );
     false
+}
+
+/// The Debian package that installs the program `name`, for the SKIP hint.
+fn debian_package(name: &str) -> &str {
+    match name {
+        "smtp-source" | "smtp-sink" => "postfix",
+        other => other,
+    }
 }
 
 /// A blocking SMTP peer. Every read and write times out after [`IO_TIMEOUT`].

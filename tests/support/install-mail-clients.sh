@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Installs the real mail clients the interop tests and the Postfix benchmark drive: swaks and
-# Postfix (for /usr/sbin/smtp-source and, in the benchmark, a throwaway Postfix instance).
+# Installs the real mail clients the interop tests and the Postfix benchmark drive: swaks,
+# Postfix (for /usr/sbin/smtp-source and, in the benchmark, a throwaway Postfix instance) and
+# fetchmail (the ODMR customer of tests/fetchmail.rs).
 #
 # Debian packages only, without prompts: postfix is preseeded to "No configuration", so its
 # postinst writes no main.cf and starts nothing. Idempotent: apt is touched only when a program
 # is missing. Afterwards no system Postfix daemon is left running (smtp-source is a standalone
-# client; the interop tests never need the daemon).
+# client; the interop tests never need the daemon), and no system fetchmail daemon either:
+# Debian's starts only with START_DAEMON=yes in /etc/default/fetchmail and an /etc/fetchmailrc,
+# and a fresh install has neither (the tests run fetchmail in the foreground, with their own
+# rc file and pid file).
 set -euo pipefail
 
 need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 [ -x /usr/sbin/smtp-source ] || need+=(postfix)
+command -v fetchmail >/dev/null 2>&1 || need+=(fetchmail)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -32,6 +37,14 @@ if [ -f /etc/postfix/main.cf ] && /usr/sbin/postfix status >/dev/null 2>&1; then
   /usr/sbin/postfix stop
 fi
 
+# Should a system fetchmail daemon run anyway (a configured host), stop it by its pid file.
+fetchmail_pid=/var/run/fetchmail/fetchmail.pid
+if [ -s "$fetchmail_pid" ] && kill -0 "$(head -n 1 "$fetchmail_pid")" 2>/dev/null; then
+  echo "install-mail-clients: stopping the system fetchmail daemon"
+  start-stop-daemon --stop --quiet --oknodo --pidfile "$fetchmail_pid" --exec /usr/bin/fetchmail
+fi
+
 command -v swaks >/dev/null
 [ -x /usr/sbin/smtp-source ]
-echo "install-mail-clients: swaks and smtp-source present"
+command -v fetchmail >/dev/null
+echo "install-mail-clients: swaks, smtp-source and fetchmail present"
