@@ -145,6 +145,9 @@ pub struct ListenSettings {
     pub mx: Vec<SocketAddr>,
     /// ODMR, where customers authenticate and send ATRN (port 366 in production).
     pub odmr: Vec<SocketAddr>,
+    /// ODMR over implicit TLS (TLS from the first byte: fetchmail's `--ssl`, service
+    /// `odmrs`). No port is registered for it; off by default.
+    pub odmrs: Vec<SocketAddr>,
     /// Message submission with STARTTLS (port 587 in production).
     pub submission: Vec<SocketAddr>,
     /// Message submission over implicit TLS (port 465 in production).
@@ -305,6 +308,7 @@ impl Default for ListenSettings {
             odmr: local(3366),
             submission: local(2587),
             submissions: Vec::new(),
+            odmrs: Vec::new(),
             metrics: local(9366),
         }
     }
@@ -477,7 +481,7 @@ const ODMR_KEYS: &[&str] = &[
     "linger_keepalive",
 ];
 const SERVER_KEYS: &[&str] = &["hostname", "data_dir", "cores", "io"];
-const LISTEN_KEYS: &[&str] = &["mx", "odmr", "submission", "submissions", "metrics"];
+const LISTEN_KEYS: &[&str] = &["mx", "odmr", "odmrs", "submission", "submissions", "metrics"];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const LIMITS_KEYS: &[&str] = &[
     "max_message_size",
@@ -586,6 +590,7 @@ impl Parser<'_> {
         let fields = [
             ("mx", &mut l.mx, 2525),
             ("odmr", &mut l.odmr, 3366),
+            ("odmrs", &mut l.odmrs, 3367),
             ("submission", &mut l.submission, 2587),
             ("submissions", &mut l.submissions, 2465),
             ("metrics", &mut l.metrics, 9366),

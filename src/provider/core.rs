@@ -86,6 +86,8 @@ pub enum MeshMsg {
         domain: DomainName,
         /// How it ended.
         outcome: spool::Outcome,
+        /// Answered once the part left the index (dropped if the DONE could not be written).
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
     },
     /// To the shard core: the part's DONE is durable; drop it from the index.
     Retire {
@@ -95,6 +97,8 @@ pub enum MeshMsg {
         domain: DomainName,
         /// How it ended.
         outcome: spool::Outcome,
+        /// Answered once the part left the index (dropped if the DONE could not be written).
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
     },
     /// To a shard core: an ATRN for these domains was answered with `result`.
     AtrnNoted {
@@ -456,11 +460,12 @@ impl Core {
                     id,
                     domain,
                     outcome,
+                    ack,
                 } => {
                     let core = self.clone();
-                    tokio::task::spawn_local(
-                        async move { core.append_done(id, domain, outcome).await },
-                    );
+                    tokio::task::spawn_local(async move {
+                        core.append_done(id, domain, outcome, ack).await
+                    });
                 }
                 MeshMsg::AtrnNoted {
                     domains,
@@ -487,7 +492,10 @@ impl Core {
                     id,
                     domain,
                     outcome,
+                    ack,
                 } => {
+                    // However this ends, the part is out of the index before the ack.
+                    let _ack = AckOnDrop(ack);
                     {
                         let mut activity = self.activity.borrow_mut();
                         let a = activity.entry(domain.clone()).or_default();
@@ -596,7 +604,13 @@ impl Core {
         LeaseAnswer::Granted(granted)
     }
 
-    async fn append_done(&self, id: MessageId, domain: DomainName, outcome: spool::Outcome) {
+    async fn append_done(
+        &self,
+        id: MessageId,
+        domain: DomainName,
+        outcome: spool::Outcome,
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    ) {
         let Some(journal) = self.journal_of(id) else {
             tracing::error!(%id, core = self.index, "DONE routed to a core without its journal");
             return;
@@ -610,6 +624,7 @@ impl Core {
                         id,
                         domain,
                         outcome,
+                        ack,
                     },
                 );
             }
@@ -670,7 +685,7 @@ impl Core {
             return failed("report not stored");
         }
         self.metrics.borrow_mut().message_expired();
-        self.append_done(id, domain, spool::Outcome::ExpiredBounced)
+        self.append_done(id, domain, spool::Outcome::ExpiredBounced, None)
             .await;
     }
 
@@ -733,6 +748,17 @@ impl Core {
             return;
         }
         self.shutdown.notified().await;
+    }
+}
+
+/// Sends a retirement acknowledgement when dropped, i.e. after the index was updated.
+struct AckOnDrop(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for AckOnDrop {
+    fn drop(&mut self) {
+        if let Some(ack) = self.0.take() {
+            let _ = ack.send(());
+        }
     }
 }
 

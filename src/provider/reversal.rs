@@ -31,6 +31,9 @@ use super::atrn::Leases;
 use super::core::{Core, MeshMsg};
 use super::report::{self, Failure};
 
+/// How long the end of a session waits for its DONE records to be retired.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Body bytes read from the journal per chunk.
 const BODY_CHUNK: usize = 256 * 1024;
 
@@ -89,6 +92,9 @@ pub async fn run(
     let mut input = Vec::with_capacity(16 * 1024);
     let mut pos = 0;
     let mut next_tag = 0u64;
+    // Acknowledgements that delivered parts left the index. The leases are released only after
+    // them, so an ATRN right after this session can never be offered the same parts again.
+    let mut retiring = Vec::new();
     loop {
         pos += machine.handle_input(&input[pos..]);
         while let Some(action) = machine.poll_action() {
@@ -158,7 +164,7 @@ pub async fn run(
                 }
                 Action::Delivered(outcome) => {
                     if let Some(flight) = in_flight.remove(&outcome.id) {
-                        settle(core, flight, outcome, &mut summary).await;
+                        settle(core, flight, outcome, &mut summary, &mut retiring).await;
                     }
                 }
                 Action::Close(reason) => {
@@ -171,6 +177,7 @@ pub async fn run(
                             tracing::info!(%peer, reason = %other, delivered = summary.delivered, "reversal ended early; undelivered mail stays held");
                         }
                     }
+                    wait_retired(retiring).await;
                     return summary;
                 }
             }
@@ -187,6 +194,19 @@ pub async fn run(
             Ok(Ok(n)) if n > 0 => {}
             _ => machine.abort(),
         }
+    }
+}
+
+/// Waits until every part this session finished has left its shard's index (bounded: a
+/// DONE that could not be written leaves its part held, and its ack is dropped at once).
+async fn wait_retired(retiring: Vec<tokio::sync::oneshot::Receiver<()>>) {
+    let all = async {
+        for r in retiring {
+            let _ = r.await;
+        }
+    };
+    if tokio::time::timeout(RETIRE_TIMEOUT, all).await.is_err() {
+        tracing::warn!("parts not retired in time; releasing leases anyway");
     }
 }
 
@@ -313,7 +333,13 @@ async fn send_body(
 }
 
 /// Applies one message's per-recipient outcome to its parts.
-async fn settle(core: &Core, flight: InFlight, outcome: MessageOutcome, summary: &mut Summary) {
+async fn settle(
+    core: &Core,
+    flight: InFlight,
+    outcome: MessageOutcome,
+    summary: &mut Summary,
+    retiring: &mut Vec<tokio::sync::oneshot::Receiver<()>>,
+) {
     let parts = &flight.queued.parts;
     let mut results: Vec<Vec<&RcptOutcome>> = vec![Vec::new(); parts.len()];
     for (i, o) in &outcome.recipients {
@@ -350,12 +376,15 @@ async fn settle(core: &Core, flight: InFlight, outcome: MessageOutcome, summary:
             Outcome::Delivered
         };
         any_failed |= part_failed;
+        let (ack, retired) = tokio::sync::oneshot::channel();
+        retiring.push(retired);
         core.shared.mesh.send(
             core.writer_of(id),
             MeshMsg::Done {
                 id,
                 domain: domain.clone(),
                 outcome: done,
+                ack: Some(ack),
             },
         );
     }

@@ -36,8 +36,10 @@ const MAINTENANCE_MAX: Duration = Duration::from_secs(10);
 pub enum Service {
     /// Port 25: mail for hosted domains.
     Mx,
-    /// Port 366: ODMR (AUTH + ATRN). Until the ODMR driver exists it serves the MX protocol.
+    /// Port 366: ODMR (AUTH + ATRN), STARTTLS offered.
     Odmr,
+    /// ODMR over implicit TLS (fetchmail's `--ssl`).
+    Odmrs,
     /// Port 587: authenticated submission (a later issue; serves the MX protocol for now).
     Submission,
 }
@@ -46,7 +48,7 @@ impl Service {
     fn metrics_label(self) -> crate::metrics::Service {
         match self {
             Service::Mx => crate::metrics::Service::Mx,
-            Service::Odmr => crate::metrics::Service::Odmr,
+            Service::Odmr | Service::Odmrs => crate::metrics::Service::Odmr,
             Service::Submission => crate::metrics::Service::Submission,
         }
     }
@@ -55,6 +57,7 @@ impl Service {
         match self {
             Service::Mx => "mx",
             Service::Odmr => "odmr",
+            Service::Odmrs => "odmrs",
             Service::Submission => "submission",
         }
     }
@@ -331,11 +334,17 @@ async fn accept_loop(core: Rc<Core>, service: Service, listener: Listener) {
         let core = core.clone();
         tokio::task::spawn_local(async move {
             let _permit = permit;
-            let kind = if service == Service::Odmr {
-                Kind::Odmr
-            } else {
-                Kind::Mx
+            let kind = match service {
+                Service::Odmr | Service::Odmrs => Kind::Odmr,
+                Service::Mx | Service::Submission => Kind::Mx,
             };
+            if service == Service::Odmrs {
+                let Some(tls) = core.shared.tls.clone() else { return };
+                if let Err(e) = conn.start_tls_server(tls).await {
+                    tracing::info!(%peer, error = %e, "implicit TLS handshake failed");
+                    return;
+                }
+            }
             session::serve(core, conn, peer, kind).await;
         });
     }
@@ -355,6 +364,7 @@ fn bind_all(config: &Config, cores: usize) -> io::Result<Bound> {
     let services = [
         (Service::Mx, &config.listen.mx),
         (Service::Odmr, &config.listen.odmr),
+        (Service::Odmrs, &config.listen.odmrs),
         (Service::Submission, &config.listen.submission),
     ];
     for (service, addrs) in services {

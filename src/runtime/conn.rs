@@ -186,13 +186,26 @@ impl Conn {
 
     /// Writes all of `buf` (encrypting under TLS) and hands the buffer back.
     pub async fn write_owned(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        let Some(tls) = self.tls.as_mut() else {
+        if self.tls.is_none() {
             return self.stream.write_all_owned(buf).await;
-        };
-        if let Err(e) = tls.writer().write_all(&buf) {
-            return (Err(e), buf);
         }
-        (self.flush_tls().await, buf)
+        let res = self.write_tls(&buf).await;
+        (res, buf)
+    }
+
+    /// Encrypts `data` and sends it. rustls accepts only a bounded amount of plaintext
+    /// before its records are written out (64 KiB by default), so this alternates between
+    /// handing it plaintext and flushing the records to the socket.
+    async fn write_tls(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let tls = self.tls.as_mut().expect("write_tls only with TLS");
+            let n = tls.writer().write(data)?;
+            data = &data[n..];
+            if n == 0 || tls.wants_write() {
+                self.flush_tls().await?;
+            }
+        }
+        self.flush_tls().await
     }
 
     /// Writes and empties `buf` (a protocol machine's output), keeping its allocation for the
