@@ -602,6 +602,13 @@ impl SmtpClient {
         self.expect(250)
     }
 
+    /// Gives up the client and returns its buffered reader and its writer (same timeouts),
+    /// for tests that take over the raw connection, e.g. after an ODMR turnaround. Bytes the
+    /// server sent that were not read yet are still in the reader's buffer.
+    pub fn into_parts(self) -> (BufReader<TcpStream>, TcpStream) {
+        (self.reader, self.writer)
+    }
+
     /// Asserts that the server closes the connection (EOF or reset) within [`IO_TIMEOUT`],
     /// discarding anything it still sends.
     #[track_caller]
