@@ -481,7 +481,14 @@ const ODMR_KEYS: &[&str] = &[
     "linger_keepalive",
 ];
 const SERVER_KEYS: &[&str] = &["hostname", "data_dir", "cores", "io"];
-const LISTEN_KEYS: &[&str] = &["mx", "odmr", "odmrs", "submission", "submissions", "metrics"];
+const LISTEN_KEYS: &[&str] = &[
+    "mx",
+    "odmr",
+    "odmrs",
+    "submission",
+    "submissions",
+    "metrics",
+];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const LIMITS_KEYS: &[&str] = &[
     "max_message_size",

@@ -735,8 +735,6 @@ fn concurrent_atrn_for_a_busy_domain_is_451() {
 /// `MeshMsg::Done` at :428). An ATRN in between is granted the same parts
 /// (`Core::lease`, src/provider/core.rs:541-556) and the customer gets them again.
 #[test]
-#[ignore = "bug: lease released before DONE is retired from the index (provider/atrn.rs:68 vs \
-            provider/core.rs:558): an ATRN right after a reversal re-delivers its messages"]
 fn atrn_right_after_a_reversal_does_not_redeliver() {
     concurrent_atrn(false);
 }
@@ -1080,8 +1078,6 @@ fn tls_session_delivers_everything_byte_identical() {
 /// whole buffer", the session is aborted and the message (and everything queued after it)
 /// is never delivered over TLS.
 #[test]
-#[ignore = "bug: src/runtime/conn.rs:192 write_owned over TLS fails for buffers > 64 KiB \
-            (rustls send-buffer limit): held bodies > 64 KiB never reach a TLS customer"]
 fn tls_session_delivers_bodies_over_64k() {
     tls_roundtrip(&[
         ("a@acme.example", DOTS.to_string()),

@@ -106,6 +106,10 @@ pub async fn run(
                         // session alive with NOOP, until linger_max.
                         None => match leases.pushed.as_mut() {
                             None => {
+                                // Everything delivered is retired before our QUIT, so the
+                                // customer's next ATRN finds neither the parts nor (after
+                                // the 221) the leases.
+                                wait_retired(std::mem::take(&mut retiring)).await;
                                 machine.no_more();
                                 None
                             }
@@ -123,6 +127,7 @@ pub async fn run(
                                         None
                                     }
                                     Lingered::Done => {
+                                        wait_retired(std::mem::take(&mut retiring)).await;
                                         machine.no_more();
                                         None
                                     }

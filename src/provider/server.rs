@@ -339,7 +339,9 @@ async fn accept_loop(core: Rc<Core>, service: Service, listener: Listener) {
                 Service::Mx | Service::Submission => Kind::Mx,
             };
             if service == Service::Odmrs {
-                let Some(tls) = core.shared.tls.clone() else { return };
+                let Some(tls) = core.shared.tls.clone() else {
+                    return;
+                };
                 if let Err(e) = conn.start_tls_server(tls).await {
                     tracing::info!(%peer, error = %e, "implicit TLS handshake failed");
                     return;
