@@ -516,9 +516,17 @@ fn deliver(log: &Mutex<SinkLog>, txn: &mut Txn, body: Vec<u8>, framing: &'static
 // fetchmail
 // ---------------------------------------------------------------------------------------------
 
-/// The rc file for one ODMR poll of `odmr` as [`ACCOUNT`], relaying to `sink`.
-fn fetchmail_rc(odmr: SocketAddr, sink: SocketAddr) -> String {
-    format!(
+/// The rc file for one ODMR poll of `odmr` as [`ACCOUNT`], relaying to `sink`; with `tls`,
+/// implicit TLS verifying the provider's certificate (`cert`) for the name `localhost`.
+fn fetchmail_rc(odmr: SocketAddr, sink: SocketAddr, tls: Option<&Path>) -> String {
+    let ssl = match tls {
+        Some(cert) => format!(
+            "\x20   ssl sslcertck sslcommonname \"localhost\" sslcertfile \"{}\"\n",
+            cert.display()
+        ),
+        None => String::new(),
+    };
+    let poll = format!(
         "# written by tests/fetchmail.rs\n\
          poll {ip} protocol ODMR service {port} timeout {timeout}\n\
          \x20   user \"{ACCOUNT}\" password \"{password}\"\n\
@@ -530,18 +538,24 @@ fn fetchmail_rc(odmr: SocketAddr, sink: SocketAddr) -> String {
         password = password_for(ACCOUNT),
         sink_ip = sink.ip(),
         sink_port = sink.port(),
-    )
+    );
+    poll + &ssl
 }
 
 /// Runs fetchmail once in the foreground with its own home (rc file 0600, pid file, id file
 /// all inside `home`), bounded by [`FETCHMAIL_TIMEOUT`]. Returns the rc text and the output.
-fn run_fetchmail(home: &Path, odmr: SocketAddr, sink: SocketAddr) -> (String, Output) {
+fn run_fetchmail(
+    home: &Path,
+    odmr: SocketAddr,
+    sink: SocketAddr,
+    tls: Option<&Path>,
+) -> (String, Output) {
     fs::DirBuilder::new()
         .mode(0o700)
         .create(home)
         .expect("create fetchmail home");
     let rc_path = home.join("fetchmailrc");
-    let rc = fetchmail_rc(odmr, sink);
+    let rc = fetchmail_rc(odmr, sink, tls);
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -590,12 +604,19 @@ fn clip(text: &str, max: usize) -> String {
 
 /// Holds the messages, runs fetchmail against a sink that does (or does not) offer CHUNKING,
 /// and checks what arrived and what is left.
-fn fetchmail_relays_held_mail(chunking: bool) {
+fn fetchmail_relays_held_mail(chunking: bool, tls: bool) {
     if !require_program("fetchmail") {
         return;
     }
+    // Over TLS the default policy applies (CRAM-MD5 only inside TLS): fetchmail's only TLS
+    // path is implicit TLS, the `odmrs` listener.
+    let config = if tls {
+        "[listen]\nodmrs = [\"127.0.0.1:0\"]\n"
+    } else {
+        CONFIG
+    };
     let server = TestServer::start(
-        CONFIG,
+        config,
         &[(ACCOUNT, &[DOMAIN]), (OTHER_ACCOUNT, &[OTHER_DOMAIN])],
     );
     let messages = held_messages();
@@ -618,7 +639,11 @@ fn fetchmail_relays_held_mail(chunking: bool) {
 
     let sink = Sink::start(chunking);
     let home = server.data_dir().join("fetchmail-home");
-    let (rc, out) = run_fetchmail(&home, server.addr("odmr"), sink.addr);
+    let cert = server.data_dir().join("tls/cert.pem");
+    let (rc, out) = match tls {
+        true => run_fetchmail(&home, server.addr("odmrs"), sink.addr, Some(&cert)),
+        false => run_fetchmail(&home, server.addr("odmr"), sink.addr, None),
+    };
     let log = sink.finish();
 
     let context = || {
@@ -717,10 +742,17 @@ fn fetchmail_relays_held_mail(chunking: bool) {
 
 #[test]
 fn fetchmail_odmr_relays_held_mail_over_data() {
-    fetchmail_relays_held_mail(false);
+    fetchmail_relays_held_mail(false, false);
 }
 
 #[test]
 fn fetchmail_odmr_relays_held_mail_over_bdat() {
-    fetchmail_relays_held_mail(true);
+    fetchmail_relays_held_mail(true, false);
+}
+
+/// fetchmail `--ssl` with certificate checking against the implicit-TLS ODMR listener, with
+/// the default authentication policy (no plaintext mechanisms outside TLS).
+#[test]
+fn fetchmail_odmr_over_implicit_tls_checks_our_certificate() {
+    fetchmail_relays_held_mail(true, true);
 }

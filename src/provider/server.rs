@@ -339,6 +339,8 @@ async fn accept_loop(core: Rc<Core>, service: Service, listener: Listener) {
                 Service::Mx | Service::Submission => Kind::Mx,
             };
             if service == Service::Odmrs {
+                // fetchmail's --ssl is what uses this listener; see Conn::set_line_records.
+                conn.set_line_records(true);
                 let Some(tls) = core.shared.tls.clone() else {
                     return;
                 };

@@ -23,6 +23,7 @@ pub struct Conn {
     tls: Option<Box<rustls::Connection>>,
     cipher_in: Vec<u8>,
     cipher_out: Vec<u8>,
+    line_records: bool,
 }
 
 impl Conn {
@@ -33,7 +34,18 @@ impl Conn {
             tls: None,
             cipher_in: Vec::new(),
             cipher_out: Vec::new(),
+            line_records: false,
         }
+    }
+
+    /// Under TLS, put every line in its own TLS record (still batched into few socket writes).
+    ///
+    /// For peers that relay the session line by line behind `select()`, as fetchmail's ODMR
+    /// mode does over `--ssl`: a line that OpenSSL already decrypted and buffered is invisible
+    /// to `select()`, so a record holding several lines stalls the relay after the first one.
+    /// Costs about 22 bytes per line; off by default.
+    pub fn set_line_records(&mut self, on: bool) {
+        self.line_records = on;
     }
 
     /// True once a TLS handshake has completed on this connection.
@@ -196,7 +208,26 @@ impl Conn {
     /// Encrypts `data` and sends it. rustls accepts only a bounded amount of plaintext
     /// before its records are written out (64 KiB by default), so this alternates between
     /// handing it plaintext and flushing the records to the socket.
-    async fn write_tls(&mut self, mut data: &[u8]) -> io::Result<()> {
+    async fn write_tls(&mut self, data: &[u8]) -> io::Result<()> {
+        if !self.line_records {
+            return self.write_tls_records(data).await;
+        }
+        for line in data.split_inclusive(|b| *b == b'\n') {
+            // Each write call becomes its own record(s); flush when rustls is full.
+            let mut rest = line;
+            while !rest.is_empty() {
+                let tls = self.tls.as_mut().expect("write_tls only with TLS");
+                let n = tls.writer().write(rest)?;
+                rest = &rest[n..];
+                if n == 0 {
+                    self.flush_tls().await?;
+                }
+            }
+        }
+        self.flush_tls().await
+    }
+
+    async fn write_tls_records(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let tls = self.tls.as_mut().expect("write_tls only with TLS");
             let n = tls.writer().write(data)?;
