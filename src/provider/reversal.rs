@@ -151,15 +151,15 @@ pub async fn run(
                     }
                 }
                 Action::SendBody { id, framing } => {
-                    if flush(conn, &mut machine).await.is_err() {
-                        machine.abort();
-                        continue;
-                    }
                     let Some(flight) = in_flight.get(&id) else {
                         machine.abort();
                         continue;
                     };
-                    match send_body(core, conn, &flight.queued.location, framing).await {
+                    // The pending command (`BDAT n LAST`) goes out in the same write as the
+                    // first body chunk: one write and often one packet fewer per message.
+                    let head = std::mem::take(machine.output());
+                    let loc = &flight.queued.location;
+                    match send_body(core, conn, loc, framing, head).await {
                         Ok(()) => machine.body_sent(),
                         Err(e) => {
                             tracing::warn!(%peer, id = %flight.queued.id, error = %e, "body transfer failed; message stays held");
@@ -305,6 +305,7 @@ async fn send_body(
     conn: &mut Conn,
     location: &Location,
     framing: BodyFraming,
+    mut head: Vec<u8>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut stream = core.reader.body_stream(*location, BODY_CHUNK);
     let mut stuffer = DotStuffer::new();
@@ -312,9 +313,15 @@ async fn send_body(
     let mut wire = Vec::with_capacity(BODY_CHUNK + BODY_CHUNK / 8);
     while let Some(buf) = stream.next_chunk(std::mem::take(&mut chunk)).await? {
         let out = match framing {
-            BodyFraming::Bdat => buf,
+            BodyFraming::Bdat if head.is_empty() => buf,
+            BodyFraming::Bdat => {
+                head.extend_from_slice(&buf);
+                chunk = buf;
+                std::mem::take(&mut head)
+            }
             BodyFraming::Data => {
                 wire.clear();
+                wire.append(&mut head);
                 stuffer.push(&buf, &mut wire);
                 chunk = buf;
                 std::mem::take(&mut wire)
@@ -323,13 +330,21 @@ async fn send_body(
         let (r, out) = conn.write_owned(out).await;
         r?;
         match framing {
-            BodyFraming::Bdat => chunk = out,
+            BodyFraming::Bdat if chunk.capacity() == 0 => chunk = out,
+            BodyFraming::Bdat => {}
             BodyFraming::Data => wire = out,
         }
         chunk.clear();
     }
+    if matches!(framing, BodyFraming::Bdat) && !head.is_empty() {
+        // An empty body: only the command goes out.
+        let (r, _) = conn.write_owned(head).await;
+        r?;
+        return Ok(());
+    }
     if let BodyFraming::Data = framing {
         wire.clear();
+        wire.append(&mut head); // an empty body: the command, if any, was not sent yet
         stuffer.finish(&mut wire);
         let (r, _) = conn.write_owned(wire).await;
         r?;
