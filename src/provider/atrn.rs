@@ -78,12 +78,6 @@ impl Drop for Leases {
     }
 }
 
-impl std::fmt::Debug for Core {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Core({})", self.index)
-    }
-}
-
 /// Decides an ATRN for `account` asking for `requested` (empty = bare ATRN).
 pub async fn decide(
     core: &Rc<Core>,
@@ -111,10 +105,7 @@ pub async fn decide(
         return Verdict::NoMail;
     }
 
-    let mut by_shard: BTreeMap<usize, Vec<DomainName>> = BTreeMap::new();
-    for d in wanted {
-        by_shard.entry(core.shard_of(&d)).or_default().push(d);
-    }
+    let by_shard = core.by_shard(wanted);
     let linger = core.hosted.borrow().lingers(account);
     let (push, pushed) = match linger {
         true => {

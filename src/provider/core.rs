@@ -282,6 +282,18 @@ impl Core {
         }
     }
 
+    /// `domains` grouped by the core that shards each one.
+    pub fn by_shard(
+        &self,
+        domains: impl IntoIterator<Item = DomainName>,
+    ) -> std::collections::BTreeMap<usize, Vec<DomainName>> {
+        let mut by_shard = std::collections::BTreeMap::<usize, Vec<DomainName>>::new();
+        for d in domains {
+            by_shard.entry(self.shard_of(&d)).or_default().push(d);
+        }
+        by_shard
+    }
+
     /// The core that shards `domain`.
     pub fn shard_of(&self, domain: &DomainName) -> usize {
         (domain.shard_hash() % self.shared.mesh.cores() as u64) as usize
@@ -759,6 +771,12 @@ impl Drop for AckOnDrop {
         if let Some(ack) = self.0.take() {
             let _ = ack.send(());
         }
+    }
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Core({})", self.index)
     }
 }
 

@@ -90,7 +90,6 @@ pub struct HostedDomain {
 #[derive(Debug, Default)]
 pub struct Hosted {
     domains: HashMap<DomainName, HostedDomain>,
-    by_account: HashMap<String, Vec<DomainName>>,
     accounts: Accounts,
 }
 
@@ -98,9 +97,7 @@ impl Hosted {
     /// Builds the snapshot: every account's domains, with the configured quota.
     pub fn build(accounts: &Accounts, config: &Config, table: &CounterTable) -> Hosted {
         let mut domains = HashMap::new();
-        let mut by_account = HashMap::new();
         for account in accounts.iter() {
-            by_account.insert(account.name().to_string(), account.domains().to_vec());
             for domain in account.domains() {
                 let quota = config.quota_for(domain);
                 let entry = HostedDomain {
@@ -113,7 +110,6 @@ impl Hosted {
         }
         Hosted {
             domains,
-            by_account,
             accounts: accounts.clone(),
         }
     }
@@ -125,10 +121,7 @@ impl Hosted {
 
     /// The domains `account` owns (empty for an unknown account).
     pub fn domains_of(&self, account: &str) -> &[DomainName] {
-        self.by_account
-            .get(account)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        self.accounts.account(account).map_or(&[], |a| a.domains())
     }
 
     /// The hosted domain, if it is one.

@@ -284,11 +284,7 @@ fn note_atrn(core: &Core, account: &str, domains: &[crate::types::DomainName], r
         domains.to_vec()
     };
     let at = unix_now();
-    let mut by_shard: std::collections::BTreeMap<usize, Vec<_>> = Default::default();
-    for d in asked {
-        by_shard.entry(core.shard_of(&d)).or_default().push(d);
-    }
-    for (shard, domains) in by_shard {
+    for (shard, domains) in core.by_shard(asked) {
         core.shared.mesh.send(
             shard,
             MeshMsg::AtrnNoted {
