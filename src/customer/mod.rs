@@ -7,4 +7,5 @@
 //! issue; today the session drives `turnpike bench drain` and the end-to-end tests.
 
 pub mod drain;
+pub mod sasl_client;
 pub mod session;
