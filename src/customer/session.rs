@@ -26,9 +26,9 @@
 //! §5.2.1 says to await for at least ten minutes (`atrn_timeout`). Every write has the stall
 //! timeout too, so a provider that stops reading cannot hang the customer.
 //!
-//! Each message gets a `Received:` field naming the provider's address before it reaches the
-//! sink; the loop guard ([`InboundConfig::max_hops`]) refuses a message that already has too
-//! many. A lingering provider (push, `turnpike account linger`) keeps the reversed session
+//! The sink writes our `Received:` field (naming the provider's address, which it gets from
+//! `turnpike pull` before each session); the loop guard ([`InboundConfig::max_hops`]) refuses
+//! a message that already has too many. A lingering provider (push, `turnpike account linger`) keeps the reversed session
 //! open and sends NOOPs; the session simply keeps receiving until the provider's QUIT.
 
 use std::io;
@@ -38,7 +38,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::proto::inbound::{Action, Directory, Inbound, InboundConfig, Incoming, RcptVerdict};
 use crate::proto::reply::Reply;
-use crate::proto::trace;
 use crate::runtime::conn::Conn;
 use crate::runtime::io::{IoKind, Stream};
 use crate::types::{DomainName, Mailbox};
@@ -118,11 +117,18 @@ pub struct SessionConfig {
 }
 
 /// Where received messages go. `deliver` returns only once the message is durably handed
-/// over (or refused); its result becomes our reply to the provider.
+/// over (or refused); its result becomes our reply to the provider. The sink writes our
+/// `Received:` field (it knows each recipient, for the `for` clause).
 #[allow(async_fn_in_trait)]
 pub trait Sink {
     /// Takes one message.
     async fn deliver(&mut self, message: Incoming) -> Result<(), Reply>;
+
+    /// Whether a recipient (already in a requested domain) can be taken, answered at RCPT
+    /// time so that the provider can bounce just that recipient. Default: yes.
+    fn check_recipient(&self, _rcpt: &Mailbox) -> RcptVerdict {
+        RcptVerdict::Accept
+    }
 }
 
 /// Why a session ended without receiving.
@@ -181,19 +187,25 @@ pub struct Received {
 }
 
 /// Accepts recipients only in the domains this session asked for (or any, for a bare ATRN),
-/// so a provider bug can never make us take another customer's mail.
-struct RequestedDomains<'a>(&'a [DomainName]);
+/// so a provider bug can never make us take another customer's mail; then asks the sink
+/// whether it has somewhere to put the recipient.
+struct RecipientPolicy<'a, S> {
+    requested: &'a [DomainName],
+    sink: &'a S,
+}
 
-impl Directory for RequestedDomains<'_> {
+impl<S: Sink> Directory for RecipientPolicy<'_, S> {
     fn check_rcpt(&self, rcpt: &Mailbox, _size: Option<u64>) -> RcptVerdict {
-        if self.0.is_empty() || DomainName::parse(&rcpt.domain).is_ok_and(|d| self.0.contains(&d)) {
-            return RcptVerdict::Accept;
+        let requested = self.requested.is_empty()
+            || DomainName::parse(&rcpt.domain).is_ok_and(|d| self.requested.contains(&d));
+        if !requested {
+            return RcptVerdict::Reject(Reply::with_status(
+                550,
+                (5, 7, 1),
+                format!("{} was not requested in this session", rcpt.domain),
+            ));
         }
-        RcptVerdict::Reject(Reply::with_status(
-            550,
-            (5, 7, 1),
-            format!("{} was not requested in this session", rcpt.domain),
-        ))
+        self.sink.check_recipient(rcpt)
     }
 }
 
@@ -493,18 +505,19 @@ impl Client {
         // The TLS session (if any) carries on across the turnaround; the `with` type says so.
         machine_cfg.tls_active = self.conn.is_tls();
         let mut machine = Inbound::new(machine_cfg);
-        let directory = RequestedDomains(&cfg.domains);
-        let provider_ip = cfg.provider.ip().to_string();
         let mut got = Received::default();
         let mut input: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut pos = 0;
         loop {
+            let directory = RecipientPolicy {
+                requested: &cfg.domains,
+                sink: &*sink,
+            };
             pos += machine.handle_input(&input[pos..], &directory);
             while let Some(action) = machine.poll_action() {
                 match action {
-                    Action::Deliver(mut message) => {
+                    Action::Deliver(message) => {
                         let id = format!("{:x}.{}", unix_now(), got.messages + 1);
-                        prepend_received(&mut message, &cfg.hostname, &provider_ip, &id);
                         let bytes = message.body.len() as u64;
                         let result = sink.deliver(message).await;
                         match &result {
@@ -579,23 +592,4 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Puts our `Received:` field (RFC 5321 §4.4) in front of the body: from the provider's EHLO
-/// name and address, by us, with the session's protocol type.
-fn prepend_received(message: &mut Incoming, hostname: &str, provider_ip: &str, id: &str) {
-    let recipient = match message.envelope.recipients.as_slice() {
-        [only] => Some(&only.mailbox),
-        _ => None,
-    };
-    let field = trace::received(&trace::Trace {
-        host: hostname,
-        helo: &message.helo,
-        peer_ip: provider_ip,
-        protocol: message.protocol,
-        recipient,
-        id,
-        unix_secs: unix_now(),
-    });
-    message.body.splice(0..0, field.into_bytes());
 }
