@@ -1,4 +1,4 @@
-//! The `turnpike` command: `serve`, `account`, `queue`.
+//! The `turnpike` command: `serve`, `account`, `queue`, and the customer's `pull`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use turnpike::accounts::Accounts;
-use turnpike::config::{Config, IoBackend};
+use turnpike::config::{self as config, Config, IoBackend};
 use turnpike::control;
 use turnpike::customer::session;
 use turnpike::provider::server::{self, IoChoice};
@@ -52,6 +52,9 @@ enum Command {
         #[command(subcommand)]
         action: BenchAction,
     },
+    /// Customer side: collect held mail from the provider (ODMR) and deliver it. Exit codes
+    /// in docs/customer.md; --config FILE is the pull configuration, not the provider's.
+    Pull(PullArgs),
     /// Show held mail per domain (asks the running server, or reads the journal).
     Queue {
         /// Print JSON instead of a table.
@@ -60,6 +63,55 @@ enum Command {
         #[command(subcommand)]
         action: Option<QueueAction>,
     },
+}
+
+/// `turnpike pull`: with `--config FILE`, or with the first-run flags.
+#[derive(clap::Args)]
+struct PullArgs {
+    /// Run as a daemon: a session every DURATION (e.g. 5m), jittered, backing off while the
+    /// provider is unreachable; stops cleanly on SIGTERM/SIGINT.
+    #[arg(long, value_name = "DURATION")]
+    every: Option<String>,
+    /// The provider's ODMR address, HOST:PORT (without --config).
+    #[arg(long, value_name = "HOST:PORT")]
+    provider: Option<String>,
+    /// Account name (without --config).
+    #[arg(long)]
+    account: Option<String>,
+    /// File whose first line is the password (without --config).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// starttls, implicit (the provider's odmrs port) or none (loopback only, unless
+    /// --insecure-plaintext).
+    #[arg(long, value_parser = ["starttls", "implicit", "none"])]
+    tls: Option<String>,
+    /// Trust anchors for the provider's certificate (default: the system bundle).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The name the provider's certificate must carry (default: the host of --provider).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Deliver every recipient into this maildir (without --config).
+    #[arg(long, value_name = "DIR")]
+    maildir: Option<PathBuf>,
+    /// A domain to ask for (repeat); none = bare ATRN.
+    #[arg(long = "domain")]
+    domains: Vec<String>,
+    /// Our host name in EHLO (default: this machine's).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// auto, scram-sha-256, plain, cram-md5 or external.
+    #[arg(long)]
+    mechanism: Option<String>,
+    /// Allow --tls none toward a provider that is not on this machine.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// How long to wait for the ATRN reply (at least 10m).
+    #[arg(long, value_name = "DURATION")]
+    atrn_timeout: Option<String>,
+    /// Stall timeout for every other read and write (default 5m).
+    #[arg(long, value_name = "DURATION")]
+    idle_timeout: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -167,6 +219,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // The customer's command has its own configuration (and exit codes); the provider's
+    // configuration is never read for it.
+    if let Command::Pull(args) = cli.command {
+        return ExitCode::from(pull(cli.config.as_deref(), args));
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -295,6 +352,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             )??;
             print!("{}", report.render());
         }
+        Command::Pull(_) => unreachable!("dispatched in main"),
         Command::Queue { json, action } => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -322,6 +380,105 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// `turnpike pull`; returns the exit code (see `ExitStatus`).
+fn pull(config: Option<&std::path::Path>, args: PullArgs) -> u8 {
+    use turnpike::customer::pull::{self, ExitStatus, Puller};
+    use turnpike::customer::pull_config::{PullConfig, PullFlags};
+    use turnpike::runtime::io::{block_on, IoKind};
+
+    let config_error = |e: &dyn std::fmt::Display| {
+        eprintln!("turnpike pull: {e}");
+        ExitStatus::Config.code()
+    };
+    let every = match args
+        .every
+        .as_deref()
+        .map(|s| (s, config::parse_duration(s)))
+    {
+        None => None,
+        Some((_, Some(d))) if !d.is_zero() => Some(d),
+        Some((s, _)) => {
+            return config_error(&format!(
+                "command line: --every: {s:?} is not a duration like \"5m\""
+            ))
+        }
+    };
+    let flags = PullFlags {
+        provider: args.provider,
+        account: args.account,
+        password_file: args.password_file,
+        tls: args.tls,
+        ca: args.ca,
+        server_name: args.server_name,
+        maildir: args.maildir,
+        domains: args.domains,
+        hostname: args.hostname,
+        mechanism: args.mechanism,
+        insecure_plaintext: args.insecure_plaintext,
+        atrn_timeout: args.atrn_timeout,
+        idle_timeout: args.idle_timeout,
+    };
+    let loaded = match config {
+        Some(path) => {
+            let used_flags = flags.provider.is_some()
+                || flags.account.is_some()
+                || flags.password_file.is_some()
+                || flags.tls.is_some()
+                || flags.ca.is_some()
+                || flags.server_name.is_some()
+                || flags.maildir.is_some()
+                || !flags.domains.is_empty()
+                || flags.hostname.is_some()
+                || flags.mechanism.is_some()
+                || flags.insecure_plaintext
+                || flags.atrn_timeout.is_some()
+                || flags.idle_timeout.is_some();
+            if used_flags {
+                return config_error(&format!(
+                    "command line: with --config {}, only --every may be given; \
+                     put the other settings in the file",
+                    path.display()
+                ));
+            }
+            PullConfig::load(path)
+        }
+        None => PullConfig::from_flags(&flags),
+    };
+    let cfg = match loaded {
+        Ok(cfg) => cfg,
+        Err(e) => return config_error(&e),
+    };
+    let every = every.or(cfg.every);
+    let mut puller = match Puller::new(cfg) {
+        Ok(p) => p,
+        Err(e) => return config_error(&e),
+    };
+    match every {
+        Some(every) => match block_on(IoKind::Epoll, puller.every(IoKind::Epoll, every)) {
+            Ok(Ok(())) => ExitStatus::Received.code(),
+            Ok(Err(e)) | Err(e) => {
+                eprintln!("turnpike pull: {e}");
+                ExitStatus::SessionFailed.code()
+            }
+        },
+        None => match block_on(IoKind::Epoll, puller.once(IoKind::Epoll)) {
+            Ok(result) => {
+                let status = ExitStatus::of(&result);
+                if matches!(status, ExitStatus::Received | ExitStatus::NothingHeld) {
+                    println!("turnpike pull: {}", pull::describe(&result));
+                } else {
+                    eprintln!("turnpike pull: {}", pull::describe(&result));
+                }
+                status.code()
+            }
+            Err(e) => {
+                eprintln!("turnpike pull: cannot start the runtime: {e}");
+                ExitStatus::SessionFailed.code()
+            }
+        },
+    }
 }
 
 /// Tells a running server to reload the accounts file (no-op when none runs).

@@ -28,8 +28,9 @@
 //!
 //! The sink writes our `Received:` field (naming the provider's address, which it gets from
 //! `turnpike pull` before each session); the loop guard ([`InboundConfig::max_hops`]) refuses
-//! a message that already has too many. A lingering provider (push, `turnpike account linger`) keeps the reversed session
-//! open and sends NOOPs; the session simply keeps receiving until the provider's QUIT.
+//! a message that already has too many. A lingering provider (push, `turnpike account
+//! linger`) keeps the reversed session open and sends NOOPs; the session simply keeps
+//! receiving until the provider's QUIT.
 
 use std::io;
 use std::net::SocketAddr;
