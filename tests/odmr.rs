@@ -1110,8 +1110,8 @@ fn tls_with_untrusted_certificate_fails_before_auth() {
         block_on(customer_io(), session::run(customer_io(), &cfg, &mut sink)).expect("runtime");
     let _ = std::fs::remove_dir_all(&other);
     match result {
-        Err(SessionError::Io(e)) => {
-            let text = e.to_string().to_ascii_lowercase();
+        Err(SessionError::Tls(e)) => {
+            let text = e.to_ascii_lowercase();
             assert!(
                 text.contains("certificate") || text.contains("unknown"),
                 "handshake error: {e}"

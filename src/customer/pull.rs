@@ -212,8 +212,8 @@ impl Puller {
         loop {
             let result = tokio::select! {
                 r = self.once(io) => r,
-                _ = term.recv() => { tracing::info!("SIGTERM: stopping mid-session"); return Ok(()) }
-                _ = int.recv() => { tracing::info!("SIGINT: stopping mid-session"); return Ok(()) }
+                _ = term.recv() => return stopped("SIGTERM", true),
+                _ = int.recv() => return stopped("SIGINT", true),
             };
             let status = ExitStatus::of(&result);
             if status.is_failure() {
@@ -232,11 +232,23 @@ impl Puller {
             tracing::debug!(?wait, "next session");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()) }
-                _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()) }
+                _ = term.recv() => return stopped("SIGTERM", false),
+                _ = int.recv() => return stopped("SIGINT", false),
             }
         }
     }
+}
+
+fn stopped(signal: &str, mid_session: bool) -> std::io::Result<()> {
+    if mid_session {
+        tracing::info!(
+            signal,
+            "stopping mid-session; the message in hand (if any) stays held at the provider"
+        );
+    } else {
+        tracing::info!(signal, "stopping");
+    }
+    Ok(())
 }
 
 /// The wait before the next session: `every` after a success; after `failures` failures in a

@@ -411,7 +411,6 @@ impl Client {
             Mechanism::CramMd5 => ClientMechanism::CramMd5,
             Mechanism::External => ClientMechanism::External,
         };
-        tracing::debug!(mechanism = mechanism.name(), "authenticating");
         let (code, text) = match mechanism {
             ClientMechanism::Plain => {
                 let token = sasl_client::plain_response(&cfg.account, &cfg.password);
@@ -445,6 +444,7 @@ impl Client {
         if code != 235 {
             return Err(SessionError::AuthRefused(format!("{code} {text}")));
         }
+        tracing::info!(mechanism = mechanism.name(), "authenticated");
         Ok(())
     }
 
@@ -561,14 +561,30 @@ impl Client {
             match tokio::time::timeout(self.idle, self.conn.read_append(&mut input, 64 * 1024))
                 .await
             {
-                Ok(Ok(0)) => return Ok(got),
+                Ok(Ok(0)) => {
+                    // Without QUIT: the provider died or the line dropped. What was delivered
+                    // is safe; the rest is still held, and the session counts as failed.
+                    return Err(SessionError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "provider closed the connection without QUIT after {} messages",
+                            got.messages
+                        ),
+                    )));
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(SessionError::Io(e)),
                 Err(_) => {
                     tracing::warn!(idle = ?self.idle, "provider stalled after the turnaround");
                     machine.timed_out();
                     self.flush(&mut machine).await?;
-                    return Ok(got);
+                    return Err(SessionError::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "provider silent for {:?} after the turnaround ({} messages taken)",
+                            self.idle, got.messages
+                        ),
+                    )));
                 }
             }
         }
