@@ -626,6 +626,11 @@ fn lmtp_to_dovecot_maps_each_recipient_reply_back() {
 
 /// Postfix's smtp-sink on 127.0.0.1:0, dumping each transaction into `dump/`.
 fn smtp_sink(dir: &Path, lmtp: bool) -> (Daemon, u16) {
+    smtp_sink_with(dir, lmtp, &[])
+}
+
+/// [`smtp_sink`] with extra options (fault injection: `-q`, `-r`, `-Q`).
+fn smtp_sink_with(dir: &Path, lmtp: bool, extra: &[&str]) -> (Daemon, u16) {
     let dump = dir.join("dump");
     fs::create_dir_all(&dump).unwrap();
     Command::new("chmod")
@@ -640,6 +645,7 @@ fn smtp_sink(dir: &Path, lmtp: bool) -> (Daemon, u16) {
         cmd.arg("-L");
     }
     let child = cmd
+        .args(extra)
         .arg("-d")
         .arg(format!("{}/msg.", dump.display()))
         .args(["127.0.0.1:0", "16"])
@@ -773,4 +779,47 @@ fn targets_that_are_down_answer_4xx_so_the_provider_keeps_the_mail() {
         assert_eq!(r.status.unwrap().to_string(), status, "{rcpt}: {r:?}");
     }
     drop(silent);
+}
+
+#[test]
+fn smtp_server_faults_are_temporary_for_every_open_recipient() {
+    if !require_program("smtp-sink") {
+        return;
+    }
+    let rcpts = ["a@example.com", "b@example.com"];
+    // The connection drops after our end of data, before the reply: the server may or may
+    // not have the message, so the provider must keep it (a duplicate beats a loss).
+    let tmp = TempDir::new("sink-drop");
+    let (_sink, port) = smtp_sink_with(tmp.path(), false, &["-q", "."]);
+    let mut d = deliverer(&format!("catch_all = {{ smtp = \"127.0.0.1:{port}\" }}\n"));
+    let r = deliver(&mut d, message("", &rcpts, &held_body("q"))).unwrap_err();
+    assert_eq!(
+        (r.code, r.status.unwrap().to_string()),
+        (451, "4.4.1".into()),
+        "{r:?}"
+    );
+
+    // RCPT refused with a 4xx by the server: that reply, per recipient, no DATA.
+    let tmp = TempDir::new("sink-rcpt");
+    let (_sink, port) = smtp_sink_with(tmp.path(), true, &["-r", "RCPT"]);
+    let mut d = deliverer(&format!("catch_all = {{ lmtp = \"127.0.0.1:{port}\" }}\n"));
+    let r = deliver(&mut d, message("", &rcpts, &held_body("r"))).unwrap_err();
+    assert!(r.is_transient(), "{r:?}");
+    assert!(r.lines[0].starts_with("<a@example.com>: "), "{r:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(dumps(tmp.path())
+        .iter()
+        .all(|m| !m.contains("Received: from provider.test")));
+
+    // 421 and disconnect at MAIL: the server's trouble, temporary for all.
+    let tmp = TempDir::new("sink-421");
+    let (_sink, port) = smtp_sink_with(tmp.path(), false, &["-Q", "MAIL"]);
+    let mut d = deliverer(&format!("catch_all = {{ smtp = \"127.0.0.1:{port}\" }}\n"));
+    let r = deliver(&mut d, message("", &rcpts, &held_body("m"))).unwrap_err();
+    assert_eq!(
+        (r.code, r.status.unwrap().to_string()),
+        (451, "4.4.1".into()),
+        "{r:?}"
+    );
+    assert!(r.lines[0].contains("MAIL: 421"), "{r:?}");
 }
