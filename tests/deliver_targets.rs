@@ -304,6 +304,7 @@ case "$LOCAL" in
 esac
 cat > "$dir/$RECIPIENT.$$" || exit 74
 printf '%s|%s|%s|%s\n' "$2" "$3" "$SENDER" "$DOMAIN" > "$dir/$RECIPIENT.$$.args"
+env | cut -d= -f1 | sort | tr '\n' ' ' > "$dir/$RECIPIENT.$$.env"
 exit 0
 "#;
 
@@ -329,7 +330,9 @@ fn mda_exit_codes_map_to_replies_and_the_ledger_prevents_duplicates() {
             .iter()
             .filter(|p| {
                 let name = p.file_name().unwrap().to_string_lossy().into_owned();
-                name.starts_with(&format!("{rcpt}.")) && !name.ends_with(".args")
+                name.starts_with(&format!("{rcpt}."))
+                    && !name.ends_with(".args")
+                    && !name.ends_with(".env")
             })
             .count()
     };
@@ -345,7 +348,10 @@ fn mda_exit_codes_map_to_replies_and_the_ledger_prevents_duplicates() {
     );
     let stored: Vec<PathBuf> = files(&out)
         .into_iter()
-        .filter(|p| !p.to_string_lossy().ends_with(".args"))
+        .filter(|p| {
+            let p = p.to_string_lossy();
+            !p.ends_with(".args") && !p.ends_with(".env")
+        })
         .collect();
     let text = fs::read_to_string(&stored[0]).unwrap();
     assert!(text.starts_with("Return-Path: <s@sender.example>\r\nDelivered-To: ok@example.com\r\n"));
@@ -356,6 +362,32 @@ fn mda_exit_codes_map_to_replies_and_the_ledger_prevents_duplicates() {
         args,
         "ok@example.com|s@sender.example|s@sender.example|example.com\n"
     );
+    // Nothing of the customer's own environment (it may hold the provider password) but a
+    // few harmless variables; sh adds PWD (and maybe SHLVL) itself.
+    let env = fs::read_to_string(format!("{}.env", stored[0].display())).unwrap();
+    let allowed = [
+        "PATH",
+        "HOME",
+        "TZ",
+        "LANG",
+        "LC_ALL",
+        "LOGNAME",
+        "SENDER",
+        "RECIPIENT",
+        "LOCAL",
+        "DOMAIN",
+        "PWD",
+        "SHLVL",
+        "OLDPWD",
+        "_",
+    ];
+    for name in env.split_whitespace() {
+        assert!(
+            allowed.contains(&name),
+            "MDA saw {name} from our environment: {env}"
+        );
+    }
+    assert!(env.contains("RECIPIENT") && env.contains("PATH"), "{env}");
 
     // Exit 67 alone: the MDA's 5xx, with its own words.
     let r = deliver(
