@@ -70,6 +70,7 @@ impl DeliveryConfig {
 /// One delivery target, written as a one-key inline table.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
+#[non_exhaustive]
 pub enum TargetConfig {
     /// A maildir (created if missing, with `tmp`, `new` and `cur`).
     Maildir(PathBuf),

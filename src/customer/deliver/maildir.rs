@@ -1,10 +1,11 @@
 //! Maildir delivery (the qmail maildir spec, <https://cr.yp.to/proto/maildir.html>).
 //!
 //! One file per recipient: written to `tmp/` under a unique name (created with `O_EXCL`),
-//! fsynced, hard-linked into `new/` (a link never replaces an existing file, unlike rename),
-//! the `new/` directory fsynced, and only then is the delivery reported done. The `tmp/` name
-//! is removed afterwards; a crash in between leaves a stray `tmp/` file, which readers clean
-//! up after 36 hours, never a lost or half-written message in `new/`.
+//! fsynced, hard-linked into `new/` (a link never replaces an existing file, unlike rename;
+//! renamed where the file system has no hard links), the `new/` directory fsynced, and only
+//! then is the delivery reported done. The `tmp/` name is removed afterwards; a crash in
+//! between leaves a stray `tmp/` file, which readers clean up after 36 hours, never a lost or
+//! half-written message in `new/`.
 //!
 //! Unique names: `<secs>.M<usec>P<pid>Q<seq>R<random>.<host>` (the modern form Dovecot and
 //! Courier write), with `/` and `:` in the host name escaped as `\057` and `\072`. The file
@@ -94,12 +95,23 @@ impl Maildir {
                 return Err(e);
             }
             let new = self.root.join("new").join(&name);
-            let linked = fs::hard_link(&tmp, &new);
-            let _ = fs::remove_file(&tmp);
-            match linked {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
+            match fs::hard_link(&tmp, &new) {
+                Ok(()) => {
+                    let _ = fs::remove_file(&tmp);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let _ = fs::remove_file(&tmp);
+                    continue;
+                }
+                // File systems without hard links: rename, which Dovecot also uses; the name
+                // is unique, so there is nothing to overwrite.
+                Err(_) if !new.exists() => fs::rename(&tmp, &new).inspect_err(|_| {
+                    let _ = fs::remove_file(&tmp);
+                })?,
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
             }
             File::open(self.root.join("new"))?.sync_all()?;
             return Ok(new);

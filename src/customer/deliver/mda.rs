@@ -1,7 +1,9 @@
 //! Delivery through an MDA command (procmail, maildrop, dovecot-lda, a script), once per
 //! recipient, the message on standard input.
 //!
-//! The command runs without a shell. The envelope reaches it two ways: the environment
+//! The command runs without a shell, in a clean environment: only `PATH`, `HOME`, `TZ`,
+//! `LANG`, `LC_ALL` and `LOGNAME` are passed on from ours (which may hold the provider's
+//! password), plus the envelope. The envelope reaches it two ways: the environment
 //! variables `SENDER` (empty for the null sender), `RECIPIENT`, `LOCAL` and `DOMAIN` (the
 //! names Postfix's local(8) uses), and the placeholders `{sender}`, `{recipient}`, `{local}`
 //! and `{domain}` in arguments, each replaced inside the argument it appears in (one argument
@@ -33,6 +35,9 @@ use std::time::{Duration, Instant};
 
 use crate::proto::reply::Reply;
 use crate::types::Mailbox;
+
+/// The variables of our own environment an MDA inherits; everything else is dropped.
+const PASSED_ENV: [&str; 6] = ["PATH", "HOME", "TZ", "LANG", "LC_ALL", "LOGNAME"];
 
 /// A configured MDA command.
 #[derive(Clone, Debug)]
@@ -73,7 +78,18 @@ impl Mda {
             .iter()
             .map(|a| vars.iter().fold(a.clone(), |a, (k, v)| a.replace(k, v)))
             .collect();
-        let spawned = Command::new(&self.argv[0])
+        let mut cmd = Command::new(&self.argv[0]);
+        // A clean environment: ours may hold the provider password (`password_env`).
+        cmd.env_clear();
+        for name in PASSED_ENV {
+            if let Some(v) = std::env::var_os(name) {
+                cmd.env(name, v);
+            }
+        }
+        if std::env::var_os("PATH").is_none() {
+            cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        }
+        let spawned = cmd
             .args(&args)
             .env("SENDER", &sender)
             .env("RECIPIENT", rcpt.to_string())

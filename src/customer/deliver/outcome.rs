@@ -17,6 +17,7 @@ use crate::types::Mailbox;
 
 /// The combined outcome of one message.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Combined {
     /// Every recipient has it: answer 250.
     Delivered,

@@ -27,6 +27,7 @@ use crate::types::{BodyType, Mailbox};
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Endpoint {
     /// A unix-domain socket.
     Unix(PathBuf),
