@@ -665,3 +665,166 @@ catch_all = { mda = ["/bin/sh", "-c", "sleep 1; cat > \"$0/msg.$$\"", "DIR"] }
         std::fs::read_to_string(&log).unwrap()
     );
 }
+
+#[test]
+fn pinned_certificate_is_accepted_whatever_its_name_and_a_wrong_pin_is_a_tls_failure() {
+    use sha2::{Digest, Sha256};
+    let server = TestServer::start("", &[("office", &["office.test"])]);
+    let pem = std::fs::read(server.data_dir().join("tls/cert.pem")).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .unwrap()
+        .unwrap();
+    let pin: Vec<String> = Sha256::digest(der.as_ref())
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    let dir = scratch(&server, "customer");
+    let write = |pin: &str| {
+        let config = pull_config(
+            &server,
+            &dir,
+            server.addr("odmr"),
+            "office",
+            &format!(
+                "[delivery]\ncatch_all = {{ maildir = \"{}\" }}\n",
+                dir.join("Maildir").display()
+            ),
+        );
+        let text = std::fs::read_to_string(&config).unwrap();
+        let ca_line = text.lines().find(|l| l.starts_with("ca = ")).unwrap();
+        let text = text
+            .replace(ca_line, &format!("pin_sha256 = \"{pin}\""))
+            .replace(
+                "server_name = \"localhost\"",
+                "server_name = \"elsewhere.test\"",
+            );
+        std::fs::write(&config, text).unwrap();
+        config
+    };
+    // Right pin: verified (nothing held, so 10), although the name does not match.
+    assert_exit(&pull_config_file(&write(&pin.join(":"))), 10);
+    let mut wrong = pin.clone();
+    wrong[0] = if wrong[0] == "00" {
+        "01".into()
+    } else {
+        "00".into()
+    };
+    let out = pull_config_file(&write(&wrong.join(":")));
+    assert_exit(&out, 31);
+    assert!(!server.logs().contains("authentication failed"));
+}
+
+#[test]
+fn daemon_backs_off_while_the_provider_is_unreachable_and_stops_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("turnpike-pull-backoff-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("secret"), "pw\n").unwrap();
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let log = dir.join("pull.log");
+    let mut customer = Customer(spawn_pull(
+        &[
+            "--provider",
+            &closed.to_string(),
+            "--account",
+            "office",
+            "--password-file",
+            dir.join("secret").to_str().unwrap(),
+            "--tls",
+            "none",
+            "--maildir",
+            dir.join("Maildir").to_str().unwrap(),
+            "--every",
+            "1s",
+        ],
+        &log,
+    ));
+    // Attempts at about 0 s, 2 s (1 s doubled) and 6 s (then 4 s): three within 7.5 s.
+    // Without backoff there would be seven or eight.
+    thread::sleep(Duration::from_millis(7500));
+    let pid = libc::pid_t::try_from(customer.0.id()).unwrap();
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = customer.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(status.code(), Some(0), "{text}");
+    let attempts = text.matches("session failed: provider unreachable").count();
+    assert!((2..=4).contains(&attempts), "{attempts} attempts:\n{text}");
+    assert!(text.contains("failures=2"), "{text}");
+    assert!(text.contains("exit=30"), "{text}");
+}
+
+#[test]
+fn push_session_keeps_delivering_while_the_provider_lingers() {
+    let server = TestServer::start(
+        "[odmr]\nlinger_max = \"3s\"\nlinger_keepalive = \"1s\"\n",
+        &[("office", &["office.test"])],
+    );
+    let out = server.cli(&["account", "linger", "office", "on"], None);
+    assert!(out.status.success(), "{}", output_text(&out));
+    // The reload reaches the cores over the mesh; give it a moment.
+    thread::sleep(Duration::from_millis(500));
+    hold(&server, &["early@office.test"], BODY_ONE);
+    wait_held(&server, "office.test", 1);
+    let dir = scratch(&server, "customer");
+    let maildir = dir.join("Maildir");
+    let config = pull_config(
+        &server,
+        &dir,
+        server.addr("odmr"),
+        "office",
+        &format!(
+            "[delivery]\ncatch_all = {{ maildir = \"{}\" }}\n",
+            maildir.display()
+        ),
+    );
+    let log = dir.join("pull.log");
+    let started = Instant::now();
+    let mut customer = Customer(spawn_pull(&["--config", config.to_str().unwrap()], &log));
+    wait_for("the held message", Duration::from_secs(10), &log, || {
+        maildir_messages(&maildir).len() == 1
+    });
+    // Mail that arrives during the session is pushed at once.
+    let held_at = Instant::now();
+    hold(&server, &["late@office.test"], BODY_TWO);
+    wait_for("the pushed message", Duration::from_secs(3), &log, || {
+        maildir_messages(&maildir).len() == 2
+    });
+    let pushed_after = held_at.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = customer.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session did not end at linger_max"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let lasted = started.elapsed();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(pushed_after < Duration::from_secs(2), "{pushed_after:?}");
+    assert!(
+        lasted >= Duration::from_millis(2500),
+        "ended early: {lasted:?}\n{text}"
+    );
+    assert!(maildir_messages(&maildir)
+        .iter()
+        .any(|m| m.ends_with(BODY_TWO.as_bytes())));
+    assert_eq!(held(&server, "office.test"), 0);
+}

@@ -216,20 +216,24 @@ impl Puller {
                 _ = int.recv() => return stopped("SIGINT", true),
             };
             let status = ExitStatus::of(&result);
+            failures = if status.is_failure() {
+                failures.saturating_add(1)
+            } else {
+                0
+            };
+            let wait = jittered(next_wait(every, self.config.max_backoff, failures));
+            let next = format!("{:.1}s", wait.as_secs_f64());
             if status.is_failure() {
-                failures = failures.saturating_add(1);
                 tracing::warn!(
                     exit = status.code(),
                     failures,
+                    next,
                     "session failed: {}",
                     describe(&result)
                 );
             } else {
-                failures = 0;
-                tracing::info!("session done: {}", describe(&result));
+                tracing::info!(next, "session done: {}", describe(&result));
             }
-            let wait = jittered(next_wait(every, self.config.max_backoff, failures));
-            tracing::debug!(?wait, "next session");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = term.recv() => return stopped("SIGTERM", false),

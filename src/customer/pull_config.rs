@@ -1073,4 +1073,50 @@ catch_all = { maildir = "/srv/mail/office" }
         assert!(parse_fingerprint(&"ab".repeat(31)).is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
     }
+
+    #[test]
+    fn tls_material_loads_with_a_client_certificate_for_external() {
+        let dir = std::env::temp_dir().join(format!("turnpike-pull-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_pair = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["office.example".to_string()])
+            .unwrap()
+            .self_signed(&key_pair)
+            .unwrap();
+        let (cert_path, key_path) = (dir.join("office.crt"), dir.join("office.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key_pair.serialize_pem()).unwrap();
+
+        let text = MINIMAL.replace(
+            "[provider]\n",
+            &format!(
+                "[provider]\nca = \"{c}\"\nclient_cert = \"{c}\"\nclient_key = \"{k}\"\n",
+                c = cert_path.display(),
+                k = key_path.display()
+            ),
+        );
+        let text = text.replace(
+            "password_file = \"/etc/turnpike/pull.secret\"",
+            "mechanism = \"external\"",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.secret, Secret::None, "EXTERNAL needs no password");
+        assert_eq!(c.password().unwrap(), "");
+        let tls = c.tls_client_config().unwrap();
+        assert!(tls.client_auth_cert_resolver.has_certs());
+
+        // Without the client certificate there is nothing to offer for EXTERNAL.
+        let mut plain = c.clone();
+        plain.client_cert = None;
+        assert!(!plain
+            .tls_client_config()
+            .unwrap()
+            .client_auth_cert_resolver
+            .has_certs());
+        // A key file without a key is named.
+        plain.client_cert = Some((cert_path.clone(), cert_path.clone()));
+        let e = plain.tls_client_config().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("provider.client_key"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

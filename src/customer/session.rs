@@ -610,3 +610,55 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that knows only `known@` recipients.
+    struct KnownOnly;
+
+    impl Sink for KnownOnly {
+        async fn deliver(&mut self, _message: Incoming) -> Result<(), Reply> {
+            Ok(())
+        }
+        fn check_recipient(&self, rcpt: &Mailbox) -> RcptVerdict {
+            if rcpt.local == "known" {
+                RcptVerdict::Accept
+            } else {
+                RcptVerdict::Reject(Reply::with_status(550, (5, 1, 1), "unknown"))
+            }
+        }
+    }
+
+    fn verdict(requested: &[&str], rcpt: &str) -> u16 {
+        let requested: Vec<DomainName> = requested
+            .iter()
+            .map(|d| DomainName::parse(d).unwrap())
+            .collect();
+        let (local, domain) = rcpt.split_once('@').unwrap();
+        let mailbox = Mailbox {
+            local: local.into(),
+            domain: domain.into(),
+        };
+        let policy = RecipientPolicy {
+            requested: &requested,
+            sink: &KnownOnly,
+        };
+        match policy.check_rcpt(&mailbox, None) {
+            RcptVerdict::Accept => 250,
+            RcptVerdict::Reject(r) => r.code,
+        }
+    }
+
+    #[test]
+    fn only_requested_domains_then_the_sinks_recipients() {
+        assert_eq!(verdict(&["office.test"], "known@office.test"), 250);
+        assert_eq!(verdict(&["office.test"], "known@OFFICE.test"), 250);
+        assert_eq!(verdict(&["office.test"], "known@other.test"), 550);
+        assert_eq!(verdict(&["office.test"], "stranger@office.test"), 550);
+        // Bare ATRN: every domain the provider sends is the account's; the sink decides.
+        assert_eq!(verdict(&[], "known@any.test"), 250);
+        assert_eq!(verdict(&[], "stranger@any.test"), 550);
+    }
+}
