@@ -307,7 +307,14 @@ impl PullConfig {
             }
             (Some(f), None) => Secret::File(PathBuf::from(f)),
             (None, Some(v)) => Secret::Env(v),
-            (None, None) if mechanism == Mechanism::External => Secret::None,
+            // A certificate alone is a credential: EXTERNAL, or `auto` (which then only
+            // tries EXTERNAL).
+            (None, None)
+                if mechanism == Mechanism::External
+                    || (mechanism == Mechanism::Auto && client_cert.is_some()) =>
+            {
+                Secret::None
+            }
             (None, None) => {
                 return Err(p.missing(
                     "account.password_file",
@@ -1099,6 +1106,8 @@ catch_all = { maildir = "/srv/mail/office" }
             "password_file = \"/etc/turnpike/pull.secret\"",
             "mechanism = \"external\"",
         );
+        let auto = parse(&text.replace("mechanism = \"external\"", "")).unwrap();
+        assert_eq!(auto.secret, Secret::None, "auto with a certificate needs no password");
         let c = parse(&text).unwrap();
         assert_eq!(c.secret, Secret::None, "EXTERNAL needs no password");
         assert_eq!(c.password().unwrap(), "");

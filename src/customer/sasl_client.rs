@@ -67,14 +67,20 @@ pub fn offered_mechanisms(ehlo_lines: &[String]) -> Vec<String> {
 }
 
 /// The best mechanism the provider offers: EXTERNAL when we hold a client certificate, then
-/// SCRAM-SHA-256, then PLAIN (only inside TLS), then CRAM-MD5. `None` when nothing fits.
-pub fn choose(offered: &[String], tls: bool, have_client_cert: bool) -> Option<ClientMechanism> {
+/// (with a password) SCRAM-SHA-256, PLAIN (only inside TLS), CRAM-MD5. `None` when nothing
+/// fits.
+pub fn choose(
+    offered: &[String],
+    tls: bool,
+    have_client_cert: bool,
+    have_password: bool,
+) -> Option<ClientMechanism> {
     let has = |m: ClientMechanism| offered.iter().any(|o| o == m.name());
     [
         (ClientMechanism::External, have_client_cert),
-        (ClientMechanism::ScramSha256, true),
-        (ClientMechanism::Plain, tls),
-        (ClientMechanism::CramMd5, true),
+        (ClientMechanism::ScramSha256, have_password),
+        (ClientMechanism::Plain, have_password && tls),
+        (ClientMechanism::CramMd5, have_password),
     ]
     .into_iter()
     .find(|&(m, allowed)| allowed && has(m))
@@ -442,20 +448,28 @@ mod tests {
 
     #[test]
     fn choice_follows_the_preference_and_the_offer() {
+        use ClientMechanism::*;
         let offer = |s: &str| offered_mechanisms(&[format!("AUTH {s}"), "ATRN".to_string()]);
         let all = offer("SCRAM-SHA-256 PLAIN CRAM-MD5 EXTERNAL");
-        assert_eq!(choose(&all, true, true), Some(ClientMechanism::External));
-        assert_eq!(
-            choose(&all, true, false),
-            Some(ClientMechanism::ScramSha256)
-        );
         let no_scram = offer("plain cram-md5");
-        assert_eq!(choose(&no_scram, true, false), Some(ClientMechanism::Plain));
-        assert_eq!(
-            choose(&no_scram, false, false),
-            Some(ClientMechanism::CramMd5)
-        );
-        assert_eq!(choose(&offer("PLAIN"), false, false), None);
-        assert_eq!(choose(&offered_mechanisms(&[]), true, true), None);
+        // (offer, tls, client cert, password) -> choice
+        let cases = [
+            (&all, true, true, true, Some(External)),
+            (&all, true, false, true, Some(ScramSha256)),
+            (&no_scram, true, false, true, Some(Plain)),
+            (&no_scram, false, false, true, Some(CramMd5)),
+            (&offer("PLAIN"), false, false, true, None),
+            (&offered_mechanisms(&[]), true, true, true, None),
+            // A certificate but no password: EXTERNAL or nothing.
+            (&all, true, true, false, Some(External)),
+            (&no_scram, true, true, false, None),
+        ];
+        for (offered, tls, cert, password, want) in cases {
+            assert_eq!(
+                choose(offered, tls, cert, password),
+                want,
+                "{offered:?} tls={tls} cert={cert} password={password}"
+            );
+        }
     }
 }

@@ -49,7 +49,8 @@ use super::sasl_client::{self, ClientMechanism, ScramClient};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mechanism {
     /// The strongest the provider offers in EHLO: EXTERNAL (when the TLS configuration holds
-    /// a client certificate), SCRAM-SHA-256, PLAIN (inside TLS only), CRAM-MD5.
+    /// a client certificate), then, with a password, SCRAM-SHA-256, PLAIN (inside TLS only),
+    /// CRAM-MD5.
     Auto,
     /// RFC 5802 / RFC 7677 SCRAM-SHA-256; the provider's signature is verified.
     ScramSha256,
@@ -389,22 +390,27 @@ impl Client {
         let mechanism = match cfg.mechanism {
             Mechanism::Auto => {
                 let offered = sasl_client::offered_mechanisms(caps);
-                sasl_client::choose(&offered, self.conn.is_tls(), cfg.tls.has_client_cert())
-                    .ok_or_else(|| {
-                        SessionError::AuthRefused(format!(
-                            "the provider offers no mechanism we may use here (offered: {}{})",
-                            if offered.is_empty() {
-                                "none".to_string()
-                            } else {
-                                offered.join(" ")
-                            },
-                            if self.conn.is_tls() {
-                                ""
-                            } else {
-                                "; PLAIN is only sent inside TLS"
-                            }
-                        ))
-                    })?
+                sasl_client::choose(
+                    &offered,
+                    self.conn.is_tls(),
+                    cfg.tls.has_client_cert(),
+                    !cfg.password.is_empty(),
+                )
+                .ok_or_else(|| {
+                    SessionError::AuthRefused(format!(
+                        "the provider offers no mechanism we may use here (offered: {}{})",
+                        if offered.is_empty() {
+                            "none".to_string()
+                        } else {
+                            offered.join(" ")
+                        },
+                        if self.conn.is_tls() {
+                            ""
+                        } else {
+                            "; PLAIN is only sent inside TLS"
+                        }
+                    ))
+                })?
             }
             Mechanism::ScramSha256 => ClientMechanism::ScramSha256,
             Mechanism::Plain => ClientMechanism::Plain,
