@@ -1,9 +1,11 @@
-//! The delivered-recipients ledger: which recipients of a message already have it, for a
-//! message the provider will send again.
+//! The delivered-recipients ledger: which recipients already have a message, in case the
+//! provider sends it again.
 //!
-//! Written only for a mixed outcome (some recipients delivered, some failed temporarily, so
-//! the provider got a 4xx and keeps the whole message). When the message comes back, its
-//! recorded recipients are answered "already delivered" without a second delivery.
+//! The provider sends a message again after a mixed outcome (some recipients delivered, some
+//! failed temporarily, so it got a 4xx and keeps the whole message), and after a 250 that
+//! never reached it (the connection broke, or we were killed right after delivering). Every
+//! delivered recipient is recorded before we answer; when the message comes back, recorded
+//! recipients are answered "already delivered" without a second delivery.
 //!
 //! Format: one line per recipient, `<unix secs> <key> <recipient>\n`, appended and
 //! fdatasynced before the 4xx is sent. `key` is the SHA-256 of the envelope sender and the
