@@ -311,7 +311,7 @@ impl Deliverer {
                         }
                         Err(e) => {
                             tracing::error!(%rcpt, maildir = %md.root().display(), error = %e, "maildir delivery failed");
-                            Reply::with_status(451, (4, 3, 0), "Local mailbox write failed")
+                            maildir_failure(&e)
                         }
                     }
                 })
@@ -417,6 +417,16 @@ impl Sink for Deliverer {
             }
             Combined::Failed(reply) => Err(reply),
         }
+    }
+}
+
+/// A failed maildir write is always temporary (the admin can fix it; the provider keeps the
+/// message meanwhile); a full disk or quota says so.
+fn maildir_failure(e: &std::io::Error) -> Reply {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => Reply::with_status(452, (4, 3, 1), "Local disk full"),
+        Some(libc::EDQUOT) => Reply::with_status(452, (4, 2, 2), "Mailbox over quota"),
+        _ => Reply::with_status(451, (4, 3, 0), "Local mailbox write failed"),
     }
 }
 
@@ -555,6 +565,19 @@ mod tests {
             b"Delivered-To:\r\n\r\n",
             &mb("a@example.com")
         ));
+    }
+
+    #[test]
+    fn maildir_failures_are_temporary() {
+        let full = maildir_failure(&std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(
+            (full.code, full.status.unwrap().to_string()),
+            (452, "4.3.1".into())
+        );
+        let quota = maildir_failure(&std::io::Error::from_raw_os_error(libc::EDQUOT));
+        assert_eq!(quota.status.unwrap().to_string(), "4.2.2");
+        let denied = maildir_failure(&std::io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(denied.code, 451);
     }
 
     #[test]
