@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::{io_driver, password_for, queue_entry, SmtpClient, TestServer};
 use turnpike::customer::deliver::{Deliverer, DeliveryConfig};
-use turnpike::customer::session::{self, Mechanism, Received, SessionConfig, Tls};
+use turnpike::customer::session::{self, Mechanism, Received, SessionConfig, Sink, Tls};
+use turnpike::proto::inbound::Incoming;
+use turnpike::proto::reply::Reply;
 use turnpike::runtime::io::{block_on, IoKind};
 
 const PLAINTEXT: &str = "[odmr]\nallow_plaintext_auth = true\n";
@@ -34,13 +36,20 @@ fn mx_send(server: &TestServer, from: &str, to: &[&str], body: &str) {
     c.cmd("QUIT", 221);
 }
 
-fn pull(server: &TestServer, delivery: &str) -> Received {
+fn deliverer(server: &TestServer, delivery: &str) -> Deliverer {
     let cfg: DeliveryConfig = toml::from_str(delivery).expect("delivery config");
-    let mut sink = Deliverer::from_config(&cfg).expect("from_config");
-    let provider = server.addr("odmr");
-    sink.set_session("customer.test", provider.ip());
+    let mut d = Deliverer::from_config(&cfg).expect("from_config");
+    d.set_session("customer.test", server.addr("odmr").ip());
+    d
+}
+
+fn pull(server: &TestServer, delivery: &str) -> Received {
+    pull_into(server, &mut deliverer(server, delivery))
+}
+
+fn pull_into(server: &TestServer, sink: &mut impl Sink) -> Received {
     let session = SessionConfig {
-        provider,
+        provider: server.addr("odmr"),
         hostname: "customer.test".into(),
         tls: Tls::None,
         account: "acme".into(),
@@ -50,12 +59,20 @@ fn pull(server: &TestServer, delivery: &str) -> Received {
         atrn_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(10),
     };
-    block_on(
-        customer_io(),
-        session::run(customer_io(), &session, &mut sink),
-    )
-    .expect("runtime")
-    .unwrap_or_else(|e| panic!("customer session failed: {e}"))
+    block_on(customer_io(), session::run(customer_io(), &session, sink))
+        .expect("runtime")
+        .unwrap_or_else(|e| panic!("customer session failed: {e}"))
+}
+
+/// Delivers for real, then answers as if the 250 never reached the provider (the connection
+/// broke, or the customer was killed right after the delivery).
+struct LostReply<'a>(&'a mut Deliverer);
+
+impl Sink for LostReply<'_> {
+    async fn deliver(&mut self, message: Incoming) -> Result<(), Reply> {
+        self.0.deliver(message).await?;
+        Err(Reply::with_status(451, (4, 4, 2), "reply lost (simulated)"))
+    }
 }
 
 fn held(server: &TestServer) -> Option<(u64, u64)> {
@@ -208,4 +225,41 @@ fn a_target_that_is_down_leaves_the_mail_held_for_the_next_session() {
     let stored = files(&tmp.0.join("box/new"));
     assert_eq!(stored.len(), 1);
     assert!(fs::read_to_string(&stored[0]).unwrap().ends_with(body));
+}
+
+#[test]
+fn a_message_sent_again_after_a_lost_250_is_not_delivered_twice() {
+    let server = TestServer::start(PLAINTEXT, &[ACME]);
+    let tmp = TempDir::new("resend");
+    let body = "Subject: once\r\n\r\nonly once please\r\n";
+    mx_send(
+        &server,
+        "s@client.test",
+        &["erin@acme.example", "fred@acme.example"],
+        body,
+    );
+    let delivery = format!(
+        "catch_all = {{ maildir = \"{t}/box\" }}\nledger = \"{t}/ledger\"\n",
+        t = tmp.0.display()
+    );
+
+    let mut first = deliverer(&server, &delivery);
+    let got = pull_into(&server, &mut LostReply(&mut first));
+    assert_eq!(got.messages, 0);
+    assert_eq!(files(&tmp.0.join("box/new")).len(), 2, "delivered to both");
+    assert_eq!(
+        held(&server).map(|(n, _)| n),
+        Some(1),
+        "the provider did not hear 250"
+    );
+    drop(first);
+
+    // Next session, a new process as far as the ledger is concerned.
+    let got = pull(&server, &delivery);
+    assert_eq!(
+        got.messages, 1,
+        "the message came again and was answered 250"
+    );
+    wait_until_released(&server);
+    assert_eq!(files(&tmp.0.join("box/new")).len(), 2, "no second copy");
 }

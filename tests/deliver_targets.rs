@@ -855,3 +855,26 @@ fn smtp_server_faults_are_temporary_for_every_open_recipient() {
     );
     assert!(r.lines[0].contains("MAIL: 421"), "{r:?}");
 }
+
+#[test]
+fn a_maildir_that_cannot_be_written_answers_4xx_and_leaves_no_debris() {
+    let tmp = TempDir::new("broken-maildir");
+    let mut d = deliverer(&format!(
+        "catch_all = {{ maildir = \"{}/box\" }}\n",
+        tmp.path().display()
+    ));
+    // Broken after start-up: new/ is no longer a directory (root ignores permissions, so
+    // a mode change would not do).
+    fs::remove_dir(tmp.path().join("box/new")).unwrap();
+    fs::write(tmp.path().join("box/new"), b"not a directory").unwrap();
+    let r = deliver(&mut d, message("", &["a@example.com"], &held_body("b"))).unwrap_err();
+    assert_eq!(
+        (r.code, r.status.unwrap().to_string()),
+        (451, "4.3.0".into()),
+        "{r:?}"
+    );
+    assert!(
+        files(&tmp.path().join("box/tmp")).is_empty(),
+        "tmp/ file removed"
+    );
+}

@@ -36,11 +36,12 @@ pub struct DeliveryConfig {
     /// failure.
     #[serde(default = "default_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
-    /// File remembering recipients already delivered of a message the provider must send
-    /// again (mixed outcome), so the retry does not deliver them twice.
+    /// File remembering which recipients already have a message, so a message the provider
+    /// sends again (after a mixed outcome or a lost 250) is not delivered to them twice.
     #[serde(default)]
     pub ledger: Option<PathBuf>,
-    /// How long ledger entries are kept (the provider's retry window).
+    /// How long ledger entries are kept: at least the provider's retry window (its
+    /// `max_hold`, 30 days by default).
     #[serde(default = "default_ledger_keep", deserialize_with = "duration")]
     pub ledger_keep: Duration,
 }
@@ -88,7 +89,7 @@ fn default_timeout() -> Duration {
 }
 
 fn default_ledger_keep() -> Duration {
-    Duration::from_secs(7 * 24 * 60 * 60)
+    Duration::from_secs(30 * 24 * 60 * 60)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -133,7 +134,7 @@ mod tests {
             Some(TargetConfig::Maildir("/srv/mail/all".into()))
         );
         assert_eq!(c.timeout, Duration::from_secs(30));
-        assert_eq!(c.ledger_keep, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.ledger_keep, Duration::from_secs(30 * 86_400));
         assert_eq!(c.recipients.len(), 4);
         assert_eq!(
             c.recipients["bob@example.com"],

@@ -1,9 +1,11 @@
-//! The delivered-recipients ledger: which recipients of a message already have it, for a
-//! message the provider will send again.
+//! The delivered-recipients ledger: which recipients already have a message, in case the
+//! provider sends it again.
 //!
-//! Written only for a mixed outcome (some recipients delivered, some failed temporarily, so
-//! the provider got a 4xx and keeps the whole message). When the message comes back, its
-//! recorded recipients are answered "already delivered" without a second delivery.
+//! The provider sends a message again after a mixed outcome (some recipients delivered, some
+//! failed temporarily, so it got a 4xx and keeps the whole message), and after a 250 that
+//! never reached it (the connection broke, or we were killed right after delivering). Every
+//! delivered recipient is recorded before we answer; when the message comes back, recorded
+//! recipients are answered "already delivered" without a second delivery.
 //!
 //! Format: one line per recipient, `<unix secs> <key> <recipient>\n`, appended and
 //! fdatasynced before the 4xx is sent. `key` is the SHA-256 of the envelope sender and the
@@ -28,7 +30,15 @@ pub struct Ledger {
     path: PathBuf,
     file: File,
     entries: HashMap<(String, String), u64>,
+    keep: Duration,
+    /// Lines in the file, live or expired: a long-running `pull --every` compacts when most
+    /// of them have expired.
+    lines: usize,
+    last_prune: u64,
 }
+
+/// How often a long-lived ledger forgets expired entries.
+const PRUNE_EVERY_SECS: u64 = 60 * 60;
 
 impl Ledger {
     /// Opens (or creates) the ledger at `path`, forgetting entries older than `keep`.
@@ -38,39 +48,41 @@ impl Ledger {
             Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e),
         };
-        let oldest = now_secs.saturating_sub(keep.as_secs());
         let mut entries = HashMap::new();
-        let mut kept = String::new();
-        for line in text.lines() {
+        let mut lines = 0;
+        for line in text.split_inclusive('\n') {
+            // A torn last line (a crash mid-append) has no newline: its entry was never relied
+            // upon. It is dropped here and the rewrite below keeps later appends off it.
+            let Some(line) = line.strip_suffix('\n') else {
+                continue;
+            };
             let mut f = line.splitn(3, ' ');
             let (Some(secs), Some(key), Some(rcpt)) = (f.next(), f.next(), f.next()) else {
-                continue; // a torn last line from a crash: the entry was never relied upon
+                continue;
             };
             let Ok(secs) = secs.parse::<u64>() else {
                 continue;
             };
-            if secs >= oldest && key.len() == 64 {
+            if key.len() == 64 {
                 entries.insert((key.to_string(), rcpt.to_string()), secs);
-                kept.push_str(line);
-                kept.push('\n');
+                lines += 1;
             }
         }
-        if kept.len() != text.len() {
-            let tmp = path.with_extension("compact");
-            let mut f = File::create(&tmp)?;
-            f.write_all(kept.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)?.sync_all()?;
-            }
-        }
+        let whole = text.is_empty() || text.ends_with('\n');
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Ledger {
+        let mut ledger = Ledger {
             path: path.to_path_buf(),
             file,
             entries,
-        })
+            keep,
+            lines,
+            last_prune: now_secs,
+        };
+        ledger.forget_expired(now_secs);
+        if !whole || ledger.lines != ledger.entries.len() {
+            ledger.compact()?;
+        }
+        Ok(ledger)
     }
 
     /// Where the ledger lives.
@@ -92,7 +104,52 @@ impl Ledger {
             self.entries.insert((key.to_string(), rcpt), now_secs);
         }
         self.file.write_all(lines.as_bytes())?;
-        self.file.sync_data()
+        self.file.sync_data()?;
+        self.lines += rcpts.len();
+        if now_secs >= self.last_prune + PRUNE_EVERY_SECS {
+            self.last_prune = now_secs;
+            self.forget_expired(now_secs);
+            if self.lines > 2 * self.entries.len() + 1024 {
+                self.compact()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of live entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no entry is live.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn forget_expired(&mut self, now_secs: u64) {
+        let oldest = now_secs.saturating_sub(self.keep.as_secs());
+        self.entries.retain(|_, secs| *secs >= oldest);
+    }
+
+    /// Rewrites the file with the live entries only (temp file, fsync, rename, dir fsync).
+    fn compact(&mut self) -> io::Result<()> {
+        let mut live: Vec<(&(String, String), &u64)> = self.entries.iter().collect();
+        live.sort_by_key(|(_, secs)| **secs);
+        let mut text = String::new();
+        for ((key, rcpt), secs) in live {
+            text.push_str(&format!("{secs} {key} {rcpt}\n"));
+        }
+        let tmp = self.path.with_extension("compact");
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.lines = self.entries.len();
+        Ok(())
     }
 }
 
@@ -158,6 +215,24 @@ mod tests {
             fs::read_to_string(&path).unwrap(),
             format!("1050 {k2} b@example.com\n")
         );
+
+        // A long-lived ledger: an hour later the old entry is forgotten; the file is
+        // compacted once expired lines dominate.
+        let mut l = Ledger::open(&path, keep, 1120).unwrap();
+        l.record(&k1, &[&a], 1120 + PRUNE_EVERY_SECS).unwrap();
+        assert_eq!(l.len(), 1, "k2 expired");
+        assert!(l.contains(&k1, &a) && !l.contains(&k2, &b));
+        let many: Vec<Mailbox> = (0..1100).map(|i| mb(&format!("u{i}@x.org"))).collect();
+        let refs: Vec<&Mailbox> = many.iter().collect();
+        let t0 = 1120 + 2 * PRUNE_EVERY_SECS;
+        l.record(&k2, &refs, t0).unwrap();
+        l.record(&k1, &[&b], t0 + PRUNE_EVERY_SECS + 200).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(fs::read_to_string(&path).unwrap().lines().count(), 1);
+        l.record(&k1, &[&a], t0 + PRUNE_EVERY_SECS + 201).unwrap();
+        drop(l);
+        let l = Ledger::open(&path, keep, t0 + PRUNE_EVERY_SECS + 202).unwrap();
+        assert!(l.contains(&k1, &a) && l.contains(&k1, &b) && l.len() == 2);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -17,11 +17,13 @@
 //!
 //! Mixed outcomes (see [`outcome`] for the table): the provider hears one reply per message.
 //! When some recipients have the message and others failed temporarily we answer 4xx, so the
-//! provider keeps the message and retries; with a `ledger` configured the delivered
-//! recipients are recorded first (fdatasynced) and skipped on the retry, so nobody gets it
-//! twice. Without a ledger the retry delivers them again (logged as a warning): a duplicate,
-//! never a loss. When the others failed permanently we answer 5xx with a text naming who got
-//! it and who did not; the provider's delivery report quotes it to the sender.
+//! provider keeps the message and retries. With a `ledger` configured every delivered
+//! recipient is recorded (fdatasynced) before we answer and skipped when the same message
+//! comes again, so nobody gets it twice: not after a 4xx for the others, and not after a 250
+//! that was lost with the connection. Without a ledger the retry delivers them again (logged
+//! as a warning): a duplicate, never a loss. When the others failed permanently we answer 5xx
+//! with a text naming who got it and who did not; the provider's delivery report quotes it to
+//! the sender.
 
 pub mod config;
 pub mod ledger;
@@ -309,7 +311,7 @@ impl Deliverer {
                         }
                         Err(e) => {
                             tracing::error!(%rcpt, maildir = %md.root().display(), error = %e, "maildir delivery failed");
-                            Reply::with_status(451, (4, 3, 0), "Local mailbox write failed")
+                            maildir_failure(&e)
                         }
                     }
                 })
@@ -341,6 +343,7 @@ impl Sink for Deliverer {
             .as_ref()
             .map(|_| ledger::message_key(message.envelope.sender.as_ref(), &message.body));
         let mut replies: Vec<Option<Reply>> = vec![None; recipients.len()];
+        let mut from_ledger = vec![false; recipients.len()];
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, r) in recipients.iter().enumerate() {
             let rcpt = &r.mailbox;
@@ -348,6 +351,7 @@ impl Sink for Deliverer {
                 if l.contains(k, rcpt) {
                     tracing::info!(%id, %rcpt, "already delivered in an earlier session; not again");
                     replies[i] = Some(Reply::with_status(250, (2, 0, 0), "Already delivered"));
+                    from_ledger[i] = true;
                     continue;
                 }
             }
@@ -387,31 +391,42 @@ impl Sink for Deliverer {
                 tracing::warn!(%id, %rcpt, code = reply.code, text = %reply.lines.join(" "), "recipient not delivered");
             }
         }
+        // Remember who has it before answering: should the provider send it again (our reply
+        // lost, or a 4xx for the others), those recipients are not given a second copy.
+        let fresh: Vec<&Mailbox> = outcomes
+            .iter()
+            .zip(&from_ledger)
+            .filter(|((_, r), skipped)| r.is_positive() && !**skipped)
+            .map(|((m, _), _)| m)
+            .collect();
+        if let (Some(l), Some(k), false) = (&mut self.ledger, &key, fresh.is_empty()) {
+            if let Err(e) = l.record(k, &fresh, now) {
+                tracing::error!(%id, ledger = %l.path().display(), error = %e, "cannot record delivered recipients; a resend would deliver to them again");
+            }
+        }
         match outcome::combine(&outcomes) {
             Combined::Delivered => {
                 tracing::info!(%id, recipients = outcomes.len(), bytes = message.body.len(), "delivered");
                 Ok(())
             }
-            Combined::Failed(reply) => Err(reply),
             Combined::Partial(reply) => {
-                let delivered: Vec<&Mailbox> = outcomes
-                    .iter()
-                    .filter(|(_, r)| r.is_positive())
-                    .map(|(m, _)| m)
-                    .collect();
-                match (&mut self.ledger, &key) {
-                    (Some(l), Some(k)) => {
-                        if let Err(e) = l.record(k, &delivered, now) {
-                            tracing::error!(%id, ledger = %l.path().display(), error = %e, "cannot record delivered recipients; the retry will deliver them again");
-                        }
-                    }
-                    _ => {
-                        tracing::warn!(%id, delivered = delivered.len(), "partial delivery without a ledger: the provider's retry will deliver to these recipients again")
-                    }
+                if self.ledger.is_none() {
+                    tracing::warn!(%id, delivered = fresh.len(), "partial delivery without a ledger: the provider's retry will deliver to these recipients again");
                 }
                 Err(reply)
             }
+            Combined::Failed(reply) => Err(reply),
         }
+    }
+}
+
+/// A failed maildir write is always temporary (the admin can fix it; the provider keeps the
+/// message meanwhile); a full disk or quota says so.
+fn maildir_failure(e: &std::io::Error) -> Reply {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => Reply::with_status(452, (4, 3, 1), "Local disk full"),
+        Some(libc::EDQUOT) => Reply::with_status(452, (4, 2, 2), "Mailbox over quota"),
+        _ => Reply::with_status(451, (4, 3, 0), "Local mailbox write failed"),
     }
 }
 
@@ -550,6 +565,19 @@ mod tests {
             b"Delivered-To:\r\n\r\n",
             &mb("a@example.com")
         ));
+    }
+
+    #[test]
+    fn maildir_failures_are_temporary() {
+        let full = maildir_failure(&std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(
+            (full.code, full.status.unwrap().to_string()),
+            (452, "4.3.1".into())
+        );
+        let quota = maildir_failure(&std::io::Error::from_raw_os_error(libc::EDQUOT));
+        assert_eq!(quota.status.unwrap().to_string(), "4.2.2");
+        let denied = maildir_failure(&std::io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(denied.code, 451);
     }
 
     #[test]
