@@ -68,9 +68,10 @@ enum Command {
 /// `turnpike pull`: with `--config FILE`, or with the first-run flags.
 #[derive(clap::Args)]
 struct PullArgs {
-    /// Run as a daemon: a session every DURATION (e.g. 5m), jittered, backing off while the
-    /// provider is unreachable; stops cleanly on SIGTERM/SIGINT.
-    #[arg(long, value_name = "DURATION")]
+    /// Run as a daemon: a session every DURATION (e.g. 5m; without a value the config's
+    /// schedule.every, else 5m), jittered, backing off while sessions fail; stops cleanly on
+    /// SIGTERM/SIGINT. Without --every: one session, and the exit code says how it went.
+    #[arg(long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "")]
     every: Option<String>,
     /// The provider's ODMR address, HOST:PORT (without --config).
     #[arg(long, value_name = "HOST:PORT")]
@@ -392,13 +393,15 @@ fn pull(config: Option<&std::path::Path>, args: PullArgs) -> u8 {
         eprintln!("turnpike pull: {e}");
         ExitStatus::Config.code()
     };
+    // None: one session. Some(None): daemon at the configured interval. Some(Some(d)): at d.
     let every = match args
         .every
         .as_deref()
         .map(|s| (s, config::parse_duration(s)))
     {
         None => None,
-        Some((_, Some(d))) if !d.is_zero() => Some(d),
+        Some(("", _)) => Some(None),
+        Some((_, Some(d))) if !d.is_zero() => Some(Some(d)),
         Some((s, _)) => {
             return config_error(&format!(
                 "command line: --every: {s:?} is not a duration like \"5m\""
@@ -450,7 +453,11 @@ fn pull(config: Option<&std::path::Path>, args: PullArgs) -> u8 {
         Ok(cfg) => cfg,
         Err(e) => return config_error(&e),
     };
-    let every = every.or(cfg.every);
+    let every = every.map(|every| {
+        every
+            .or(cfg.every)
+            .unwrap_or(std::time::Duration::from_secs(300))
+    });
     let mut puller = match Puller::new(cfg) {
         Ok(p) => p,
         Err(e) => return config_error(&e),

@@ -157,12 +157,14 @@ fn maildir_end_to_end_over_verified_starttls_one_file_per_recipient() {
         server.addr("odmr"),
         "office",
         &format!(
-            "[delivery.recipients]\n\"alice@office.test\" = {{ maildir = \"{}\" }}\n\
+            "[schedule]\nevery = \"1s\"\n\
+             [delivery.recipients]\n\"alice@office.test\" = {{ maildir = \"{}\" }}\n\
              \"bob@office.test\" = {{ maildir = \"{}\" }}\n",
             alice.display(),
             bob.display()
         ),
     );
+    // One session, although the file has a schedule: only --every makes a daemon.
     let out = pull_config_file(&config);
     assert_exit(&out, 0);
     assert!(
@@ -607,7 +609,9 @@ fn daemon_retries_after_the_provider_is_killed_mid_session_and_nothing_is_lost()
         &dir,
         front,
         "office",
-        r#"[delivery]
+        r#"[schedule]
+every = "1s"
+[delivery]
 catch_all = { mda = ["/bin/sh", "-c", "sleep 1; cat > \"$0/msg.$$\"", "DIR"] }
 "#
         .replace("DIR", out_dir.to_str().unwrap())
@@ -615,7 +619,7 @@ catch_all = { mda = ["/bin/sh", "-c", "sleep 1; cat > \"$0/msg.$$\"", "DIR"] }
     );
     let log = dir.join("pull.log");
     let mut customer = Customer(spawn_pull(
-        &["--config", config.to_str().unwrap(), "--every", "1s"],
+        &["--config", config.to_str().unwrap(), "--every"],
         &log,
     ));
     wait_for("the first delivery", Duration::from_secs(20), &log, || {

@@ -24,7 +24,7 @@
 //! # atrn_timeout = "10m"                  # RFC 2645: at least 10 minutes
 //! # idle_timeout = "5m"                   # every other read and write
 //!
-//! [schedule]                              # for the daemon (--every)
+//! [schedule]                              # for the daemon (--every without a value)
 //! # every = "5m"
 //! # max_backoff = "1h"                    # longest wait while the provider is unreachable
 //!
@@ -122,7 +122,8 @@ pub struct PullConfig {
     pub atrn_timeout: Duration,
     /// Stall timeout of every other read and write.
     pub idle_timeout: Duration,
-    /// Daemon interval (`[schedule] every`; `--every` overrides it).
+    /// Daemon interval for `--every` without a value (`[schedule] every`); one session per
+    /// run without `--every`, whatever this says.
     pub every: Option<Duration>,
     /// Longest wait between attempts while sessions fail.
     pub max_backoff: Duration,
@@ -1107,7 +1108,11 @@ catch_all = { maildir = "/srv/mail/office" }
             "mechanism = \"external\"",
         );
         let auto = parse(&text.replace("mechanism = \"external\"", "")).unwrap();
-        assert_eq!(auto.secret, Secret::None, "auto with a certificate needs no password");
+        assert_eq!(
+            auto.secret,
+            Secret::None,
+            "auto with a certificate needs no password"
+        );
         let c = parse(&text).unwrap();
         assert_eq!(c.secret, Secret::None, "EXTERNAL needs no password");
         assert_eq!(c.password().unwrap(), "");
