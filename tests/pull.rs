@@ -832,3 +832,135 @@ fn push_session_keeps_delivering_while_the_provider_lingers() {
         .any(|m| m.ends_with(BODY_TWO.as_bytes())));
     assert_eq!(held(&server, "office.test"), 0);
 }
+
+/// Postfix's smtp-sink on 127.0.0.1:0 (`-L`: as an LMTP server), dumping each transaction
+/// into `dump/`; killed on drop.
+struct SmtpSink {
+    child: Child,
+    port: u16,
+    dump: PathBuf,
+}
+
+impl SmtpSink {
+    fn start(dir: &Path, lmtp: bool) -> SmtpSink {
+        use std::os::unix::fs::PermissionsExt;
+        let dump = dir.join("dump");
+        std::fs::create_dir_all(&dump).unwrap();
+        // smtp-sink drops root privileges to nobody, who must be able to write the dumps.
+        std::fs::set_permissions(&dump, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut cmd = Command::new(common::find_program("smtp-sink").unwrap());
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            cmd.args(["-u", "nobody"]);
+        }
+        if lmtp {
+            cmd.arg("-L");
+        }
+        let child = cmd
+            .arg("-d")
+            .arg(format!("{}/msg.", dump.display()))
+            .args(["127.0.0.1:0", "16"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start smtp-sink");
+        let mut sink = SmtpSink {
+            child,
+            port: 0,
+            dump,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.port == 0 {
+            assert!(Instant::now() < deadline, "smtp-sink did not listen");
+            thread::sleep(Duration::from_millis(20));
+            sink.port = listening_port(sink.child.id()).unwrap_or(0);
+        }
+        sink
+    }
+
+    fn dumps(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dump)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The TCP port a process listens on, from /proc (it was told port 0).
+fn listening_port(pid: u32) -> Option<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let listening = f.get(3) == Some(&"0A");
+        if listening && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9)) {
+            u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()
+        } else {
+            None
+        }
+    })
+}
+
+#[test]
+fn smtp_and_lmtp_targets_through_turnpike_pull_with_postfix_smtp_sink() {
+    if !common::require_program("smtp-sink") {
+        return;
+    }
+    let server = TestServer::start("", &[("office", &["office.test"])]);
+    for (n, lmtp) in [false, true].into_iter().enumerate() {
+        let dir = scratch(&server, &format!("customer-{n}"));
+        let sink = SmtpSink::start(&dir, lmtp);
+        let body = format!(
+            "Subject: via {}\r\n\r\nline one\r\n",
+            if lmtp { "LMTP" } else { "SMTP" }
+        );
+        hold(&server, &["dave@office.test", "erin@office.test"], &body);
+        wait_held(&server, "office.test", 1);
+        let kind = if lmtp { "lmtp" } else { "smtp" };
+        let config = pull_config(
+            &server,
+            &dir,
+            server.addr("odmr"),
+            "office",
+            &format!(
+                "[delivery]\ntimeout = \"20s\"\ncatch_all = {{ {kind} = \"127.0.0.1:{}\" }}\n",
+                sink.port
+            ),
+        );
+        assert_exit(&pull_config_file(&config), 0);
+        assert_eq!(held(&server, "office.test"), 0, "{kind}");
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.len() != 1 {
+            assert!(Instant::now() < deadline, "{kind}: no dump: {got:?}");
+            thread::sleep(Duration::from_millis(20));
+            got = sink.dumps();
+        }
+        let dump = &got[0];
+        // One transaction carrying both recipients; our Received: names the provider.
+        assert!(dump.contains("X-Rcpt-Args: <dave@office.test>\n"), "{dump}");
+        assert!(dump.contains("X-Rcpt-Args: <erin@office.test>\n"), "{dump}");
+        assert!(
+            dump.contains("Received: from mx.test ([127.0.0.1])\n\tby gw.office.test"),
+            "{dump}"
+        );
+        // smtp-sink writes LF line ends and an empty line after each message.
+        let body_lf = body.replace("\r\n", "\n");
+        assert!(dump.ends_with(&format!("{body_lf}\n")), "{kind}: {dump}");
+    }
+}
