@@ -20,6 +20,8 @@
 //! name = "tim"
 //! domains = ["example.com", "example.org"]
 //! cram_md5 = "<64 hex digits>"          # absent when CRAM-MD5 is disabled for the account
+//! linger = true                         # absent when off: push delivery after ATRN
+//! any_sender = true                     # absent when off: submit mail from any address
 //!
 //! [account.scram_sha256]
 //! iterations = 4096
@@ -135,9 +137,16 @@ pub struct Account {
     scram: ScramVerifier,
     cram_md5: Option<CramMd5Key>,
     linger: bool,
+    any_sender: bool,
 }
 
 impl Account {
+    /// Submitted mail may come from any sender address, not only from the account's domains
+    /// (off by default: RFC 6409 §8.1 lets the submission server enforce the sender).
+    pub fn any_sender(&self) -> bool {
+        self.any_sender
+    }
+
     /// Push delivery: after ATRN drains the queue, the provider keeps the reversed session
     /// open and delivers new mail as it arrives (DESIGN.md "linger").
     pub fn linger(&self) -> bool {
@@ -442,6 +451,19 @@ impl Accounts {
         Ok(())
     }
 
+    /// Lets the account `name` submit mail from any address (`true`) or only from its own
+    /// domains (`false`, the default).
+    pub fn set_any_sender(&mut self, name: &str, any: bool) -> Result<(), AccountsError> {
+        let account = AccountName::parse(name)
+            .ok()
+            .and_then(|n| self.by_name.get_mut(&n))
+            .ok_or_else(|| {
+                AccountsError::new(AccountsErrorKind::NoSuchAccount).for_account(name)
+            })?;
+        account.any_sender = any;
+        Ok(())
+    }
+
     /// Removes the account `name` and frees its domains.
     pub fn remove(&mut self, name: &str) -> Result<Account, AccountsError> {
         let account = AccountName::parse(name)
@@ -537,6 +559,7 @@ impl Account {
             scram,
             cram_md5,
             linger: false,
+            any_sender: false,
         })
     }
 
@@ -592,12 +615,14 @@ impl Account {
         };
         let mut account = Account::new(name, domains, scram, cram_md5)?;
         account.linger = raw.linger;
+        account.any_sender = raw.any_sender;
         Ok(account)
     }
 
     fn to_raw(&self) -> RawAccount {
         RawAccount {
             linger: self.linger,
+            any_sender: self.any_sender,
             name: self.name.0.clone(),
             domains: self.domains.iter().map(|d| d.as_str().to_owned()).collect(),
             cram_md5: self.cram_md5.as_ref().map(CramMd5Key::to_hex),
@@ -635,6 +660,8 @@ struct RawAccount {
     cram_md5: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     linger: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    any_sender: bool,
     scram_sha256: RawScram,
 }
 

@@ -96,6 +96,15 @@ enum AccountAction {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// Which sender addresses an account may submit mail from: its own domains (the default)
+    /// or any address.
+    Senders {
+        /// Account name.
+        name: String,
+        /// own or any.
+        #[arg(value_parser = ["own", "any"])]
+        policy: String,
+    },
     /// List accounts and their domains.
     List,
     /// Remove an account.
@@ -204,6 +213,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     accounts.save(&path)?;
                     notify_server(&data_dir);
                     println!("account {name}: linger {state}");
+                }
+                AccountAction::Senders { name, policy } => {
+                    accounts.set_any_sender(&name, policy == "any")?;
+                    accounts.save(&path)?;
+                    notify_server(&data_dir);
+                    println!("account {name}: senders {policy}");
                 }
                 AccountAction::Add {
                     name,

@@ -119,6 +119,21 @@ impl Hosted {
         self.accounts.account(account).is_some_and(|a| a.linger())
     }
 
+    /// True when `account` may submit mail from an address in `domain`: one of its own
+    /// domains, or any domain when the account allows any sender.
+    pub fn may_send_from(&self, account: &str, domain: &DomainName) -> bool {
+        self.accounts
+            .account(account)
+            .is_some_and(|a| a.any_sender() || a.owns(domain))
+    }
+
+    /// True when `account` may submit mail from any address (`turnpike account senders`).
+    pub fn any_sender(&self, account: &str) -> bool {
+        self.accounts
+            .account(account)
+            .is_some_and(|a| a.any_sender())
+    }
+
     /// The domains `account` owns (empty for an unknown account).
     pub fn domains_of(&self, account: &str) -> &[DomainName] {
         self.accounts.account(account).map_or(&[], |a| a.domains())

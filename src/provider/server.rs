@@ -40,8 +40,10 @@ pub enum Service {
     Odmr,
     /// ODMR over implicit TLS (fetchmail's `--ssl`).
     Odmrs,
-    /// Port 587: authenticated submission (a later issue; serves the MX protocol for now).
+    /// Port 587: authenticated submission (RFC 6409), STARTTLS offered.
     Submission,
+    /// Port 465: authenticated submission over implicit TLS (RFC 8314).
+    Submissions,
 }
 
 impl Service {
@@ -50,6 +52,7 @@ impl Service {
             Service::Mx => crate::metrics::Service::Mx,
             Service::Odmr | Service::Odmrs => crate::metrics::Service::Odmr,
             Service::Submission => crate::metrics::Service::Submission,
+            Service::Submissions => crate::metrics::Service::Submissions,
         }
     }
 
@@ -59,6 +62,7 @@ impl Service {
             Service::Odmr => "odmr",
             Service::Odmrs => "odmrs",
             Service::Submission => "submission",
+            Service::Submissions => "submissions",
         }
     }
 }
@@ -144,6 +148,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         auth_secret: auth_secret(&data_dir)?,
         last_atrn: Default::default(),
         sessions: Default::default(),
+        submit_rates: Default::default(),
     });
 
     // Split recovered parts by shard core, and the writers' state by core.
@@ -336,11 +341,14 @@ async fn accept_loop(core: Rc<Core>, service: Service, listener: Listener) {
             let _permit = permit;
             let kind = match service {
                 Service::Odmr | Service::Odmrs => Kind::Odmr,
-                Service::Mx | Service::Submission => Kind::Mx,
+                Service::Submission | Service::Submissions => Kind::Submission,
+                Service::Mx => Kind::Mx,
             };
-            if service == Service::Odmrs {
-                // fetchmail's --ssl is what uses this listener; see Conn::set_line_records.
-                conn.set_line_records(true);
+            if matches!(service, Service::Odmrs | Service::Submissions) {
+                if service == Service::Odmrs {
+                    // fetchmail's --ssl is what uses this listener; see Conn::set_line_records.
+                    conn.set_line_records(true);
+                }
                 let Some(tls) = core.shared.tls.clone() else {
                     return;
                 };
@@ -370,6 +378,7 @@ fn bind_all(config: &Config, cores: usize) -> io::Result<Bound> {
         (Service::Odmr, &config.listen.odmr),
         (Service::Odmrs, &config.listen.odmrs),
         (Service::Submission, &config.listen.submission),
+        (Service::Submissions, &config.listen.submissions),
     ];
     for (service, addrs) in services {
         for addr in addrs.iter() {
