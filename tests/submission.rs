@@ -506,3 +506,31 @@ fn sender_policy_is_per_account_and_reloads() {
     let accounts = fs::read_to_string(server.data_dir().join("accounts.toml")).unwrap();
     assert!(!accounts.contains("any_sender"), "{accounts}");
 }
+
+/// Failed AUTH on a submission port counts like on the ODMR port: 535 each, then 421 and
+/// close; the account still works from a fresh connection afterwards.
+#[test]
+fn failed_auth_on_submission_is_throttled_like_odmr() {
+    let server = TestServer::start(PLAINTEXT, &[ACME, BETA]);
+    let wrong = base64::engine::general_purpose::STANDARD.encode("\0acme\0wrong");
+    let mut c = SmtpClient::connect(server.addr("submission"));
+    c.expect(220);
+    c.cmd("EHLO laptop.test", 250);
+    for _ in 0..3 {
+        expect_status(&mut c, &format!("AUTH PLAIN {wrong}"), 535, "5.7.8");
+    }
+    let text = c.expect(421);
+    assert!(text.starts_with("4.7.0 "), "{text}");
+    c.expect_closed();
+    let logs = server.logs();
+    assert!(logs.contains("authentication failed"), "{logs}");
+
+    let mut ok = login(&server, "submission", "acme");
+    ok.send_mail(
+        "a@acme.example",
+        &["b@beta.example"],
+        "Subject: s\r\n\r\ns\r\n",
+    );
+    ok.cmd("QUIT", 221);
+    wait_held(&server, "beta.example", 1);
+}

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! Received: from client.example ([192.0.2.1])
-//!     by mx.example with ESMTPS id 0123abcd
+//!     (authenticated as acme)             <- only for submitted mail
+//!     by mx.example with ESMTPSA id 0123abcd
 //!     for <user@example.org>;
 //!     Tue, 14 Nov 2023 22:13:20 +0000
 //! ```
