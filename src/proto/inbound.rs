@@ -498,6 +498,7 @@ enum Phase {
 #[derive(Debug)]
 pub struct Inbound {
     cfg: InboundConfig,
+    /// The service; fixed by the constructor.
     mode: Mode,
     /// The AUTH settings; set in ODMR and submission mode.
     auth: Option<Box<OdmrConfig>>,

@@ -35,7 +35,7 @@ pub struct Protocol {
 }
 
 impl Protocol {
-    /// The registered "with" type: SMTP, ESMTP[S][A] (RFC 3848) or UTF8SMTP[S][A] (RFC 6531).
+    /// The registered "with" type: SMTP, `ESMTP[S][A]` (RFC 3848) or `UTF8SMTP[S][A]` (RFC 6531).
     pub fn with_type(self) -> &'static str {
         if !self.esmtp {
             return "SMTP";
