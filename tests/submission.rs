@@ -534,3 +534,21 @@ fn failed_auth_on_submission_is_throttled_like_odmr() {
     ok.cmd("QUIT", 221);
     wait_held(&server, "beta.example", 1);
 }
+
+/// A hosted recipient is under the MX's quota rules (552 5.2.2 for a declared size over the
+/// domain's quota); an outbound recipient of the same message is not.
+#[test]
+fn hosted_recipients_follow_the_quota_outbound_ones_do_not() {
+    let config = format!("{PLAINTEXT}[quota]\n\"beta.example\" = \"1KiB\"\n");
+    let server = TestServer::start(&config, &[ACME, BETA]);
+    let mut c = login(&server, "submission", "acme");
+    expect_status(&mut c, "MAIL FROM:<a@acme.example> SIZE=5000", 250, "2.1.0");
+    expect_status(&mut c, "RCPT TO:<b@beta.example>", 552, "5.2.2");
+    expect_status(&mut c, "RCPT TO:<x@foreign.example>", 250, "2.1.5");
+    c.cmd("DATA", 354);
+    c.send_bytes(b"Subject: q\r\n\r\nq\r\n.\r\n");
+    c.expect(250);
+    c.cmd("QUIT", 221);
+    wait_held(&server, "foreign.example", 1);
+    assert_eq!(held(&server, "beta.example").0, 0);
+}
