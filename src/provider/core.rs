@@ -158,8 +158,11 @@ pub struct Shared {
     pub mesh: Arc<Mesh<MeshMsg>>,
     /// Connection admission.
     pub limiter: Arc<Limiter>,
-    /// TLS server config for STARTTLS.
+    /// TLS server config of the MX (no client certificate requested).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS server config of the authenticating listeners (ODMR, submission): the same
+    /// identity, plus an optional client certificate for SASL EXTERNAL.
+    pub tls_client_certs: Option<Arc<rustls::ServerConfig>>,
     /// Quota counters by domain.
     pub counters: Arc<CounterTable>,
     /// The I/O driver every core runs.

@@ -110,12 +110,16 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
             n => n,
         });
 
-    let tls = {
-        let (cert, key) =
-            crate::tls::identity_files(&config.tls.identity, &data_dir, &config.server.hostname)
-                .map_err(io::Error::other)?;
-        Some(crate::tls::load_server_config(&cert, &key).map_err(io::Error::other)?)
+    let (cert, key) =
+        crate::tls::identity_files(&config.tls.identity, &data_dir, &config.server.hostname)
+            .map_err(io::Error::other)?;
+    let server_tls = |client_auth| {
+        crate::tls::server_config(&cert, &key, client_auth)
+            .map(Some)
+            .map_err(io::Error::other)
     };
+    let tls = server_tls(crate::tls::ClientAuth::None)?;
+    let tls_client_certs = server_tls(crate::tls::ClientAuth::Pinned)?;
 
     let accounts_path = data_dir.join("accounts.toml");
     let accounts = Accounts::load(&accounts_path).map_err(io::Error::other)?;
@@ -143,6 +147,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         config,
         mesh: mesh.clone(),
         tls,
+        tls_client_certs,
         counters,
         io,
         auth_secret: auth_secret(&data_dir)?,
@@ -349,7 +354,8 @@ async fn accept_loop(core: Rc<Core>, service: Service, listener: Listener) {
                     // fetchmail's --ssl is what uses this listener; see Conn::set_line_records.
                     conn.set_line_records(true);
                 }
-                let Some(tls) = core.shared.tls.clone() else {
+                // An authenticating listener: the client may present a certificate (EXTERNAL).
+                let Some(tls) = core.shared.tls_client_certs.clone() else {
                     return;
                 };
                 if let Err(e) = conn.start_tls_server(tls).await {

@@ -96,7 +96,7 @@ fn context(conn: &Conn) -> SessionContext {
         random,
         unix_time: unix_now(),
         tls_exporter: conn.channel_binding(),
-        peer_identity: None,
+        peer_identity: conn.peer_fingerprint(),
     }
 }
 
@@ -149,7 +149,12 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
                     }
                     input.clear();
                     pos = 0;
-                    let Some(tls) = core.shared.tls.clone() else {
+                    // Only the authenticating listeners ask for a client certificate (EXTERNAL).
+                    let tls = match kind {
+                        Kind::Mx => core.shared.tls.clone(),
+                        _ => core.shared.tls_client_certs.clone(),
+                    };
+                    let Some(tls) = tls else {
                         return End::Io(std::io::Error::other("STARTTLS without a TLS config"));
                     };
                     if let Err(e) = conn.start_tls_server(tls).await {
