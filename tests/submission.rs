@@ -552,3 +552,76 @@ fn hosted_recipients_follow_the_quota_outbound_ones_do_not() {
     wait_held(&server, "foreign.example", 1);
     assert_eq!(held(&server, "beta.example").0, 0);
 }
+
+/// Port 2465 with a TLS client certificate pinned to acme (`turnpike account cert`): AUTH
+/// EXTERNAL, then a submitted message lands in beta's hold.
+#[test]
+fn client_certificate_on_2465_authenticates_with_external() {
+    use rustls::pki_types::{PrivateKeyDer, ServerName};
+    use std::io::BufReader;
+    use std::sync::Arc;
+
+    let server = TestServer::start("", &[ACME, BETA]);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["laptop.acme.example".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let pem = server.data_dir().join("acme-client.pem");
+    fs::write(&pem, cert.pem()).unwrap();
+    let out = server.cli(
+        &["account", "cert", "acme", "--add", pem.to_str().unwrap()],
+        None,
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = fs::read(server.data_dir().join("tls/cert.pem")).unwrap();
+    for c in rustls_pemfile::certs(&mut &ca[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    let socket = std::net::TcpStream::connect(server.addr("submissions")).unwrap();
+    socket.set_read_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut s = BufReader::new(rustls::StreamOwned::new(tls, socket));
+    let reply = |s: &mut BufReader<_>, line: Option<&str>| -> (u16, String) {
+        if let Some(line) = line {
+            let w: &mut rustls::StreamOwned<_, _> = s.get_mut();
+            w.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+            w.flush().unwrap();
+        }
+        let mut text = String::new();
+        loop {
+            let mut l = String::new();
+            assert!(s.read_line(&mut l).unwrap() > 0, "closed");
+            text.push_str(&l);
+            if l.as_bytes().get(3) != Some(&b'-') {
+                return (l[..3].parse().unwrap(), text);
+            }
+        }
+    };
+    assert_eq!(reply(&mut s, None).0, 220);
+    let (code, ehlo) = reply(&mut s, Some("EHLO laptop.test"));
+    assert_eq!(code, 250);
+    assert!(ehlo.contains(" EXTERNAL"), "{ehlo}");
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    assert_eq!(reply(&mut s, Some("AUTH EXTERNAL =")).0, 235);
+    assert_eq!(reply(&mut s, Some("MAIL FROM:<me@acme.example>")).0, 250);
+    assert_eq!(reply(&mut s, Some("RCPT TO:<b@beta.example>")).0, 250);
+    assert_eq!(reply(&mut s, Some("DATA")).0, 354);
+    let (code, text) = reply(&mut s, Some("Subject: cert\r\n\r\ncert\r\n."));
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(reply(&mut s, Some("QUIT")).0, 221);
+    wait_held(&server, "beta.example", 1);
+}
