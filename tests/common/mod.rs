@@ -477,6 +477,7 @@ pub fn require_program(name: &str) -> bool {
 fn debian_package(name: &str) -> &str {
     match name {
         "smtp-source" | "smtp-sink" => "postfix",
+        "dovecot" => "dovecot-lmtpd",
         other => other,
     }
 }
