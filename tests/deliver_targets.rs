@@ -62,6 +62,7 @@ fn message(sender: &str, rcpts: &[&str], body: &[u8]) -> Incoming {
         body: body.to_vec(),
         helo: "provider.test".into(),
         protocol: "ESMTPS",
+        account: None,
     }
 }
 

@@ -293,6 +293,7 @@ impl Deliverer {
                 protocol: message.protocol,
                 recipient: rcpt,
                 id,
+                account: None,
                 unix_secs: now,
             })
         };
