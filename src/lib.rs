@@ -19,7 +19,8 @@
 //!   cross-core mesh and connections over owned buffers (plain or TLS).
 //! - [`provider`]: drivers that bind the protocol machines to connections (MX, ODMR and
 //!   submission services).
-//! - [`customer`]: the customer end of an ODMR session (AUTH, ATRN, receive).
+//! - [`customer`]: the customer end: `turnpike pull` (config, schedule, exit codes), one ODMR
+//!   session (TLS, AUTH, ATRN, receive) and the delivery targets.
 //! - [`control`]: the local control socket behind `turnpike queue`.
 //! - [`metrics`]: per-core counters and latency histograms, merged on scrape and served as
 //!   Prometheus text.
