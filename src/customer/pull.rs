@@ -8,12 +8,19 @@
 //! A stop signal during a session abandons it at once: the message being received gets no
 //! 250, so the provider keeps it and hands it over again next time (a duplicate at worst,
 //! never a loss). Between sessions the daemon simply exits.
+//!
+//! Outgoing mail (`[outbox]`): the daemon runs the local submission listener
+//! ([`outbox_listener`]) and every session uploads the queue before ATRN. A one-shot run
+//! uploads what is queued, unless a daemon holds the outbox (then it leaves it alone).
 
 use std::fmt;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::deliver::{Deliverer, DeliveryError};
+use super::outbox::{Outbox, OutboxError};
+use super::outbox_listener::{self, ListenerConfig};
 use super::pull_config::{PullConfig, PullConfigError, TlsMode};
 use super::session::{self, Received, SessionError, Sink};
 use crate::proto::inbound::{Incoming, RcptVerdict};
@@ -163,6 +170,7 @@ pub struct Puller {
     password: String,
     tls: Option<Arc<rustls::ClientConfig>>,
     deliverer: Deliverer,
+    outbox: Option<Rc<Outbox>>,
 }
 
 impl Puller {
@@ -180,7 +188,19 @@ impl Puller {
             password,
             tls,
             deliverer,
+            outbox: None,
         })
+    }
+
+    /// Opens the outbox (`[outbox]`) if configured and not open yet. Must run inside the
+    /// runtime. `Ok(None)`: no outbox configured.
+    async fn outbox(&mut self, io: IoKind) -> Result<Option<Rc<Outbox>>, OutboxError> {
+        if self.outbox.is_none() {
+            if let Some(cfg) = &self.config.outbox {
+                self.outbox = Some(Rc::new(Outbox::open(&cfg.spool, io).await?));
+            }
+        }
+        Ok(self.outbox.clone())
     }
 
     /// The configuration in use.
@@ -194,10 +214,51 @@ impl Puller {
             .config
             .session(self.tls.as_ref(), &self.password)
             .map_err(SessionError::Unreachable)?;
+        let outbox = match self.outbox(io).await {
+            Ok(o) => o,
+            Err(e @ OutboxError::Locked(_)) => {
+                tracing::info!("{e}; not uploading in this run");
+                None
+            }
+            Err(e) => {
+                tracing::error!("{e}; outgoing mail is not uploaded in this run");
+                None
+            }
+        };
+        let upload = outbox.as_deref().map(|outbox| session::Upload {
+            outbox,
+            submission: self
+                .config
+                .outbox
+                .as_ref()
+                .and_then(|o| o.submission.clone()),
+        });
         self.deliverer
             .set_session(&self.config.hostname, session.provider.ip());
         let mut sink = DeliverySink(&mut self.deliverer);
-        session::run(io, &session, &mut sink).await
+        session::run_with_outbox(io, &session, &mut sink, upload.as_ref()).await
+    }
+
+    /// Opens the outbox and starts its listener (`[outbox] listen`), for the daemon. A busy
+    /// address or an unusable outbox stops the daemon at start.
+    async fn start_outbox(&mut self, io: IoKind) -> std::io::Result<()> {
+        let outbox = self
+            .outbox(io)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let (Some(outbox), Some(cfg)) = (outbox, &self.config.outbox) else {
+            return Ok(());
+        };
+        if cfg.listen.is_empty() {
+            return Ok(());
+        }
+        let listener = ListenerConfig {
+            hostname: self.config.hostname.clone(),
+            allow: cfg.allow.clone(),
+            max_message_size: cfg.max_message_size,
+        };
+        outbox_listener::spawn(io, &cfg.listen, listener, outbox)?;
+        Ok(())
     }
 
     /// Runs sessions every `every` (with ±10% jitter, and exponential backoff up to
@@ -207,6 +268,7 @@ impl Puller {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut failures: u32 = 0;
+        self.start_outbox(io).await?;
         tracing::info!(?every, provider = %format!("{}:{}", self.config.host, self.config.port),
             "pull daemon started");
         loop {

@@ -30,6 +30,13 @@
 //!
 //! [delivery]                              # see docs/customer.md, "Delivery targets"
 //! catch_all = { maildir = "/srv/mail/office" }
+//!
+//! [outbox]                                # outgoing mail; see docs/customer.md
+//! spool = "/var/spool/turnpike/outbox"    # the local journal (required in this section)
+//! # listen = ["127.0.0.1:2525"]           # the daemon's submission listener; default: none
+//! # allow = ["127.0.0.0/8", "::1"]        # client networks (default: loopback only)
+//! # max_message_size = "25MiB"
+//! # submission = "mx.provider.example:587" # when the ODMR port does not take mail
 //! ```
 //!
 //! Secrets never come from the command line (they would show in `ps`): a file or an
@@ -49,8 +56,9 @@ use sha2::{Digest, Sha256};
 use toml::{Table, Value};
 
 use super::deliver::DeliveryConfig;
+use super::outbox::{Network, OutboxConfig};
 use super::session::{Mechanism, SessionConfig, Tls};
-use crate::config::parse_duration;
+use crate::config::{parse_duration, parse_size};
 use crate::types::DomainName;
 
 /// Where trust anchors come from when neither `ca` nor `pin_sha256` is given (Debian's
@@ -129,6 +137,8 @@ pub struct PullConfig {
     pub max_backoff: Duration,
     /// Where messages go.
     pub delivery: DeliveryConfig,
+    /// Outgoing mail (`[outbox]`); `None`: no outgoing queue.
+    pub outbox: Option<OutboxConfig>,
 }
 
 /// A configuration problem: where, which key, what.
@@ -185,7 +195,9 @@ pub struct PullFlags {
     pub idle_timeout: Option<String>,
 }
 
-const SECTIONS: &[&str] = &["provider", "account", "session", "schedule", "delivery"];
+const SECTIONS: &[&str] = &[
+    "provider", "account", "session", "schedule", "delivery", "outbox",
+];
 const PROVIDER_KEYS: &[&str] = &[
     "address",
     "tls",
@@ -199,6 +211,10 @@ const PROVIDER_KEYS: &[&str] = &[
 const ACCOUNT_KEYS: &[&str] = &["name", "password_file", "password_env", "mechanism"];
 const SESSION_KEYS: &[&str] = &["hostname", "domains", "atrn_timeout", "idle_timeout"];
 const SCHEDULE_KEYS: &[&str] = &["every", "max_backoff"];
+const OUTBOX_KEYS: &[&str] = &["spool", "listen", "allow", "max_message_size", "submission"];
+
+/// `[outbox] max_message_size` when not given: what the provider's MX takes by default.
+pub const DEFAULT_OUTBOX_MESSAGE_SIZE: u64 = 25 << 20;
 
 impl PullConfig {
     /// Reads and checks a config file.
@@ -231,10 +247,17 @@ impl PullConfig {
         let account = section("account")?;
         let session = section("session")?;
         let schedule = section("schedule")?;
+        let outbox = match table.get("outbox") {
+            None => None,
+            Some(_) => Some(section("outbox")?),
+        };
         p.known("provider.", provider, PROVIDER_KEYS)?;
         p.known("account.", account, ACCOUNT_KEYS)?;
         p.known("session.", session, SESSION_KEYS)?;
         p.known("schedule.", schedule, SCHEDULE_KEYS)?;
+        if let Some(t) = outbox {
+            p.known("outbox.", t, OUTBOX_KEYS)?;
+        }
 
         let address = p
             .string(provider, "provider.address")?
@@ -394,6 +417,7 @@ impl PullConfig {
             every,
             max_backoff,
             delivery,
+            outbox: outbox.map(|t| p.outbox(t)).transpose()?,
         })
     }
 
@@ -476,6 +500,7 @@ impl PullConfig {
             every: None,
             max_backoff: Duration::from_secs(3600),
             delivery: DeliveryConfig::maildir(maildir),
+            outbox: None,
         })
     }
 
@@ -668,6 +693,71 @@ impl Parser<'_> {
             Some(Value::Boolean(b)) => Ok(*b),
             Some(v) => Err(self.invalid(key, "true or false", v)),
         }
+    }
+
+    /// A string or a list of strings (`listen`, `allow`).
+    fn strings(&self, t: &Table, key: &str) -> Result<Vec<String>, PullConfigError> {
+        match t.get(Parser::leaf(key)) {
+            None => Ok(Vec::new()),
+            Some(Value::String(s)) => Ok(vec![s.clone()]),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(self.invalid(key, "a list of strings", other)),
+                })
+                .collect(),
+            Some(v) => Err(self.invalid(key, "a string or a list of strings", v)),
+        }
+    }
+
+    fn outbox(&self, t: &Table) -> Result<OutboxConfig, PullConfigError> {
+        let spool = self
+            .string(t, "outbox.spool")?
+            .map(PathBuf::from)
+            .ok_or_else(|| self.missing("outbox.spool", "the outgoing journal's directory"))?;
+        let listen = self
+            .strings(t, "outbox.listen")?
+            .iter()
+            .map(|a| {
+                a.parse::<SocketAddr>().map_err(|_| {
+                    self.err(
+                        Some("outbox.listen"),
+                        format!("{a:?} is not ip:port (like \"127.0.0.1:2525\")"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let allow = match t.get("allow") {
+            None => Network::loopback(),
+            Some(_) => self
+                .strings(t, "outbox.allow")?
+                .iter()
+                .map(|n| Network::parse(n).map_err(|why| self.err(Some("outbox.allow"), why)))
+                .collect::<Result<_, _>>()?,
+        };
+        let max_message_size = match t.get("max_message_size") {
+            None => DEFAULT_OUTBOX_MESSAGE_SIZE,
+            Some(Value::Integer(n)) if *n > 0 => *n as u64,
+            Some(Value::String(s)) => parse_size(s).filter(|n| *n > 0).ok_or_else(|| {
+                self.err(
+                    Some("outbox.max_message_size"),
+                    format!("{s:?} is not a size like \"25MiB\""),
+                )
+            })?,
+            Some(v) => return Err(self.invalid("outbox.max_message_size", "a size", v)),
+        };
+        let submission = self
+            .string(t, "outbox.submission")?
+            .map(|a| split_host_port(&a).map_err(|why| self.err(Some("outbox.submission"), why)))
+            .transpose()?;
+        Ok(OutboxConfig {
+            listen,
+            spool,
+            allow,
+            max_message_size,
+            submission,
+        })
     }
 
     fn duration(&self, t: &Table, key: &str) -> Result<Option<Duration>, PullConfigError> {
@@ -1009,6 +1099,59 @@ catch_all = { maildir = "/srv/mail/office" }
         for (text, want) in cases {
             let got = parse(&text).expect_err(&text).to_string();
             assert!(got.starts_with(want), "got {got:?}\nwant {want:?}\n{text}");
+        }
+    }
+
+    #[test]
+    fn outbox_section_parses_with_defaults_and_named_errors() {
+        assert!(
+            parse(MINIMAL).unwrap().outbox.is_none(),
+            "no outbox by default"
+        );
+        let c = parse(&format!("{MINIMAL}[outbox]\nspool = \"/var/spool/ob\"\n")).unwrap();
+        let o = c.outbox.unwrap();
+        assert_eq!(o.spool, PathBuf::from("/var/spool/ob"));
+        assert!(o.listen.is_empty(), "no listener unless asked");
+        assert_eq!(o.allow, Network::loopback());
+        assert_eq!(o.max_message_size, DEFAULT_OUTBOX_MESSAGE_SIZE);
+        assert_eq!(o.submission, None);
+        let c = parse(&format!(
+            "{MINIMAL}[outbox]\nspool = \"/ob\"\nlisten = [\"127.0.0.1:2525\", \"[::1]:2525\"]\n\
+             allow = \"192.168.1.0/24\"\nmax_message_size = \"10MiB\"\n\
+             submission = \"mx.provider.example:587\"\n"
+        ))
+        .unwrap();
+        let o = c.outbox.unwrap();
+        assert_eq!(o.listen.len(), 2);
+        assert_eq!(o.allow, vec![Network::parse("192.168.1.0/24").unwrap()]);
+        assert_eq!(o.max_message_size, 10 << 20);
+        assert_eq!(o.submission, Some(("mx.provider.example".into(), 587)));
+        for (extra, want) in [
+            ("listen = \"x\"\n", "pull.toml: outbox.spool: missing"),
+            (
+                "spool = \"/ob\"\nlisten = \"localhost:25\"\n",
+                "pull.toml: outbox.listen: \"localhost:25\" is not ip:port",
+            ),
+            (
+                "spool = \"/ob\"\nallow = [\"10.0.0.0/40\"]\n",
+                "pull.toml: outbox.allow: \"10.0.0.0/40\": the prefix length",
+            ),
+            (
+                "spool = \"/ob\"\nmax_message_size = \"big\"\n",
+                "pull.toml: outbox.max_message_size: \"big\" is not a size",
+            ),
+            (
+                "spool = \"/ob\"\nsubmission = \"mx\"\n",
+                "pull.toml: outbox.submission: \"mx\" is not host:port",
+            ),
+            (
+                "spool = \"/ob\"\nport = 1\n",
+                "pull.toml: outbox.port: unknown key",
+            ),
+        ] {
+            let text = format!("{MINIMAL}[outbox]\n{extra}");
+            let got = parse(&text).expect_err(&text).to_string();
+            assert!(got.starts_with(want), "got {got:?}\nwant {want:?}");
         }
     }
 

@@ -37,12 +37,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::borrow::Cow;
+use std::net::ToSocketAddrs;
+
 use crate::proto::inbound::{Action, Directory, Inbound, InboundConfig, Incoming, RcptVerdict};
-use crate::proto::reply::Reply;
+use crate::proto::reply::{EnhancedStatus, Reply};
+use crate::proto::stuff;
 use crate::runtime::conn::Conn;
 use crate::runtime::io::{IoKind, Stream};
-use crate::types::{DomainName, Mailbox};
+use crate::spool::Outcome;
+use crate::types::{BodyType, DomainName, Mailbox, Notify, Recipient, Ret};
 
+use super::outbox::{self, reply_text, Outbox, Queued, Refused};
 use super::sasl_client::{self, ClientMechanism, ScramClient};
 
 /// How the customer authenticates.
@@ -211,23 +217,124 @@ impl<S: Sink> Directory for RecipientPolicy<'_, S> {
     }
 }
 
+/// Outgoing mail to upload before ATRN (see [`run_with_outbox`]).
+pub struct Upload<'a> {
+    /// The queue.
+    pub outbox: &'a Outbox,
+    /// The provider's submission port (host, port), used when its ODMR port does not take
+    /// mail; same TLS mode, trust and credentials as the ODMR connection.
+    pub submission: Option<(String, u16)>,
+}
+
 /// Runs one session to its end.
 pub async fn run(
     io: IoKind,
     cfg: &SessionConfig,
     sink: &mut impl Sink,
 ) -> Result<Received, SessionError> {
-    let stream =
-        match tokio::time::timeout(cfg.idle_timeout, Stream::connect(io, cfg.provider)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(SessionError::Unreachable(e)),
-            Err(_) => {
-                return Err(SessionError::Unreachable(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no connection within {:?}", cfg.idle_timeout),
-                )))
-            }
-        };
+    run_with_outbox(io, cfg, sink, None).await
+}
+
+/// Runs one session to its end, uploading the outbox's mail between AUTH and ATRN. Bounces
+/// for mail the provider refused for good go to `sink` when the sender is one of its
+/// recipients.
+pub async fn run_with_outbox(
+    io: IoKind,
+    cfg: &SessionConfig,
+    sink: &mut impl Sink,
+    upload: Option<&Upload<'_>>,
+) -> Result<Received, SessionError> {
+    let (mut c, caps) = open(io, cfg, cfg.provider).await?;
+    if let Some(upload) = upload.filter(|u| !u.outbox.is_empty()) {
+        let done = c.upload(cfg, &caps, upload.outbox, sink).await?;
+        if done == UploadEnd::MailNotTaken {
+            upload_via_submission(io, cfg, upload, sink).await;
+        }
+        upload.outbox.reclaim().await;
+    }
+
+    let atrn = if cfg.domains.is_empty() {
+        "ATRN".to_string()
+    } else {
+        let list: Vec<&str> = cfg.domains.iter().map(|d| d.as_str()).collect();
+        format!("ATRN {}", list.join(","))
+    };
+    c.send(&atrn).await?;
+    let (code, text) = c.reply(cfg.atrn_timeout).await?;
+    if code != 250 {
+        let _ = c.send("QUIT").await;
+        return Err(SessionError::AtrnRefused { code, text });
+    }
+    if !c.buf.is_empty() {
+        return Err(SessionError::Protocol(
+            "bytes arrived together with the ATRN reply".into(),
+        ));
+    }
+    c.receive(cfg, sink).await
+}
+
+/// The provider's ODMR port answered MAIL with 500/502 (a provider without submission on
+/// it): upload over its submission port, if configured; otherwise the mail waits.
+async fn upload_via_submission(
+    io: IoKind,
+    cfg: &SessionConfig,
+    upload: &Upload<'_>,
+    sink: &mut impl Sink,
+) {
+    let queued = upload.outbox.len();
+    let Some((host, port)) = &upload.submission else {
+        tracing::warn!(
+            queued,
+            "the provider's ODMR port does not take mail; outgoing mail \
+            stays queued (set [outbox] submission to the provider's submission port)"
+        );
+        return;
+    };
+    let result = async {
+        let addr = (host.as_str(), *port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                SessionError::Unreachable(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{host} has no address"),
+                ))
+            })?;
+        let (mut c, caps) = open(io, cfg, addr).await?;
+        let end = c.upload(cfg, &caps, upload.outbox, sink).await?;
+        let _ = c.command("QUIT", 221).await;
+        Ok::<_, SessionError>(end)
+    }
+    .await;
+    match result {
+        Ok(UploadEnd::Done) => {}
+        Ok(UploadEnd::MailNotTaken) => {
+            tracing::warn!(queued, submission = %format!("{host}:{port}"),
+            "the provider's submission port does not take mail either; outgoing mail stays queued")
+        }
+        Err(e) => tracing::warn!(queued, submission = %format!("{host}:{port}"), error = %e,
+            "upload over the submission port failed; outgoing mail stays queued"),
+    }
+}
+
+/// Connects to `addr` and goes up to an authenticated session: implicit TLS or STARTTLS (as
+/// configured), EHLO, AUTH. Returns the client and the EHLO capabilities.
+async fn open(
+    io: IoKind,
+    cfg: &SessionConfig,
+    addr: SocketAddr,
+) -> Result<(Client, Vec<String>), SessionError> {
+    let stream = match tokio::time::timeout(cfg.idle_timeout, Stream::connect(io, addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(SessionError::Unreachable(e)),
+        Err(_) => {
+            return Err(SessionError::Unreachable(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {:?}", cfg.idle_timeout),
+            )))
+        }
+    };
     let mut c = Client {
         conn: Conn::plain(stream),
         buf: Vec::with_capacity(4096),
@@ -261,26 +368,7 @@ pub async fn run(
         caps = c.ehlo(&cfg.hostname).await?;
     }
     c.authenticate(cfg, &caps).await?;
-    c.upload(cfg).await?;
-
-    let atrn = if cfg.domains.is_empty() {
-        "ATRN".to_string()
-    } else {
-        let list: Vec<&str> = cfg.domains.iter().map(|d| d.as_str()).collect();
-        format!("ATRN {}", list.join(","))
-    };
-    c.send(&atrn).await?;
-    let (code, text) = c.reply(cfg.atrn_timeout).await?;
-    if code != 250 {
-        let _ = c.send("QUIT").await;
-        return Err(SessionError::AtrnRefused { code, text });
-    }
-    if !c.buf.is_empty() {
-        return Err(SessionError::Protocol(
-            "bytes arrived together with the ATRN reply".into(),
-        ));
-    }
-    c.receive(cfg, sink).await
+    Ok((c, caps))
 }
 
 struct Client {
@@ -491,11 +579,184 @@ impl Client {
         self.reply(self.idle).await
     }
 
-    /// Uploads locally queued outgoing mail before ATRN (authenticated submission on the ODMR
-    /// session). The place for the local submission queue; nothing is queued yet, so this
-    /// sends nothing.
-    async fn upload(&mut self, _cfg: &SessionConfig) -> Result<(), SessionError> {
-        Ok(())
+    /// Uploads the queued outgoing mail (authenticated submission, before ATRN on the ODMR
+    /// session). Per message: the provider's 250 marks it done; a 4xx keeps it (a 4xx to
+    /// MAIL, such as the rate limit, also ends this session's upload); a 5xx bounces to the
+    /// sender and marks it done once the report is delivered. See [`apply`].
+    async fn upload(
+        &mut self,
+        cfg: &SessionConfig,
+        caps: &[String],
+        outbox: &Outbox,
+        sink: &mut impl Sink,
+    ) -> Result<UploadEnd, SessionError> {
+        let mut tally = Tally::default();
+        for q in outbox.pending() {
+            let body = match outbox.body(&q).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(id = %q.id, error = %e, "cannot read queued outgoing mail; it stays queued");
+                    tally.kept += 1;
+                    continue;
+                }
+            };
+            let result = self.transfer(caps, &q, &body).await?;
+            let stop = result.stop;
+            if result.not_taken {
+                tracing::info!(id = %q.id, "the provider does not take mail on this port (MAIL answered 500/502)");
+                return Ok(UploadEnd::MailNotTaken);
+            }
+            apply(cfg, outbox, sink, &q, &body, result, &mut tally).await;
+            if stop {
+                break;
+            }
+        }
+        tracing::info!(
+            uploaded = tally.uploaded,
+            bounced = tally.bounced,
+            kept = tally.kept,
+            queued = outbox.len(),
+            "outbox upload done"
+        );
+        Ok(UploadEnd::Done)
+    }
+
+    /// One message: MAIL, RCPT each, then BDAT (with CHUNKING) or DATA. Connection failures
+    /// and `421` are errors (the message stays queued); every other reply is in the result.
+    async fn transfer(
+        &mut self,
+        caps: &[String],
+        q: &Queued,
+        body: &[u8],
+    ) -> Result<Transfer, SessionError> {
+        let dsn = offers(caps, "DSN");
+        let chunking = offers(caps, "CHUNKING");
+        let env = &q.envelope;
+        let mut t = Transfer::default();
+        let everyone = |t: &mut Transfer, reply: &Reply, rcpts: &[Recipient]| {
+            for r in rcpts {
+                if reply.is_permanent() {
+                    t.refused.push(Refused {
+                        recipient: r.clone(),
+                        reply: reply.clone(),
+                    });
+                } else {
+                    t.deferred.push((r.clone(), reply.clone()));
+                }
+            }
+        };
+        if env.body == BodyType::BinaryMime && !chunking {
+            let reply = Reply::with_status(
+                451,
+                (4, 3, 0),
+                "BINARYMIME needs CHUNKING, which this provider port does not offer",
+            );
+            everyone(&mut t, &reply, &env.recipients);
+            return Ok(t);
+        }
+        let mut mail = format!("MAIL FROM:<{}>", sender_path(env.sender.as_ref()));
+        if offers(caps, "SIZE") {
+            mail.push_str(&format!(" SIZE={}", body.len()));
+        }
+        match env.body {
+            BodyType::SevenBit => {}
+            BodyType::EightBitMime => mail.push_str(" BODY=8BITMIME"),
+            BodyType::BinaryMime => mail.push_str(" BODY=BINARYMIME"),
+        }
+        if env.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        if dsn {
+            match env.ret {
+                Some(Ret::Full) => mail.push_str(" RET=FULL"),
+                Some(Ret::Hdrs) => mail.push_str(" RET=HDRS"),
+                None => {}
+            }
+            if let Some(envid) = &env.envid {
+                mail.push_str(&format!(" ENVID={envid}"));
+            }
+        }
+        let reply = self.request(&mail).await?;
+        if matches!(reply.code, 500 | 502) {
+            t.not_taken = true;
+            return Ok(t);
+        }
+        if !reply.is_positive() {
+            t.stop = reply.is_transient();
+            log_refusal(q, None, &reply);
+            everyone(&mut t, &reply, &env.recipients);
+            return Ok(t);
+        }
+        let mut accepted: Vec<Recipient> = Vec::new();
+        for r in &env.recipients {
+            let mut rcpt = format!("RCPT TO:<{}>", r.mailbox);
+            if dsn {
+                if let Some(n) = r.notify {
+                    rcpt.push_str(&format!(" NOTIFY={}", notify_param(n)));
+                }
+                if let Some(orcpt) = &r.orcpt {
+                    rcpt.push_str(&format!(" ORCPT={orcpt}"));
+                }
+            }
+            let reply = self.request(&rcpt).await?;
+            if reply.is_positive() {
+                accepted.push(r.clone());
+            } else {
+                log_refusal(q, Some(&r.mailbox), &reply);
+                everyone(&mut t, &reply, std::slice::from_ref(r));
+            }
+        }
+        if accepted.is_empty() {
+            self.command("RSET", 250).await?;
+            return Ok(t);
+        }
+        let reply = if chunking {
+            let mut wire = format!("BDAT {} LAST\r\n", body.len()).into_bytes();
+            wire.extend_from_slice(body);
+            self.send_bytes(wire).await?;
+            self.final_reply().await?
+        } else {
+            let reply = self.request("DATA").await?;
+            if reply.code != 354 {
+                reply
+            } else {
+                self.send_bytes(stuff::stuff(body)).await?;
+                self.final_reply().await?
+            }
+        };
+        if reply.is_positive() {
+            t.delivered = accepted.len();
+            tracing::info!(id = %q.id, recipients = accepted.len(), bytes = body.len(),
+                provider = %reply_text(&reply), "outgoing mail uploaded");
+        } else {
+            log_refusal(q, None, &reply);
+            everyone(&mut t, &reply, &accepted);
+        }
+        Ok(t)
+    }
+
+    /// Sends a command and reads its reply (`421` is an error: the provider is closing).
+    async fn request(&mut self, line: &str) -> Result<Reply, SessionError> {
+        self.send(line).await?;
+        self.final_reply().await
+    }
+
+    async fn final_reply(&mut self) -> Result<Reply, SessionError> {
+        let (code, lines) = self.reply_lines(self.idle).await?;
+        if code == 421 {
+            return Err(SessionError::Protocol(format!(
+                "provider closing: 421 {}",
+                lines.join(" / ")
+            )));
+        }
+        Ok(parse_reply(code, lines))
+    }
+
+    async fn send_bytes(&mut self, bytes: Vec<u8>) -> Result<(), SessionError> {
+        match tokio::time::timeout(self.idle, self.conn.write_owned(bytes)).await {
+            Ok((r, _)) => r.map_err(SessionError::Io),
+            Err(_) => Err(stalled_write()),
+        }
     }
 
     /// The reversed session: we are the SMTP server now.
@@ -604,6 +865,206 @@ impl Client {
     }
 }
 
+/// How an upload over one connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UploadEnd {
+    /// Every queued message was tried (or a 4xx to MAIL ended the upload for now).
+    Done,
+    /// MAIL was answered 500/502: this port takes no mail.
+    MailNotTaken,
+}
+
+/// What the provider said about one message's recipients.
+#[derive(Debug, Default)]
+struct Transfer {
+    /// Recipients that have the message (the provider's 250 after the data).
+    delivered: usize,
+    /// Refused for good (5xx): the sender gets a report.
+    refused: Vec<Refused>,
+    /// Refused for now (4xx): they stay queued.
+    deferred: Vec<(Recipient, Reply)>,
+    /// MAIL was answered 500/502.
+    not_taken: bool,
+    /// A 4xx to MAIL (a rate limit, a full queue): stop uploading in this session.
+    stop: bool,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    uploaded: u64,
+    bounced: u64,
+    kept: u64,
+}
+
+/// Turns a [`Transfer`] into journal records. A refused recipient is done only once its
+/// sender has the report (or the sender is not ours to report to, which is logged loudly);
+/// recipients still to go are queued again on their own; nothing changes when nobody got it.
+async fn apply(
+    cfg: &SessionConfig,
+    outbox: &Outbox,
+    sink: &mut impl Sink,
+    q: &Queued,
+    body: &[u8],
+    t: Transfer,
+    tally: &mut Tally,
+) {
+    let mut keep: Vec<Recipient> = t.deferred.into_iter().map(|(r, _)| r).collect();
+    let bounced = !t.refused.is_empty() && bounce_to_sender(cfg, sink, q, body, &t.refused).await;
+    if !t.refused.is_empty() && !bounced {
+        keep.extend(t.refused.iter().map(|r| r.recipient.clone()));
+    }
+    let total = q.envelope.recipients.len();
+    let journal = if keep.len() == total {
+        tally.kept += 1;
+        return;
+    } else if keep.is_empty() {
+        let outcome = if t.delivered > 0 {
+            Outcome::Delivered
+        } else {
+            Outcome::Bounced
+        };
+        outbox.finish(q, outcome).await.map(|()| None)
+    } else {
+        let n = keep.len();
+        outbox
+            .requeue(q, keep, body)
+            .await
+            .map(Some)
+            .map(|id| id.map(|id| (id, n)))
+    };
+    match journal {
+        Ok(None) => {}
+        Ok(Some((id, n))) => {
+            tally.kept += 1;
+            tracing::info!(old = %q.id, new = %id, recipients = n, "recipients still to upload queued again on their own");
+        }
+        Err(e) => {
+            tracing::error!(id = %q.id, error = %e, "cannot record the upload in the outbox journal; the message may be sent again");
+        }
+    }
+    if t.delivered > 0 {
+        tally.uploaded += 1;
+    }
+    if bounced {
+        tally.bounced += 1;
+    }
+}
+
+/// Delivers the report about `refused` to the sender through the sink, when the sender is
+/// one of its recipients. True when the sender has it (or nobody can: `<>`, or a sender we
+/// do not deliver for, logged loudly).
+async fn bounce_to_sender(
+    cfg: &SessionConfig,
+    sink: &mut impl Sink,
+    q: &Queued,
+    body: &[u8],
+    refused: &[Refused],
+) -> bool {
+    let who: Vec<String> = refused
+        .iter()
+        .map(|r| r.recipient.mailbox.to_string())
+        .collect();
+    let Some(sender) = q.envelope.sender.as_ref() else {
+        tracing::warn!(id = %q.id, refused = %who.join(", "), "outgoing mail from <> refused by the provider; no report (never bounce a bounce)");
+        return true;
+    };
+    if let RcptVerdict::Reject(_) = sink.check_recipient(sender) {
+        tracing::error!(id = %q.id, %sender, refused = %who.join(", "),
+            reason = %reply_text(&refused[0].reply),
+            "OUTGOING MAIL REFUSED by the provider and its sender is not a local recipient: \
+             no report can be delivered; the message is dropped from the outbox");
+        return true;
+    }
+    let provider = cfg.provider.ip().to_string();
+    let Some(report) = outbox::bounce(&cfg.hostname, &provider, q, body, refused, unix_now())
+    else {
+        return true;
+    };
+    match sink.deliver(report).await {
+        Ok(()) => {
+            tracing::warn!(id = %q.id, %sender, refused = %who.join(", "),
+                reason = %reply_text(&refused[0].reply), "outgoing mail refused by the provider; report delivered to the sender");
+            true
+        }
+        Err(reply) => {
+            tracing::error!(id = %q.id, %sender, error = %reply_text(&reply),
+                "cannot deliver the report for refused outgoing mail; the message stays queued");
+            false
+        }
+    }
+}
+
+fn log_refusal(q: &Queued, rcpt: Option<&Mailbox>, reply: &Reply) {
+    let rcpt = rcpt.map_or_else(|| "(all)".to_string(), |m| m.to_string());
+    if reply.is_permanent() {
+        tracing::warn!(id = %q.id, %rcpt, provider = %reply_text(reply), "provider refused outgoing mail");
+    } else {
+        tracing::info!(id = %q.id, %rcpt, provider = %reply_text(reply), "provider deferred outgoing mail; it stays queued");
+    }
+}
+
+/// True when an EHLO line announces `keyword` (the first word, case-insensitive).
+fn offers(caps: &[String], keyword: &str) -> bool {
+    caps.iter().any(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|k| k.eq_ignore_ascii_case(keyword))
+    })
+}
+
+/// A reply as read: the enhanced status (if the first line has one) split off.
+fn parse_reply(code: u16, lines: Vec<String>) -> Reply {
+    let first = lines.first().map(String::as_str).unwrap_or("");
+    let status = first.split_once(' ').map_or(first, |(s, _)| s);
+    let parsed = {
+        let mut it = status.split('.');
+        match (it.next(), it.next(), it.next(), it.next()) {
+            (Some(c), Some(s), Some(d), None) => c
+                .parse::<u8>()
+                .ok()
+                .zip(s.parse::<u16>().ok())
+                .zip(d.parse::<u16>().ok())
+                .map(|((c, s), d)| EnhancedStatus::new(c, s, d))
+                .filter(|e| u16::from(e.class) == code / 100),
+            _ => None,
+        }
+    };
+    let text: Vec<String> = lines
+        .iter()
+        .map(|l| match parsed {
+            Some(_) => l.split_once(' ').map_or("", |(_, t)| t).to_string(),
+            None => l.clone(),
+        })
+        .collect();
+    Reply {
+        code,
+        status: parsed,
+        lines: text.into_iter().map(Cow::Owned).collect(),
+    }
+}
+
+fn sender_path(sender: Option<&Mailbox>) -> String {
+    sender.map_or_else(String::new, |m| m.to_string())
+}
+
+/// RFC 3461 §4.1 NOTIFY value.
+fn notify_param(n: Notify) -> String {
+    if n.never {
+        return "NEVER".into();
+    }
+    let mut v = Vec::new();
+    if n.success {
+        v.push("SUCCESS");
+    }
+    if n.failure {
+        v.push("FAILURE");
+    }
+    if n.delay {
+        v.push("DELAY");
+    }
+    v.join(",")
+}
+
 fn stalled_write() -> SessionError {
     SessionError::Io(io::Error::new(
         io::ErrorKind::TimedOut,
@@ -655,6 +1116,29 @@ mod tests {
             RcptVerdict::Accept => 250,
             RcptVerdict::Reject(r) => r.code,
         }
+    }
+
+    #[test]
+    fn provider_replies_keep_their_enhanced_status() {
+        let r = parse_reply(553, vec!["5.7.1 Sender not yours".into()]);
+        assert_eq!(r.status, Some(EnhancedStatus::new(5, 7, 1)));
+        assert_eq!(r.lines, ["Sender not yours"]);
+        assert_eq!(reply_text(&r), "553 5.7.1 Sender not yours");
+        // No status, or one of another class: the text stays whole.
+        let r = parse_reply(502, vec!["Command not implemented".into()]);
+        assert_eq!((r.status, r.lines.len()), (None, 1));
+        let r = parse_reply(450, vec!["5.7.1 odd".into()]);
+        assert_eq!(r.status, None);
+        assert_eq!(r.lines, ["5.7.1 odd"]);
+        let caps: Vec<String> = vec!["SIZE 1000".into(), "chunking".into()];
+        assert!(offers(&caps, "SIZE") && offers(&caps, "CHUNKING") && !offers(&caps, "DSN"));
+        let n = Notify {
+            never: false,
+            success: true,
+            failure: true,
+            delay: false,
+        };
+        assert_eq!(notify_param(n), "SUCCESS,FAILURE");
     }
 
     #[test]
