@@ -336,10 +336,25 @@ impl Outbox {
         Ok(id)
     }
 
-    /// Deletes journal segments that hold nothing queued any more.
+    /// Deletes journal segments that hold nothing queued any more (and compacts a mostly
+    /// dead one: the messages it moved are looked up at their new place from now on).
     pub async fn reclaim(&self) {
-        if let Err(e) = self.journal.reclaim().await {
-            tracing::warn!(error = %e, "outbox journal reclaim failed; retried after the next upload");
+        let report = match self.journal.reclaim().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox journal reclaim failed; retried after the next session");
+                return;
+            }
+        };
+        let mut queue = self.queue.borrow_mut();
+        for moved in report.relocated {
+            if let Some(q) = queue.get_mut(&moved.id) {
+                q.location = moved.location;
+                q.domains = moved.domains;
+            }
+        }
+        for seq in report.deleted.iter().chain(report.compacted.as_ref()) {
+            self.reader.forget(0, *seq);
         }
     }
 
@@ -580,6 +595,36 @@ mod tests {
         .unwrap();
         let rec = spool::recover(&dir).unwrap();
         assert!(rec.parts.is_empty(), "nothing left: {:?}", rec.parts);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reclaim_compacts_and_the_queue_follows_the_moved_messages() {
+        let dir = temp_dir("outbox-compact");
+        block_on(IoKind::Epoll, async {
+            let ob = Outbox::open(&dir, IoKind::Epoll).await.unwrap();
+            let big = vec![b'x'; 3 << 20];
+            let small = b"Subject: keep me\r\n\r\nsmall\r\n".to_vec();
+            let env = envelope("a@office.test", &["x@far.test"]);
+            ob.queue(&env, &big).await.unwrap();
+            ob.queue(&env, &small).await.unwrap();
+            // Does not fit the first segment: a second one starts.
+            ob.queue(&env, &big).await.unwrap();
+            let pending = ob.pending();
+            ob.finish(&pending[0], Outcome::Delivered).await.unwrap();
+            let before = ob.pending()[0].location;
+            ob.reclaim().await;
+            let kept = ob.pending()[0].clone();
+            assert_ne!(
+                kept.location, before,
+                "the small message was copied forward"
+            );
+            assert_eq!(ob.body(&kept).await.unwrap(), small);
+            ob.close().await;
+        })
+        .unwrap();
+        let rec = spool::recover(&dir).unwrap();
+        assert_eq!(rec.parts.len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

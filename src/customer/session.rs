@@ -245,11 +245,14 @@ pub async fn run_with_outbox(
     upload: Option<&Upload<'_>>,
 ) -> Result<Received, SessionError> {
     let (mut c, caps) = open(io, cfg, cfg.provider).await?;
-    if let Some(upload) = upload.filter(|u| !u.outbox.is_empty()) {
-        let done = c.upload(cfg, &caps, upload.outbox, sink).await?;
-        if done == UploadEnd::MailNotTaken {
-            upload_via_submission(io, cfg, upload, sink).await;
+    if let Some(upload) = upload {
+        if !upload.outbox.is_empty() {
+            let done = c.upload(cfg, &caps, upload.outbox, sink).await?;
+            if done == UploadEnd::MailNotTaken {
+                upload_via_submission(io, cfg, upload, sink).await;
+            }
         }
+        // Also after a restart with nothing queued: the segments of earlier runs go.
         upload.outbox.reclaim().await;
     }
 
