@@ -474,3 +474,76 @@ submission = "{submission}"
     assert_eq!(customer.stop(), 0, "{}", customer.log());
     assert!(turnpike::spool::recover(&spool).unwrap().parts.is_empty());
 }
+
+#[test]
+fn recipients_deferred_by_the_provider_follow_on_their_own_and_nobody_gets_it_twice() {
+    if !require_program("swaks") {
+        return;
+    }
+    // One recipient per message at the provider: the second RCPT gets 452 4.5.3.
+    let server = TestServer::start(
+        "[submission]\nrecipients_per_message = 1\n",
+        &[("office", &["office.test"]), ("far", &["far.test"])],
+    );
+    let dir = scratch(&server, "customer");
+    let spool = dir.join("outbox");
+    let config = pull_config(
+        &server,
+        &dir,
+        server.addr("odmr"),
+        &format!(
+            "[delivery]\ncatch_all = {{ maildir = \"{}\" }}\n\
+             [outbox]\nspool = \"{}\"\nlisten = \"127.0.0.1:0\"\n",
+            dir.join("Maildir").display(),
+            spool.display()
+        ),
+    );
+    let mut customer = Customer::spawn(&config, &dir.join("pull.log"));
+    let listener = customer.listener();
+    let out = swaks(
+        listener,
+        "alice@office.test",
+        "bob@far.test,carol@far.test",
+        "two",
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    customer.wait_for("both uploads", Duration::from_secs(30), |log| {
+        log.matches("outgoing mail uploaded").count() >= 2
+    });
+    let done = |log: &str| log.matches("session done").count();
+    let before = done(&customer.log());
+    customer.wait_for("one more session", Duration::from_secs(10), |log| {
+        done(log) > before
+    });
+    let show = server.queue_show_json("far.test");
+    let mut got: Vec<Vec<String>> = show["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            assert_eq!(m["sender"], "alice@office.test");
+            m["recipients"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap().to_string())
+                .collect()
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [["bob@far.test"], ["carol@far.test"]],
+        "{}",
+        customer.log()
+    );
+    let log = customer.log();
+    assert!(log.contains("queued again on their own"), "{log}");
+    assert_eq!(log.matches("outgoing mail uploaded").count(), 2, "{log}");
+    assert!(
+        maildir_messages(&dir.join("Maildir")).is_empty(),
+        "a 4xx is no bounce"
+    );
+    assert_eq!(customer.stop(), 0, "{}", customer.log());
+    assert!(turnpike::spool::recover(&spool).unwrap().parts.is_empty());
+}
