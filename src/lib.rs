@@ -20,7 +20,8 @@
 //! - [`provider`]: drivers that bind the protocol machines to connections (MX, ODMR and
 //!   submission services).
 //! - [`customer`]: the customer end: `turnpike pull` (config, schedule, exit codes), one ODMR
-//!   session (TLS, AUTH, ATRN, receive) and the delivery targets.
+//!   session (TLS, AUTH, upload, ATRN, receive), the delivery targets and the outbox (the
+//!   office's outgoing queue on a spool journal of its own, with its local listener).
 //! - [`control`]: the local control socket behind `turnpike queue`.
 //! - [`metrics`]: per-core counters and latency histograms, merged on scrape and served as
 //!   Prometheus text.
