@@ -18,6 +18,7 @@
 //! - [`runtime`]: one pinned thread per core, io_uring or epoll, SO_REUSEPORT listeners, the
 //!   cross-core mesh and connections over owned buffers (plain or TLS).
 //! - [`provider`]: drivers that bind the protocol machines to connections (the MX service).
+//! - [`relay`]: the outgoing relay (outbound queue to a smarthost or by MX lookup, retries).
 //! - [`customer`]: the customer end of an ODMR session (AUTH, ATRN, receive).
 //! - [`control`]: the local control socket behind `turnpike queue`.
 //! - [`metrics`]: per-core counters and latency histograms, merged on scrape and served as
@@ -31,6 +32,7 @@ pub mod customer;
 pub mod metrics;
 pub mod proto;
 pub mod provider;
+pub mod relay;
 pub mod runtime;
 pub mod spool;
 pub mod tls;
