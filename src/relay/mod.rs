@@ -265,12 +265,19 @@ enum PartResult {
     Deferred(String),
 }
 
-/// Delivers one group: route, sessions (next host while messages remain untried), then
-/// settles every part and updates the schedule.
+/// Delivers one group: route, sessions (next host while messages remain untried), settling
+/// each message as soon as it has an outcome, then updates the schedule.
 async fn deliver(core: &Core, setup: &Setup, group: Vec<(DomainName, Vec<spool::HeldPart>)>) {
     let domains: Vec<DomainName> = group.iter().map(|(d, _)| d.clone()).collect();
-    let queue = merge(&group);
-    let mut results: Vec<(Queued, Vec<PartResult>)> = Vec::new();
+    let mut untried = merge(&group);
+    let mut settle = Settle {
+        core,
+        setup,
+        now: now(),
+        retiring: Vec::new(),
+        deferred: BTreeMap::new(),
+        last_error: None,
+    };
     let (routed, policy) = match &setup.settings.mode {
         RelayMode::Smarthost(h) => (
             route::smarthost(&setup.resolver, h).await,
@@ -281,13 +288,10 @@ async fn deliver(core: &Core, setup: &Setup, group: Vec<(DomainName, Vec<spool::
             &setup.policy_mx,
         ),
     };
-    let mut untried = queue;
-    let mut last_error = None;
     match routed {
         Err(e) if e.permanent => {
             tracing::warn!(destination = %domains[0], error = %e.why, "destination refuses mail; reporting to the senders");
-            let (c, s, d) = e.status;
-            let reply = Reply::with_status(550, (c, s, d), e.why.clone());
+            let reply = Reply::with_status(550, e.status, e.why.clone());
             for q in std::mem::take(&mut untried) {
                 let r = q
                     .parts
@@ -298,92 +302,51 @@ async fn deliver(core: &Core, setup: &Setup, group: Vec<(DomainName, Vec<spool::
                         )
                     })
                     .collect();
-                results.push((q, r));
+                settle.apply(&q, r).await;
             }
         }
         Err(e) => {
             tracing::info!(destination = %domains[0], error = %e.why, "destination not reachable now; will retry");
-            last_error = Some(e.why);
+            settle.last_error = Some(e.why);
         }
         Ok(targets) => {
             for target in targets {
                 if untried.is_empty() {
                     break;
                 }
-                let end = session::run(core, &target, policy, std::mem::take(&mut untried)).await;
-                for a in end.attempted {
-                    tracing::info!(
-                        id = %a.queued.id,
-                        host = %target.host,
-                        addr = %target.addr,
-                        outcome = %describe(&a.outcome.recipients),
-                        "relay attempt"
-                    );
-                    let r = part_results(&a);
-                    if let Some(why) = r.iter().find_map(|p| match p {
-                        PartResult::Deferred(w) => Some(w.clone()),
-                        _ => None,
-                    }) {
-                        last_error = Some(why);
-                    }
-                    results.push((a.queued, r));
-                }
+                let queue = std::mem::take(&mut untried);
+                let end = session::run(core, &target, policy, queue, &mut settle).await;
                 if let Some(e) = end.error {
                     tracing::info!(host = %target.host, addr = %target.addr, error = %e, "relay session failed");
-                    last_error = Some(e);
+                    settle.last_error = Some(e);
                 }
                 untried = end.untried;
             }
         }
     }
-    let why = last_error.unwrap_or_else(|| "not attempted".into());
+    let why = settle
+        .last_error
+        .clone()
+        .unwrap_or_else(|| "not attempted".into());
     for q in untried {
         let r = q
             .parts
             .iter()
             .map(|_| PartResult::Deferred(why.clone()))
             .collect();
-        results.push((q, r));
+        settle.apply(&q, r).await;
     }
-    let mut retiring = Vec::new();
-    let mut deferred_domains: BTreeMap<DomainName, String> = BTreeMap::new();
-    let now = now();
-    for (q, parts) in results {
-        for ((domain, rcpts), result) in q.parts.iter().zip(parts) {
-            let result = match result {
-                PartResult::Deferred(why)
-                    if backoff::gave_up(q.received_at, now, setup.settings.give_up_after) =>
-                {
-                    let days = setup.settings.give_up_after.as_secs().div_ceil(86_400);
-                    let reply = Reply::with_status(
-                        554,
-                        (5, 4, 7),
-                        format!("undeliverable for {days} days, giving up; last error: {why}"),
-                    );
-                    PartResult::Failed(rcpts.iter().map(|r| (r.clone(), reply.clone())).collect())
-                }
-                other => other,
-            };
-            match result {
-                PartResult::Delivered => {
-                    retiring.push(done(core, q.id, domain, Outcome::Delivered));
-                }
-                PartResult::Failed(failed) => {
-                    if bounce(core, &q, &failed).await {
-                        retiring.push(done(core, q.id, domain, Outcome::Bounced));
-                    }
-                }
-                PartResult::Deferred(why) => {
-                    deferred_domains.insert(domain.clone(), why);
-                }
-            }
-        }
-    }
+    let Settle {
+        retiring,
+        deferred,
+        now,
+        ..
+    } = settle;
     wait_retired(retiring).await;
     let mut schedules = core.relay.schedules.borrow_mut();
     for d in &domains {
         let s = schedules.entry(d.clone()).or_default();
-        match deferred_domains.get(d) {
+        match deferred.get(d) {
             Some(why) => {
                 s.attempts += 1;
                 let delay = backoff::delay(
@@ -402,6 +365,70 @@ async fn deliver(core: &Core, setup: &Setup, group: Vec<(DomainName, Vec<spool::
     let mut busy = core.relay.busy.borrow_mut();
     for d in &domains {
         busy.remove(d);
+    }
+}
+
+/// Settles parts as their outcomes come in: DONE, reports, and which domains stay deferred.
+struct Settle<'a> {
+    core: &'a Core,
+    setup: &'a Setup,
+    now: u64,
+    retiring: Vec<tokio::sync::oneshot::Receiver<()>>,
+    deferred: BTreeMap<DomainName, String>,
+    last_error: Option<String>,
+}
+
+impl Settle<'_> {
+    async fn apply(&mut self, q: &Queued, results: Vec<PartResult>) {
+        let give_up = self.setup.settings.give_up_after;
+        for ((domain, rcpts), result) in q.parts.iter().zip(results) {
+            let result = match result {
+                PartResult::Deferred(why) if backoff::gave_up(q.received_at, self.now, give_up) => {
+                    let days = give_up.as_secs().div_ceil(86_400);
+                    let reply = Reply::with_status(
+                        554,
+                        (5, 4, 7),
+                        format!("undeliverable for {days} days, giving up; last error: {why}"),
+                    );
+                    PartResult::Failed(rcpts.iter().map(|r| (r.clone(), reply.clone())).collect())
+                }
+                other => other,
+            };
+            match result {
+                PartResult::Delivered => {
+                    self.retiring
+                        .push(done(self.core, q.id, domain, Outcome::Delivered));
+                }
+                PartResult::Failed(failed) => {
+                    if bounce(self.core, q, &failed).await {
+                        self.retiring
+                            .push(done(self.core, q.id, domain, Outcome::Bounced));
+                    }
+                }
+                PartResult::Deferred(why) => {
+                    self.deferred.insert(domain.clone(), why);
+                }
+            }
+        }
+    }
+}
+
+impl session::Outcomes for Settle<'_> {
+    async fn message(&mut self, target: &route::Target, a: session::Attempted) {
+        tracing::info!(
+            id = %a.queued.id,
+            host = %target.host,
+            addr = %target.addr,
+            outcome = %describe(&a.outcome.recipients),
+            "relay attempt"
+        );
+        let results = part_results(&a);
+        for r in &results {
+            if let PartResult::Deferred(why) = r {
+                self.last_error = Some(why.clone());
+            }
+        }
+        self.apply(&a.queued, results).await;
     }
 }
 

@@ -64,10 +64,15 @@ pub struct Attempted {
     pub outcome: MessageOutcome,
 }
 
+/// Where each message's outcome goes as soon as the peer answered it, so that a crash later
+/// in the session cannot make already accepted messages be sent again.
+pub(crate) trait Outcomes {
+    /// One message's outcome.
+    async fn message(&mut self, target: &Target, attempted: Attempted);
+}
+
 /// How the session went.
 pub struct SessionEnd {
-    /// Messages with an outcome.
-    pub attempted: Vec<Attempted>,
     /// Messages never offered (the session failed first): try them at the next host.
     pub untried: Vec<Queued>,
     /// Why the session ended early, if it did (connection, TLS, AUTH, greeting).
@@ -86,11 +91,16 @@ pub struct Policy {
     pub connect_timeout: Duration,
 }
 
-/// Runs one session to `target` for `queue`.
-pub async fn run(core: &Core, target: &Target, policy: &Policy, queue: Vec<Queued>) -> SessionEnd {
+/// Runs one session to `target` for `queue`, handing every outcome to `outcomes` at once.
+pub(crate) async fn run(
+    core: &Core,
+    target: &Target,
+    policy: &Policy,
+    queue: Vec<Queued>,
+    outcomes: &mut impl Outcomes,
+) -> SessionEnd {
     let mut queue: VecDeque<Queued> = queue.into();
     let mut end = SessionEnd {
-        attempted: Vec::new(),
         untried: Vec::new(),
         error: None,
     };
@@ -180,12 +190,13 @@ pub async fn run(core: &Core, target: &Target, policy: &Policy, queue: Vec<Queue
                 }
                 Action::Delivered(outcome) => {
                     if let Some((queued, envelope, owner)) = in_flight.remove(&outcome.id) {
-                        end.attempted.push(Attempted {
+                        let a = Attempted {
                             queued,
                             envelope,
                             owner,
                             outcome,
-                        });
+                        };
+                        outcomes.message(target, a).await;
                     }
                 }
                 Action::Close(reason) => {
