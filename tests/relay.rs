@@ -179,6 +179,8 @@ fn serve(
     let mut r = BufReader::new(conn);
     w.write_all(b"220 sink.test ESMTP\r\n")?;
     let (mut from, mut rcpts) = (String::new(), Vec::new());
+    let require_auth = policy("?auth") == "required";
+    let mut authed = false;
     let mut line = String::new();
     loop {
         line.clear();
@@ -187,7 +189,17 @@ fn serve(
         }
         let upper = line.to_ascii_uppercase();
         let reply = if upper.starts_with("EHLO") {
-            "250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME".to_string()
+            "250-sink.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME".to_string()
+        } else if upper.starts_with("AUTH PLAIN ") {
+            // "\0relay\0s3cret" in base64.
+            if line[11..].trim() == "AHJlbGF5AHMzY3JldA==" {
+                authed = true;
+                "235 2.7.0 Authentication successful".into()
+            } else {
+                "535 5.7.8 Authentication credentials invalid".into()
+            }
+        } else if upper.starts_with("MAIL FROM:") && require_auth && !authed {
+            "530 5.7.0 Authentication required".into()
         } else if upper.starts_with("MAIL FROM:") {
             from = line[10..].trim().to_string();
             rcpts.clear();
@@ -715,4 +727,95 @@ fn sigkill_while_delivering_loses_nothing() {
         "only the in-flight message may repeat: {seen:?}"
     );
     assert!(seen.values().all(|n| *n <= 2), "{seen:?}");
+}
+
+/// A smarthost that requires AUTH: the relay authenticates with `username` and the first line
+/// of `password_file`, then delivers; a wrong password keeps the mail queued with the 535 shown.
+#[test]
+fn smarthost_auth_plain() {
+    let policy: Policy = Arc::new(|a: &str| {
+        if a == "?auth" {
+            "required".into()
+        } else {
+            "250 2.1.5 Ok".into()
+        }
+    });
+    let sink = Sink::start(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        policy,
+        Arc::new(|| {}),
+    );
+    let mut server = TestServer::start("", &[ACME]);
+    let pw = server.data_dir().join("relay-password");
+    std::fs::write(&pw, "wrong\n").unwrap();
+    let config = format!(
+        "{}\n[relay]\nsmarthost = \"{}\"\nsmarthost_tls = \"none\"\nusername = \"relay\"\n\
+         password_file = \"{}\"\nfirst_retry = \"1s\"\n",
+        std::fs::read_to_string(server.config_path()).unwrap(),
+        sink.addr,
+        pw.display()
+    );
+    std::fs::write(server.config_path(), config).unwrap();
+    seed(
+        &mut server,
+        &[(
+            "boss@acme.example",
+            &["x@auth.example"],
+            b"Subject: a\r\n\r\na\r\n",
+        )],
+    );
+    wait_until("the refused AUTH", 20, &server, || {
+        outbound_row(&server, "auth.example").is_some_and(|r| {
+            r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("535 5.7.8"))
+        })
+    });
+    assert!(sink.got().is_empty());
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    server.restart();
+    wait_until("delivery after AUTH", 20, &server, || {
+        sink.got().len() == 1 && queue_entry(&server.queue_json(), "auth.example").is_none()
+    });
+}
+
+/// Turnpike to turnpike: one server's relay finds the other as the MX of far.example (through
+/// the loopback DNS server), upgrades with STARTTLS (opportunistic: the self-signed
+/// certificate is accepted) and the other holds the message for its customer, received over
+/// TLS (`with ESMTPS` in its Received: line).
+#[test]
+fn opportunistic_starttls_to_another_turnpike_as_mx() {
+    let far = TestServer::start("", &[("far", &["far.example"])]);
+    let dns = dns_server(vec![("far.example", Some("mx.far.example"))]);
+    let config = format!(
+        "[relay]\nmode = \"mx\"\nresolver = \"{dns}\"\nmx_port = {}\n",
+        far.addr("mx").port()
+    );
+    let mut server = TestServer::start(&config, &[ACME]);
+    let body = b"Subject: tls\r\n\r\nover TLS\r\n";
+    seed(
+        &mut server,
+        &[("boss@acme.example", &["someone@far.example"], body)],
+    );
+    wait_until("the other server to hold it", 20, &server, || {
+        queue_entry(&far.queue_json(), "far.example").is_some()
+            && queue_entry(&server.queue_json(), "far.example").is_none()
+    });
+    let held = far.queue_show_json("far.example");
+    assert_eq!(held["messages"][0]["sender"], "boss@acme.example", "{held}");
+    let recovered = recover(far.data_dir()).unwrap();
+    let part = &recovered.parts[0];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reader = turnpike::spool::Reader::new(far.data_dir(), IoKind::Epoll);
+    let stored = rt.block_on(reader.read_body(&part.location)).unwrap();
+    let text = String::from_utf8_lossy(&stored);
+    assert!(text.contains("with ESMTPS"), "received over TLS: {text}");
+    assert!(
+        text.contains("from mx.test"),
+        "EHLO with our host name: {text}"
+    );
+    assert!(stored.ends_with(body));
 }
