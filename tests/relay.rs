@@ -180,6 +180,7 @@ fn serve(
     w.write_all(b"220 sink.test ESMTP\r\n")?;
     let (mut from, mut rcpts) = (String::new(), Vec::new());
     let require_auth = policy("?auth") == "required";
+    let starttls = policy("?starttls") == "broken";
     let mut authed = false;
     let mut line = String::new();
     loop {
@@ -189,7 +190,12 @@ fn serve(
         }
         let upper = line.to_ascii_uppercase();
         let reply = if upper.starts_with("EHLO") {
-            "250-sink.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME".to_string()
+            let tls = if starttls { "250-STARTTLS\r\n" } else { "" };
+            format!("250-sink.test\r\n250-PIPELINING\r\n{tls}250-AUTH PLAIN LOGIN\r\n250 8BITMIME")
+        } else if upper.starts_with("STARTTLS") {
+            // A broken TLS stack: agrees, then speaks no TLS at all.
+            w.write_all(b"220 2.0.0 go ahead\r\nthis is not a TLS record\r\n")?;
+            return Ok(());
         } else if upper.starts_with("AUTH PLAIN ") {
             // "\0relay\0s3cret" in base64.
             if line[11..].trim() == "AHJlbGF5AHMzY3JldA==" {
@@ -421,9 +427,18 @@ fn smarthost_smtp_sink_receives_the_message_intact() {
             body,
         )],
     );
+    // smtp-sink may finish writing a dump file after its 250: wait for both recipients there.
+    let dumped_rcpts = || -> usize {
+        sink.messages()
+            .iter()
+            .map(|m| String::from_utf8_lossy(m).matches("X-Rcpt-Args: ").count())
+            .sum()
+    };
     wait_until("the smarthost to get the message", 20, &server, || {
-        !sink.messages().is_empty()
-            && queue_entry(&server.queue_json(), "foreign.example").is_none()
+        let q = server.queue_json();
+        queue_entry(&q, "foreign.example").is_none()
+            && queue_entry(&q, "far.example").is_none()
+            && dumped_rcpts() == 2
     });
     // Each domain's part is delivered by its shard core: one or two transactions (two when
     // the domains live on different cores), together naming both recipients once.
@@ -818,4 +833,148 @@ fn opportunistic_starttls_to_another_turnpike_as_mx() {
         "EHLO with our host name: {text}"
     );
     assert!(stored.ends_with(body));
+}
+
+/// An MX that offers STARTTLS but whose TLS is broken: opportunistic TLS falls back to plain
+/// text at once rather than keeping the mail back. A smarthost with `starttls-required` that
+/// does not offer STARTTLS keeps the mail queued with the reason shown.
+#[test]
+fn broken_or_missing_starttls() {
+    let policy: Policy = Arc::new(|a: &str| {
+        if a == "?starttls" {
+            "broken".into()
+        } else {
+            "250 2.1.5 Ok".into()
+        }
+    });
+    let broken = Sink::start(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        policy,
+        Arc::new(|| {}),
+    );
+    let dns = dns_server(vec![("broken.test", Some("mx.broken.test"))]);
+    let config = format!(
+        "[relay]\nmode = \"mx\"\nresolver = \"{dns}\"\nmx_port = {}\n",
+        broken.addr.port()
+    );
+    let mut server = TestServer::start(&config, &[ACME]);
+    seed(
+        &mut server,
+        &[(
+            "boss@acme.example",
+            &["x@broken.test"],
+            b"Subject: p\r\n\r\np\r\n",
+        )],
+    );
+    wait_until("plain-text delivery", 20, &server, || {
+        broken.got().len() == 1 && queue_entry(&server.queue_json(), "broken.test").is_none()
+    });
+    assert!(server.logs().contains("trying again in plain text"));
+
+    let plain = Sink::accepting();
+    let mut server = TestServer::start(
+        &format!(
+            "[relay]\nsmarthost = \"{}\"\nsmarthost_tls = \"starttls-required\"\n",
+            plain.addr
+        ),
+        &[ACME],
+    );
+    seed(
+        &mut server,
+        &[(
+            "boss@acme.example",
+            &["x@strict.example"],
+            b"Subject: s\r\n\r\ns\r\n",
+        )],
+    );
+    wait_until("the refusal to send in clear", 20, &server, || {
+        outbound_row(&server, "strict.example").is_some_and(|r| {
+            r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("does not offer STARTTLS"))
+        })
+    });
+    assert!(plain.got().is_empty());
+}
+
+/// A message still undeliverable `give_up_after` after its arrival is reported to its sender
+/// (5.4.7, with the last error) and dropped.
+#[test]
+fn give_up_after_reports_and_drops() {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let config =
+        format!("[relay]\nsmarthost = \"{addr}\"\nfirst_retry = \"1s\"\ngive_up_after = \"2s\"\n");
+    let mut server = TestServer::start(&config, &[ACME]);
+    seed(
+        &mut server,
+        &[(
+            "boss@acme.example",
+            &["x@never.example"],
+            b"Subject: n\r\n\r\nn\r\n",
+        )],
+    );
+    wait_until("the give-up report", 20, &server, || {
+        let q = server.queue_json();
+        queue_entry(&q, "never.example").is_none() && queue_entry(&q, "acme.example").is_some()
+    });
+    let recovered = recover(server.data_dir()).unwrap();
+    let report = recovered
+        .parts
+        .iter()
+        .find(|p| p.domain.as_str() == "acme.example")
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reader = turnpike::spool::Reader::new(server.data_dir(), IoKind::Epoll);
+    let body = rt.block_on(reader.read_body(&report.location)).unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("Status: 5.4.7"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; x@never.example"),
+        "{text}"
+    );
+    assert!(
+        text.contains("connect to"),
+        "the last error is in the report: {text}"
+    );
+    drop(sock);
+}
+
+/// The reports the server writes itself leave through the relay: a part held past
+/// `spool.max_hold` for a customer who never collected it is reported to its foreign sender,
+/// and that report (from `<>`) reaches the smarthost.
+#[test]
+fn expiry_reports_to_a_foreign_sender_are_relayed() {
+    let sink = Sink::accepting();
+    let config = format!(
+        "[spool]\nmax_hold = \"1s\"\n[relay]\nsmarthost = \"{}\"\n",
+        sink.addr
+    );
+    let server = TestServer::start(&config, &[ACME]);
+    let mut c = common::SmtpClient::connect(server.addr("mx"));
+    c.expect(220);
+    c.cmd("EHLO client.test", 250);
+    c.send_mail(
+        "sender@client.test",
+        &["info@acme.example"],
+        "Subject: never collected\r\n\r\nhello\r\n",
+    );
+    c.cmd("QUIT", 221);
+    wait_until("the relayed report", 30, &server, || {
+        let q = server.queue_json();
+        sink.got().len() == 1
+            && queue_entry(&q, "acme.example").is_none()
+            && queue_entry(&q, "client.test").is_none()
+    });
+    let got = &sink.got()[0];
+    assert_eq!(got.from, "<>", "a report comes from the null sender");
+    assert_eq!(got.rcpts, ["sender@client.test"]);
+    let text = String::from_utf8_lossy(&got.body);
+    assert!(text.contains("report-type=delivery-status"), "{text}");
+    assert!(text.contains("Status: 5.4.7"), "{text}");
 }

@@ -315,7 +315,21 @@ async fn deliver(core: &Core, setup: &Setup, group: Vec<(DomainName, Vec<spool::
                     break;
                 }
                 let queue = std::mem::take(&mut untried);
-                let end = session::run(core, &target, policy, queue, &mut settle).await;
+                let mut end = session::run(core, &target, policy, queue, &mut settle).await;
+                if end.tls_failed
+                    && policy.tls == SmarthostTls::Opportunistic
+                    && policy.auth.is_none()
+                {
+                    // Opportunistic means "TLS if it works": a broken TLS stack at the peer
+                    // must not hold the mail back forever (credentials never go in clear).
+                    tracing::info!(host = %target.host, addr = %target.addr, error = ?end.error, "TLS handshake failed; trying again in plain text");
+                    let plain = Policy {
+                        tls: SmarthostTls::None,
+                        ..policy.clone()
+                    };
+                    let queue = std::mem::take(&mut end.untried);
+                    end = session::run(core, &target, &plain, queue, &mut settle).await;
+                }
                 if let Some(e) = end.error {
                     tracing::info!(host = %target.host, addr = %target.addr, error = %e, "relay session failed");
                     settle.last_error = Some(e);

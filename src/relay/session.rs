@@ -77,9 +77,12 @@ pub struct SessionEnd {
     pub untried: Vec<Queued>,
     /// Why the session ended early, if it did (connection, TLS, AUTH, greeting).
     pub error: Option<String>,
+    /// The STARTTLS handshake failed (the caller may try again in plain text).
+    pub tls_failed: bool,
 }
 
 /// TLS and AUTH for one session.
+#[derive(Clone)]
 pub struct Policy {
     /// TLS handling.
     pub tls: SmarthostTls,
@@ -103,6 +106,7 @@ pub(crate) async fn run(
     let mut end = SessionEnd {
         untried: Vec::new(),
         error: None,
+        tls_failed: false,
     };
     let connected = tokio::time::timeout(
         policy.connect_timeout,
@@ -158,9 +162,10 @@ pub(crate) async fn run(
                             .await;
                         }
                         Ok(Opened::Restarted) => {}
-                        Err(why) => {
+                        Err(OpenError { why, tls_failed }) => {
                             machine.abort();
                             end.error = Some(why);
+                            end.tls_failed = tls_failed;
                         }
                     }
                 }
@@ -274,6 +279,22 @@ enum Opened {
     Restarted,
 }
 
+/// Why the opening failed.
+struct OpenError {
+    why: String,
+    /// The TLS handshake after `220` to STARTTLS failed.
+    tls_failed: bool,
+}
+
+impl From<String> for OpenError {
+    fn from(why: String) -> OpenError {
+        OpenError {
+            why,
+            tls_failed: false,
+        }
+    }
+}
+
 /// STARTTLS and AUTH, run when the machine first asks for a message.
 async fn open(
     conn: &mut Conn,
@@ -283,7 +304,7 @@ async fn open(
     target: &Target,
     input: &mut Vec<u8>,
     pos: &mut usize,
-) -> Result<Opened, String> {
+) -> Result<Opened, OpenError> {
     let caps = machine.capabilities().clone();
     let want_tls = !conn.is_tls()
         && match policy.tls {
@@ -293,16 +314,17 @@ async fn open(
         };
     if want_tls {
         if !caps.starttls {
-            return Err(format!(
-                "{} does not offer STARTTLS, which is required",
-                target.host
-            ));
+            let why = format!("{} does not offer STARTTLS, which is required", target.host);
+            return Err(why.into());
         }
         let r = exchange(conn, b"STARTTLS\r\n".to_vec(), input, pos).await?;
         if r.code == 220 {
             start_tls(conn, policy, target)
                 .await
-                .map_err(|e| format!("TLS with {}: {e}", target.host))?;
+                .map_err(|e| OpenError {
+                    why: format!("TLS with {}: {e}", target.host),
+                    tls_failed: true,
+                })?;
             input.clear();
             *pos = 0;
             *machine = Reversed::new(cfg.clone());
@@ -312,7 +334,7 @@ async fn open(
             return Ok(Opened::Restarted);
         }
         if policy.tls == SmarthostTls::StarttlsRequired {
-            return Err(format!("STARTTLS refused: {}", reply::one_line(&r)));
+            return Err(format!("STARTTLS refused: {}", reply::one_line(&r)).into());
         }
         tracing::info!(host = %target.host, reply = %reply::one_line(&r), "STARTTLS refused; continuing in plain text");
     }
