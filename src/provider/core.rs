@@ -429,11 +429,10 @@ impl Core {
                     {
                         let _ = push.send(part.clone());
                     }
-                    let outbound = crate::relay::is_outbound(&self, &part.domain);
-                    self.index_shard.borrow_mut().insert(part);
-                    if outbound {
-                        self.relay.wake();
+                    if crate::relay::is_outbound(&self, &part.domain) {
+                        self.relay.queued(&part.domain);
                     }
+                    self.index_shard.borrow_mut().insert(part);
                 }
                 MeshMsg::Expire(part) => {
                     let core = self.clone();
@@ -551,6 +550,7 @@ impl Core {
                         "hosted domains reloaded"
                     );
                     *self.hosted.borrow_mut() = h;
+                    self.relay.rescan();
                 }
                 MeshMsg::Relay(cmd) => crate::relay::handle(&self, cmd),
                 MeshMsg::Shutdown => {

@@ -90,6 +90,10 @@ struct Schedule {
 /// One core's relay state.
 #[derive(Default)]
 pub struct Relay {
+    /// The outbound domains of this shard with queued mail (a superset: pruned at each scan).
+    known: RefCell<BTreeSet<DomainName>>,
+    /// `known` was filled from the index (false at start and after a reload).
+    scanned: Cell<bool>,
     schedules: RefCell<HashMap<DomainName, Schedule>>,
     busy: RefCell<BTreeSet<DomainName>>,
     sessions: Cell<usize>,
@@ -97,9 +101,23 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Asks the scheduler to look now (new outbound mail, an operator's retry).
+    /// Asks the scheduler to look now (an operator's retry, a session ended).
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// New outbound mail for `domain` was indexed on this shard.
+    pub fn queued(&self, domain: &DomainName) {
+        if !self.known.borrow().contains(domain) {
+            self.known.borrow_mut().insert(domain.clone());
+        }
+        self.wake();
+    }
+
+    /// The hosted domains changed: find the outbound domains again at the next scan.
+    pub fn rescan(&self) {
+        self.scanned.set(false);
+        self.wake();
     }
 
     /// True while a session delivers `domain` (expiry leaves such parts alone).
@@ -225,9 +243,21 @@ fn due(core: &Core, setup: &Setup) -> Vec<Vec<(DomainName, Vec<spool::HeldPart>)
     let index = core.index_shard.borrow();
     let mut schedules = core.relay.schedules.borrow_mut();
     let mut busy = core.relay.busy.borrow_mut();
+    let mut known = core.relay.known.borrow_mut();
+    if !core.relay.scanned.replace(true) {
+        // At start and after a reload: find the outbound domains among everything held.
+        known.extend(
+            index
+                .all_stats()
+                .into_iter()
+                .filter(|(d, _)| is_outbound(core, d))
+                .map(|(d, _)| d),
+        );
+    }
+    known.retain(|d| index.has_mail(d) || busy.contains(d));
     let mut due = Vec::new();
-    for (domain, stats) in index.all_stats() {
-        if stats.messages == 0 || busy.contains(&domain) || !is_outbound(core, &domain) {
+    for domain in known.iter().cloned() {
+        if busy.contains(&domain) || !is_outbound(core, &domain) {
             continue;
         }
         let s = schedules.entry(domain.clone()).or_default();
@@ -417,6 +447,10 @@ impl Settle<'_> {
                     if bounce(self.core, q, &failed).await {
                         self.retiring
                             .push(done(self.core, q.id, domain, Outcome::Bounced));
+                    } else {
+                        // Kept, and backed off like a deferral rather than re-sent at once.
+                        let why = "refused, but its report could not be stored".to_string();
+                        self.deferred.insert(domain.clone(), why);
                     }
                 }
                 PartResult::Deferred(why) => {
