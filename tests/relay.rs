@@ -978,3 +978,55 @@ fn expiry_reports_to_a_foreign_sender_are_relayed() {
     assert!(text.contains("report-type=delivery-status"), "{text}");
     assert!(text.contains("Status: 5.4.7"), "{text}");
 }
+
+/// `starttls-required` with `ca_file`: the smarthost's certificate must chain to the file. The
+/// right CA (the other turnpike's self-signed certificate, which names 127.0.0.1) delivers; a
+/// wrong one keeps the mail queued with the TLS error, never falling back to plain text.
+#[test]
+fn smarthost_certificate_is_verified_with_ca_file() {
+    let far = TestServer::start("", &[("far", &["far.example"])]);
+    let stranger = TestServer::start("", &[]);
+    let smarthost = far.addr("mx");
+    let config = |ca: &Path| {
+        format!(
+            "[relay]\nsmarthost = \"{smarthost}\"\nsmarthost_tls = \"starttls-required\"\n\
+             ca_file = \"{}\"\nfirst_retry = \"1s\"\n",
+            ca.display()
+        )
+    };
+    let wrong = config(&stranger.data_dir().join("tls/cert.pem"));
+    let mut server = TestServer::start(&wrong, &[ACME]);
+    seed(
+        &mut server,
+        &[(
+            "boss@acme.example",
+            &["someone@far.example"],
+            b"Subject: v\r\n\r\nv\r\n",
+        )],
+    );
+    wait_until("the TLS verification failure", 20, &server, || {
+        outbound_row(&server, "far.example").is_some_and(|r| {
+            r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("TLS with"))
+        })
+    });
+    assert!(queue_entry(&far.queue_json(), "far.example").is_none());
+    assert!(!server.logs().contains("trying again in plain text"));
+
+    let right = config(&far.data_dir().join("tls/cert.pem"));
+    std::fs::write(server.config_path(), common_base(&server) + &right).unwrap();
+    server.restart();
+    wait_until("verified delivery", 20, &server, || {
+        queue_entry(&far.queue_json(), "far.example").is_some()
+            && queue_entry(&server.queue_json(), "far.example").is_none()
+    });
+}
+
+/// The server's config without its `[relay]` table (to swap relay settings between runs).
+fn common_base(server: &TestServer) -> String {
+    let text = std::fs::read_to_string(server.config_path()).unwrap();
+    let mut table: toml::Table = text.parse().unwrap();
+    table.remove("relay");
+    toml::to_string(&table).unwrap()
+}
