@@ -144,14 +144,25 @@ impl Sink {
         policy: Policy,
         before_250: Arc<dyn Fn() + Send + Sync>,
     ) -> Sink {
+        Sink::start_with(listener, None, policy, before_250)
+    }
+
+    /// With `tls`, TLS from the first byte (a port-465 style server).
+    fn start_with(
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        policy: Policy,
+        before_250: Arc<dyn Fn() + Send + Sync>,
+    ) -> Sink {
         let addr = listener.local_addr().unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
         let g = got.clone();
         thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let (g, policy, hook) = (g.clone(), policy.clone(), before_250.clone());
+                let tls = tls.clone();
                 thread::spawn(move || {
-                    let _ = serve(conn, &g, &policy, &*hook);
+                    let _ = serve(conn, tls, &g, &policy, &*hook);
                 });
             }
         });
@@ -170,14 +181,34 @@ impl Sink {
 
 fn serve(
     conn: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
     got: &Mutex<Vec<Got>>,
     policy: &Policy,
     before_250: &(dyn Fn() + Send + Sync),
 ) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut w = conn.try_clone()?;
-    let mut r = BufReader::new(conn);
-    w.write_all(b"220 sink.test ESMTP\r\n")?;
+    match tls {
+        None => converse(conn, got, policy, before_250),
+        Some(config) => {
+            let tls = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+            converse(rustls::StreamOwned::new(tls, conn), got, policy, before_250)
+        }
+    }
+}
+
+fn converse(
+    stream: impl std::io::Read + Write,
+    got: &Mutex<Vec<Got>>,
+    policy: &Policy,
+    before_250: &(dyn Fn() + Send + Sync),
+) -> std::io::Result<()> {
+    let mut r = BufReader::new(stream);
+    macro_rules! w {
+        () => {
+            r.get_mut()
+        };
+    }
+    w!().write_all(b"220 sink.test ESMTP\r\n")?;
     let (mut from, mut rcpts) = (String::new(), Vec::new());
     let require_auth = policy("?auth") == "required";
     let starttls = policy("?starttls") == "broken";
@@ -194,7 +225,7 @@ fn serve(
             format!("250-sink.test\r\n250-PIPELINING\r\n{tls}250-AUTH PLAIN LOGIN\r\n250 8BITMIME")
         } else if upper.starts_with("STARTTLS") {
             // A broken TLS stack: agrees, then speaks no TLS at all.
-            w.write_all(b"220 2.0.0 go ahead\r\nthis is not a TLS record\r\n")?;
+            w!().write_all(b"220 2.0.0 go ahead\r\nthis is not a TLS record\r\n")?;
             return Ok(());
         } else if upper.starts_with("AUTH PLAIN ") {
             // "\0relay\0s3cret" in base64.
@@ -222,7 +253,7 @@ fn serve(
             }
             reply
         } else if upper.starts_with("DATA") {
-            w.write_all(b"354 go ahead\r\n")?;
+            w!().write_all(b"354 go ahead\r\n")?;
             let mut body = Vec::new();
             loop {
                 let mut l = Vec::new();
@@ -242,14 +273,14 @@ fn serve(
             });
             "250 2.0.0 queued".into()
         } else if upper.starts_with("QUIT") {
-            w.write_all(b"221 bye\r\n")?;
+            w!().write_all(b"221 bye\r\n")?;
             return Ok(());
         } else if upper.starts_with("RSET") || upper.starts_with("NOOP") {
             "250 Ok".into()
         } else {
             "502 5.5.2 not here".into()
         };
-        w.write_all(format!("{reply}\r\n").as_bytes())?;
+        w!().write_all(format!("{reply}\r\n").as_bytes())?;
     }
 }
 
@@ -718,8 +749,11 @@ fn sigkill_while_delivering_loses_nothing() {
         assert!(Instant::now() < deadline, "the third body never arrived");
         thread::sleep(Duration::from_millis(20));
     }
-    // The first two DONE records are durable within milliseconds of their 250s.
-    thread::sleep(Duration::from_millis(300));
+    // The first two parts leave the index only once their DONE records are on disk; kill
+    // after that, while the third is in flight.
+    wait_until("the first two DONE records", 20, &server, || {
+        queue_entry(&server.queue_json(), "kill.example").map(|e| e.0) == Some(4)
+    });
     server.kill9();
     *stall.lock().unwrap() = false;
     server.restart();
@@ -1029,4 +1063,36 @@ fn common_base(server: &TestServer) -> String {
     let mut table: toml::Table = text.parse().unwrap();
     table.remove("relay");
     toml::to_string(&table).unwrap()
+}
+
+/// `smarthost_tls = "implicit"`: TLS from the first byte (a port-465 style smarthost), here
+/// verified against the sink's self-signed certificate through `ca_file`.
+#[test]
+fn smarthost_implicit_tls() {
+    let mut server = TestServer::start("", &[ACME]);
+    let dir = server.data_dir().join("sink-tls");
+    let host = turnpike::types::DomainName::parse("sink.test").unwrap();
+    let (cert, key) = turnpike::tls::ensure_self_signed(&dir, &host).unwrap();
+    let tls = turnpike::tls::load_server_config(&cert, &key).unwrap();
+    let sink = Sink::start_with(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        Some(tls),
+        Arc::new(|_| "250 2.1.5 Ok".into()),
+        Arc::new(|| {}),
+    );
+    let relay = format!(
+        "[relay]\nsmarthost = \"{}\"\nsmarthost_tls = \"implicit\"\nca_file = \"{}\"\n",
+        sink.addr,
+        cert.display()
+    );
+    std::fs::write(server.config_path(), common_base(&server) + &relay).unwrap();
+    let body = b"Subject: implicit\r\n\r\nover TLS from the start\r\n";
+    seed(
+        &mut server,
+        &[("boss@acme.example", &["x@tls.example"], body)],
+    );
+    wait_until("delivery over implicit TLS", 20, &server, || {
+        sink.got().len() == 1 && queue_entry(&server.queue_json(), "tls.example").is_none()
+    });
+    assert_eq!(sink.got()[0].body, body);
 }
