@@ -589,6 +589,19 @@ fn destination_down_then_up_is_delivered_after_a_retry() {
         sink.got().len() == 1 && queue_entry(&server.queue_json(), "down.example").is_none()
     });
     assert!(outbound_row(&server, "down.example").is_none());
+    let metrics = scrape(&server);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    assert!(value("turnpike_domain_deferred_total{domain=\"down.example\"}") >= 1.0);
+    assert_eq!(
+        value("turnpike_domain_delivered_total{domain=\"down.example\"}"),
+        1.0
+    );
 }
 
 /// A 5xx for the recipient: the part leaves the queue and an RFC 3464 report from `<>` waits in
@@ -1095,4 +1108,17 @@ fn smarthost_implicit_tls() {
         sink.got().len() == 1 && queue_entry(&server.queue_json(), "tls.example").is_none()
     });
     assert_eq!(sink.got()[0].body, body);
+}
+
+/// The Prometheus text of the server's metrics listener.
+fn scrape(server: &TestServer) -> String {
+    use std::io::Read;
+    let mut http = TcpStream::connect(server.addr("metrics")).unwrap();
+    http.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
 }

@@ -401,6 +401,9 @@ async fn deliver(core: &Core, setup: &Setup, group: Vec<(DomainName, Vec<spool::
                 s.next_attempt = now + delay.as_secs();
                 s.last_error = Some(why.clone());
                 tracing::info!(destination = %d, attempts = s.attempts, retry_in = ?delay, error = %why, "deferred");
+                // turnpike_domain_deferred_total (delivered and bounced come with the DONE).
+                let msg = MeshMsg::Deferred { domain: d.clone() };
+                core.shared.mesh.send(core.index, msg);
             }
             None => *s = Schedule::default(),
         }
