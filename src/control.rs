@@ -384,6 +384,32 @@ mod tests {
     }
 
     #[test]
+    fn outbound_destinations_show_their_schedule() {
+        let s = QueueSummary {
+            domains: vec![DomainRow {
+                domain: "far.example".into(),
+                messages: 2,
+                bytes: 300,
+                oldest: 1_000,
+            }],
+            outbound: vec![crate::relay::OutboundRow {
+                destination: "far.example".into(),
+                messages: 2,
+                next_attempt: 1_600,
+                attempts: 3,
+                last_error: Some("connect to 192.0.2.7:25: Connection refused".into()),
+                active: false,
+            }],
+        };
+        let text = render_summary(&s, 1_000);
+        let row = text.lines().last().unwrap();
+        assert!(text.contains("OUTBOUND DESTINATION"), "{text}");
+        assert!(row.starts_with("far.example"), "{row}");
+        assert!(row.contains(" 3  in 10m "), "{row}");
+        assert!(row.ends_with("Connection refused"), "{row}");
+    }
+
+    #[test]
     fn empty_hold_says_so() {
         assert_eq!(
             render_summary(&QueueSummary::default(), 0),

@@ -94,6 +94,8 @@ pub struct Relay {
     known: RefCell<BTreeSet<DomainName>>,
     /// `known` was filled from the index (false at start and after a reload).
     scanned: Cell<bool>,
+    /// The relay runs on this core (`relay.mode` is not off).
+    enabled: Cell<bool>,
     schedules: RefCell<HashMap<DomainName, Schedule>>,
     busy: RefCell<BTreeSet<DomainName>>,
     sessions: Cell<usize>,
@@ -108,6 +110,9 @@ impl Relay {
 
     /// New outbound mail for `domain` was indexed on this shard.
     pub fn queued(&self, domain: &DomainName) {
+        if !self.enabled.get() {
+            return;
+        }
         if !self.known.borrow().contains(domain) {
             self.known.borrow_mut().insert(domain.clone());
         }
@@ -165,6 +170,7 @@ pub async fn run(core: Rc<Core>) {
             return;
         }
     };
+    core.relay.enabled.set(true);
     if core.index == 0 {
         match &setup.settings.mode {
             RelayMode::Smarthost(h) => {
