@@ -27,8 +27,8 @@
 //! [listen]                           # each is one address or a list; [] disables the service
 //! mx = ["127.0.0.1:2525"]
 //! odmr = ["127.0.0.1:3366"]
-//! submission = ["127.0.0.1:2587"]
-//! submissions = []                   # implicit TLS
+//! submission = ["127.0.0.1:2587"]     # STARTTLS
+//! submissions = ["127.0.0.1:2465"]    # implicit TLS
 //! metrics = ["127.0.0.1:9366"]
 //!
 //! [tls]                              # both or neither; neither = a self-signed certificate
@@ -53,6 +53,12 @@
 //! default_quota = "2GiB"             # held bytes per domain
 //! compact_live_ratio = 0.5
 //! # fsync = true                     # accepted; false is refused (always fsync before 250)
+//!
+//! [submission]                       # per-account rate limits of authenticated submission
+//! period = "1h"                      # the window the counts below apply to
+//! messages_per_period = 200          # more: 450 4.7.1 at MAIL; 0 = no limit
+//! recipients_per_period = 1000       # more: 452 4.5.3 at RCPT; 0 = no limit
+//! recipients_per_message = 50        # more: 452 4.5.3 at RCPT; 0 = no limit
 //!
 //! [quota]                            # per-domain overrides of spool.default_quota
 //! "example.com" = "10GiB"
@@ -89,6 +95,8 @@ pub struct Config {
     pub spool: SpoolSettings,
     /// `[odmr]`: the ODMR listener's authentication and ATRN policy.
     pub odmr: OdmrSettings,
+    /// `[submission]`: per-account rate limits of authenticated submission.
+    pub submission: SubmissionSettings,
     /// `[quota]`: held-bytes limits for particular domains, overriding
     /// [`SpoolSettings::default_quota`].
     pub quota: BTreeMap<DomainName, u64>,
@@ -332,6 +340,32 @@ impl Default for OdmrSettings {
     }
 }
 
+/// `[submission]`: how much one account may submit (ODMR before ATRN and the submission
+/// ports together). Counts are per account, over a fixed window of `period`; 0 turns a limit
+/// off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmissionSettings {
+    /// The window the per-period counts apply to.
+    pub period: Duration,
+    /// Messages per period; one more is refused `450 4.7.1` at MAIL.
+    pub messages_per_period: u32,
+    /// Recipients per period; one more is refused `452 4.5.3` at RCPT.
+    pub recipients_per_period: u32,
+    /// Recipients per message; one more is refused `452 4.5.3` at RCPT.
+    pub recipients_per_message: u32,
+}
+
+impl Default for SubmissionSettings {
+    fn default() -> SubmissionSettings {
+        SubmissionSettings {
+            period: Duration::from_secs(3600),
+            messages_per_period: 200,
+            recipients_per_period: 1000,
+            recipients_per_message: 50,
+        }
+    }
+}
+
 /// `[spool]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpoolSettings {
@@ -405,7 +439,7 @@ impl Default for ListenSettings {
             mx: local(2525),
             odmr: local(3366),
             submission: local(2587),
-            submissions: Vec::new(),
+            submissions: local(2465),
             odmrs: Vec::new(),
             metrics: local(9366),
         }
@@ -570,7 +604,21 @@ pub(crate) fn line_column(source: &str, at: usize) -> (usize, usize) {
 }
 
 const TOP_KEYS: &[&str] = &[
-    "server", "listen", "tls", "limits", "spool", "odmr", "quota", "relay",
+    "server",
+    "listen",
+    "tls",
+    "limits",
+    "spool",
+    "odmr",
+    "submission",
+    "quota",
+    "relay",
+];
+const SUBMISSION_KEYS: &[&str] = &[
+    "period",
+    "messages_per_period",
+    "recipients_per_period",
+    "recipients_per_message",
 ];
 const RELAY_KEYS: &[&str] = &[
     "mode",
@@ -665,6 +713,9 @@ impl Parser<'_> {
             if let Some(v) = t.get("linger_keepalive") {
                 config.odmr.linger_keepalive = self.duration("odmr.linger_keepalive", v)?;
             }
+        }
+        if let Some(t) = self.section(top, "submission")? {
+            self.submission(t, &mut config.submission)?;
         }
         if let Some(t) = self.section(top, "quota")? {
             config.quota = self.quota(t)?;
@@ -773,6 +824,25 @@ impl Parser<'_> {
         }
         if let Some(v) = t.get("session_timeout") {
             l.session_timeout = self.duration("limits.session_timeout", v)?;
+        }
+        Ok(())
+    }
+
+    fn submission(&self, t: &Table, s: &mut SubmissionSettings) -> Result<(), ConfigError> {
+        self.known_keys("submission", t, SUBMISSION_KEYS)?;
+        if let Some(v) = t.get("period") {
+            s.period = self.duration("submission.period", v)?;
+        }
+        let counts = [
+            ("messages_per_period", &mut s.messages_per_period),
+            ("recipients_per_period", &mut s.recipients_per_period),
+            ("recipients_per_message", &mut s.recipients_per_message),
+        ];
+        for (name, field) in counts {
+            if let Some(v) = t.get(name) {
+                let key = format!("submission.{name}");
+                *field = self.integer(&key, v, 0, i64::from(u32::MAX))? as u32;
+            }
         }
         Ok(())
     }
@@ -1115,7 +1185,10 @@ mod tests {
         assert_eq!(c.listen.mx, vec!["127.0.0.1:2525".parse().unwrap()]);
         assert_eq!(c.listen.odmr, vec!["127.0.0.1:3366".parse().unwrap()]);
         assert_eq!(c.listen.submission, vec!["127.0.0.1:2587".parse().unwrap()]);
-        assert!(c.listen.submissions.is_empty());
+        assert_eq!(
+            c.listen.submissions,
+            vec!["127.0.0.1:2465".parse().unwrap()]
+        );
         assert_eq!(c.listen.metrics, vec!["127.0.0.1:9366".parse().unwrap()]);
         assert_eq!(c.tls.identity, TlsIdentity::SelfSigned);
         assert_eq!(c.limits.max_message_size, 52_428_800);
@@ -1132,6 +1205,10 @@ mod tests {
         assert_eq!(c.spool.max_hold, Duration::from_secs(2_592_000));
         assert_eq!(c.spool.default_quota, 2_147_483_648);
         assert_eq!(c.spool.compact_live_ratio, 0.5);
+        assert_eq!(c.submission.period, Duration::from_secs(3600));
+        assert_eq!(c.submission.messages_per_period, 200);
+        assert_eq!(c.submission.recipients_per_period, 1000);
+        assert_eq!(c.submission.recipients_per_message, 50);
         assert!(c.quota.is_empty());
         assert!(!c.server.hostname.as_str().is_empty());
     }
@@ -1203,7 +1280,7 @@ mod tests {
             (
                 "[sevrer]\ncores = 1",
                 "turnpike.toml: sevrer: unknown key (expected one of: server, listen, tls, \
-                 limits, spool, odmr, quota, relay)",
+                 limits, spool, odmr, submission, quota, relay)",
             ),
             (
                 "[relay]\nmode = \"smarthost\"",
@@ -1221,6 +1298,20 @@ mod tests {
                 "[relay]\nmode = \"direct\"",
                 "turnpike.toml: relay.mode: expected one of \"off\", \"mx\", \"smarthost\", \
                  got \"direct\"",
+            ),
+            (
+                "[submission]\nmessages_per_period = -1",
+                "turnpike.toml: submission.messages_per_period: expected an integer from 0 to \
+                 4294967295, got -1",
+            ),
+            (
+                "[submission]\nperiod = \"0s\"",
+                "turnpike.toml: submission.period: must be longer than zero",
+            ),
+            (
+                "[submission]\nmessages = 5",
+                "turnpike.toml: submission.messages: unknown key (expected one of: period, \
+                 messages_per_period, recipients_per_period, recipients_per_message)",
             ),
             (
                 "[odmr]\nallow_plaintext_auth = \"yes\"",

@@ -17,7 +17,8 @@
 //! - [`config`]: the typed TOML configuration with its embedded defaults.
 //! - [`runtime`]: one pinned thread per core, io_uring or epoll, SO_REUSEPORT listeners, the
 //!   cross-core mesh and connections over owned buffers (plain or TLS).
-//! - [`provider`]: drivers that bind the protocol machines to connections (the MX service).
+//! - [`provider`]: drivers that bind the protocol machines to connections (MX, ODMR and
+//!   submission services).
 //! - [`relay`]: the outgoing relay (outbound queue to a smarthost or by MX lookup, retries).
 //! - [`customer`]: the customer end of an ODMR session (AUTH, ATRN, receive).
 //! - [`control`]: the local control socket behind `turnpike queue`.

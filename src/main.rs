@@ -99,7 +99,32 @@ enum AccountAction {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
-    /// List accounts and their domains.
+    /// Which sender addresses an account may submit mail from: its own domains (the default)
+    /// or any address.
+    Senders {
+        /// Account name.
+        name: String,
+        /// own or any.
+        #[arg(value_parser = ["own", "any"])]
+        policy: String,
+    },
+    /// Pin a TLS client certificate to an account, or unpin it (SASL EXTERNAL).
+    Cert {
+        /// Account name.
+        name: String,
+        /// Let the certificate(s) in this PEM file authenticate as the account.
+        #[arg(
+            long,
+            value_name = "PEM",
+            conflicts_with = "remove",
+            required_unless_present = "remove"
+        )]
+        add: Option<PathBuf>,
+        /// Stop this fingerprint (sha256:HEX, as `account list` shows it) from authenticating.
+        #[arg(long, value_name = "FINGERPRINT")]
+        remove: Option<String>,
+    },
+    /// List accounts, their domains and pinned client certificates.
     List,
     /// Remove an account.
     Remove {
@@ -227,6 +252,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     notify_server(&data_dir);
                     println!("account {name}: linger {state}");
                 }
+                AccountAction::Senders { name, policy } => {
+                    accounts.set_any_sender(&name, policy == "any")?;
+                    accounts.save(&path)?;
+                    notify_server(&data_dir);
+                    println!("account {name}: senders {policy}");
+                }
                 AccountAction::Add {
                     name,
                     domains,
@@ -252,10 +283,28 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     notify_server(&data_dir);
                     println!("account {name} added");
                 }
+                AccountAction::Cert { name, add, remove } => {
+                    if let Some(pem) = add {
+                        for fingerprint in turnpike::tls::pem_fingerprints(&pem)? {
+                            accounts.add_client_cert(&name, &fingerprint)?;
+                            println!("account {name}: client certificate {fingerprint} pinned");
+                        }
+                    }
+                    if let Some(fingerprint) = remove {
+                        accounts.remove_client_cert(&name, &fingerprint)?;
+                        println!("account {name}: client certificate {fingerprint} removed");
+                    }
+                    accounts.save(&path)?;
+                    notify_server(&data_dir);
+                }
                 AccountAction::List => {
                     for a in accounts.iter() {
                         let domains: Vec<&str> = a.domains().iter().map(|d| d.as_str()).collect();
-                        println!("{}\t{}", a.name(), domains.join(","));
+                        let mut line = format!("{}\t{}", a.name(), domains.join(","));
+                        for cert in a.client_certs() {
+                            line.push_str(&format!("\tcert={cert}"));
+                        }
+                        println!("{line}");
                     }
                 }
                 AccountAction::Remove { name } => {

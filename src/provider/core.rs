@@ -160,8 +160,11 @@ pub struct Shared {
     pub mesh: Arc<Mesh<MeshMsg>>,
     /// Connection admission.
     pub limiter: Arc<Limiter>,
-    /// TLS server config for STARTTLS.
+    /// TLS server config of the MX (no client certificate requested).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS server config of the authenticating listeners (ODMR, submission): the same
+    /// identity, plus an optional client certificate for SASL EXTERNAL.
+    pub tls_client_certs: Option<Arc<rustls::ServerConfig>>,
     /// Quota counters by domain.
     pub counters: Arc<CounterTable>,
     /// The I/O driver every core runs.
@@ -172,6 +175,8 @@ pub struct Shared {
     pub last_atrn: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// Source of ATRN session ids (lease owners).
     pub sessions: std::sync::atomic::AtomicU64,
+    /// Per-account submission counts for the `[submission]` rate limits (all cores).
+    pub submit_rates: std::sync::Mutex<super::submit::Rates>,
 }
 
 impl Shared {
@@ -348,6 +353,7 @@ impl Core {
             protocol: incoming.protocol,
             recipient: single_recipient(&incoming),
             id: &id.to_string(),
+            account: incoming.account.as_deref(),
             unix_secs: now.as_secs(),
         });
         let mut body = Vec::with_capacity(received.len() + incoming.body.len());
@@ -845,6 +851,20 @@ impl Directory for Core {
             ));
         }
         RcptVerdict::Accept
+    }
+
+    fn check_sender(&self, account: &str, sender: Option<&Mailbox>) -> Result<(), Reply> {
+        super::submit::check_sender(self, account, sender)
+    }
+
+    fn check_submit_rcpt(
+        &self,
+        account: &str,
+        rcpt: &Mailbox,
+        accepted: usize,
+        declared_size: Option<u64>,
+    ) -> RcptVerdict {
+        super::submit::check_rcpt(self, account, rcpt, accepted, declared_size)
     }
 }
 
