@@ -3,9 +3,11 @@
 //! the destination comes up, reports for permanent refusals, `turnpike queue retry/bounce`, and
 //! SIGKILL while delivering.
 //!
-//! Outbound mail is created by appending it to the stopped server's journal through the spool
-//! API (as submission will, once it exists): a message from any sender to a domain that is not
-//! hosted is exactly what the relay must deliver.
+//! The smarthost test takes the customer's path: swaks submits on the submission port. The
+//! others create outbound mail by appending it to the stopped server's journal through the
+//! spool API, which gives them any sender (a foreign one, to see reports relayed) and several
+//! messages at once without AUTH round trips: a message to a domain that is not hosted is
+//! exactly what the relay must deliver, however it arrived.
 
 mod common;
 
@@ -434,11 +436,12 @@ fn listening_port_of(pid: u32) -> SocketAddr {
 
 // ---- tests ---------------------------------------------------------------------------------
 
-/// A message for a foreign domain reaches the smarthost (Postfix's smtp-sink) with its body
-/// intact: the dump holds our message after smtp-sink's own X-/Received: lines and ours.
+/// A message a customer submits (swaks, STARTTLS + AUTH, port 2587) for two foreign domains
+/// reaches the smarthost (Postfix's smtp-sink) with its body intact: the dump holds the
+/// message after smtp-sink's own X-/Received: lines and our Received: line.
 #[test]
 fn smarthost_smtp_sink_receives_the_message_intact() {
-    if !require_program("smtp-sink") {
+    if !require_program("smtp-sink") || !require_program("swaks") {
         return;
     }
     let mut server = TestServer::start("", &[ACME]);
@@ -449,15 +452,26 @@ fn smarthost_smtp_sink_receives_the_message_intact() {
         sink.addr
     );
     std::fs::write(server.config_path(), config).unwrap();
+    server.restart();
     let body = b"From: boss@acme.example\r\nTo: someone@foreign.example\r\nSubject: out\r\n\r\nline one\r\n.leading dot\r\n\r\nlast line\r\n";
-    seed(
-        &mut server,
-        &[(
-            "boss@acme.example",
-            &["someone@foreign.example", "other@far.example"],
-            body,
-        )],
+    // The customer submits with swaks (STARTTLS, AUTH PLAIN) on the submission port; swaks
+    // ends the data with CRLF . CRLF, so the file leaves out the final CRLF.
+    let file = server.data_dir().join("out.eml");
+    std::fs::write(&file, &body[..body.len() - 2]).unwrap();
+    let submission = server.addr("submission");
+    let out = common::run_bounded(
+        Command::new(common::find_program("swaks").unwrap())
+            .args(["--server", &submission.ip().to_string()])
+            .args(["--port", &submission.port().to_string()])
+            .args(["--tls", "--auth", "PLAIN", "--auth-user", "acme"])
+            .args(["--auth-password", &common::password_for("acme")])
+            .args(["--from", "boss@acme.example"])
+            .args(["--to", "someone@foreign.example,other@far.example"])
+            .args(["--data", &format!("@{}", file.display())]),
+        None,
+        Duration::from_secs(60),
     );
+    assert!(out.status.success(), "swaks: {}", common::output_text(&out));
     // smtp-sink may finish writing a dump file after its 250: wait for both recipients there.
     let dumped_rcpts = || -> usize {
         sink.messages()
@@ -488,6 +502,10 @@ fn smarthost_smtp_sink_receives_the_message_intact() {
         let start = text
             .find("From: boss@acme.example")
             .expect("our header in the dump");
+        assert!(
+            text[..start].contains("by mx.test with ESMTPSA"),
+            "our Received: line: {text}"
+        );
         let want = String::from_utf8(body.to_vec())
             .unwrap()
             .replace("\r\n", "\n");
