@@ -100,6 +100,104 @@ pub struct Config {
     /// `[quota]`: held-bytes limits for particular domains, overriding
     /// [`SpoolSettings::default_quota`].
     pub quota: BTreeMap<DomainName, u64>,
+    /// `[relay]`: how the outbound queue (mail for domains not hosted here) leaves.
+    pub relay: RelaySettings,
+}
+
+/// `[relay]`: delivery of the outbound queue (docs/relay.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySettings {
+    /// Where outbound mail goes.
+    pub mode: RelayMode,
+    /// The DNS server for MX lookups (`None`: the system's /etc/resolv.conf).
+    pub resolver: Option<SocketAddr>,
+    /// The port MX hosts are contacted on (25; tests point it elsewhere).
+    pub mx_port: u16,
+    /// Delay before the first retry of a deferred destination; doubled per failed attempt.
+    pub first_retry: Duration,
+    /// The longest delay between two attempts.
+    pub max_retry_interval: Duration,
+    /// A message still undelivered this long after it was received is reported to its sender
+    /// as failed and dropped.
+    pub give_up_after: Duration,
+    /// Longest wait for a TCP connection to a destination.
+    pub connect_timeout: Duration,
+}
+
+/// Where outbound mail goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayMode {
+    /// The outbound queue waits (reports and mail for foreign domains stay queued).
+    Off,
+    /// Directly to each domain's MX hosts (RFC 5321 §5.1), opportunistic STARTTLS.
+    Mx,
+    /// Everything to one relay host.
+    Smarthost(Smarthost),
+}
+
+/// A smarthost and how to talk to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Smarthost {
+    /// `host:port`.
+    pub host: String,
+    /// The port.
+    pub port: u16,
+    /// TLS policy.
+    pub tls: SmarthostTls,
+    /// AUTH user name; with `password_file`, AUTH PLAIN (or LOGIN) after TLS.
+    pub username: Option<String>,
+    /// File whose first line is the AUTH password.
+    pub password_file: Option<PathBuf>,
+    /// PEM certificate(s) the smarthost's certificate must chain to; without it the
+    /// certificate is not verified (encrypted, not authenticated).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// TLS toward the smarthost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmarthostTls {
+    /// STARTTLS must be offered and succeed, else the mail waits.
+    StarttlsRequired,
+    /// STARTTLS when offered.
+    Opportunistic,
+    /// TLS from the first byte (port 465 style).
+    Implicit,
+    /// Plain text.
+    None,
+}
+
+impl Smarthost {
+    /// Parses `host:port` (the `--smarthost` form) with the default TLS policy
+    /// (opportunistic) and no AUTH.
+    pub fn parse(s: &str) -> Option<Smarthost> {
+        let (host, port) = s.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return None;
+        }
+        Some(Smarthost {
+            host: host.to_string(),
+            port: port.parse().ok()?,
+            tls: SmarthostTls::Opportunistic,
+            username: None,
+            password_file: None,
+            ca_file: None,
+        })
+    }
+}
+
+impl Default for RelaySettings {
+    fn default() -> RelaySettings {
+        RelaySettings {
+            mode: RelayMode::Off,
+            resolver: None,
+            mx_port: 25,
+            first_retry: Duration::from_secs(5 * 60),
+            max_retry_interval: Duration::from_secs(60 * 60),
+            give_up_after: Duration::from_secs(5 * DAY),
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `[server]`.
@@ -514,12 +612,27 @@ const TOP_KEYS: &[&str] = &[
     "odmr",
     "submission",
     "quota",
+    "relay",
 ];
 const SUBMISSION_KEYS: &[&str] = &[
     "period",
     "messages_per_period",
     "recipients_per_period",
     "recipients_per_message",
+];
+const RELAY_KEYS: &[&str] = &[
+    "mode",
+    "smarthost",
+    "smarthost_tls",
+    "username",
+    "password_file",
+    "ca_file",
+    "resolver",
+    "mx_port",
+    "first_retry",
+    "max_retry_interval",
+    "give_up_after",
+    "connect_timeout",
 ];
 const ODMR_KEYS: &[&str] = &[
     "allow_plaintext_auth",
@@ -606,6 +719,9 @@ impl Parser<'_> {
         }
         if let Some(t) = self.section(top, "quota")? {
             config.quota = self.quota(t)?;
+        }
+        if let Some(t) = self.section(top, "relay")? {
+            self.relay(t, &mut config.relay)?;
         }
         Ok(config)
     }
@@ -767,6 +883,84 @@ impl Parser<'_> {
                 }
                 _ => return Err(self.invalid("spool.fsync", "true", v)),
             }
+        }
+        Ok(())
+    }
+
+    fn relay(&self, t: &Table, r: &mut RelaySettings) -> Result<(), ConfigError> {
+        self.known_keys("relay", t, RELAY_KEYS)?;
+        let smarthost = match t.get("smarthost") {
+            Some(v) => {
+                let s = self.string("relay.smarthost", v, "\"host:port\"")?;
+                let host = Smarthost::parse(s)
+                    .ok_or_else(|| self.invalid("relay.smarthost", "\"host:port\"", v))?;
+                Some(host)
+            }
+            None => None,
+        };
+        let mode = match t.get("mode") {
+            None if smarthost.is_some() => "smarthost",
+            None => "off",
+            Some(v) => {
+                let expected = "one of \"off\", \"mx\", \"smarthost\"";
+                match self.string("relay.mode", v, expected)? {
+                    m @ ("off" | "mx" | "smarthost") => m,
+                    _ => return Err(self.invalid("relay.mode", expected, v)),
+                }
+            }
+        };
+        r.mode = match (mode, smarthost) {
+            ("off", _) => RelayMode::Off,
+            ("mx", _) => RelayMode::Mx,
+            (_, None) => return Err(self.rejected("relay.smarthost", "missing: mode is smarthost")),
+            (_, Some(mut host)) => {
+                if let Some(v) = t.get("smarthost_tls") {
+                    let key = "relay.smarthost_tls";
+                    let expected =
+                        "one of \"starttls-required\", \"opportunistic\", \"implicit\", \"none\"";
+                    host.tls = match self.string(key, v, expected)? {
+                        "starttls-required" => SmarthostTls::StarttlsRequired,
+                        "opportunistic" => SmarthostTls::Opportunistic,
+                        "implicit" => SmarthostTls::Implicit,
+                        "none" => SmarthostTls::None,
+                        _ => return Err(self.invalid(key, expected, v)),
+                    };
+                }
+                if let Some(v) = t.get("username") {
+                    host.username = Some(self.string("relay.username", v, "a user name")?.into());
+                }
+                if let Some(v) = t.get("password_file") {
+                    host.password_file = Some(self.path("relay.password_file", v)?);
+                }
+                if let Some(v) = t.get("ca_file") {
+                    host.ca_file = Some(self.path("relay.ca_file", v)?);
+                }
+                if host.username.is_some() != host.password_file.is_some() {
+                    return Err(
+                        self.rejected("relay.username", "username and password_file go together")
+                    );
+                }
+                RelayMode::Smarthost(host)
+            }
+        };
+        if let Some(v) = t.get("resolver") {
+            let one = self.addresses("relay.resolver", v, 53)?.into_iter().next();
+            r.resolver = Some(one.ok_or_else(|| self.invalid("relay.resolver", "an address", v))?);
+        }
+        if let Some(v) = t.get("mx_port") {
+            r.mx_port = self.integer("relay.mx_port", v, 1, 65535)? as u16;
+        }
+        if let Some(v) = t.get("first_retry") {
+            r.first_retry = self.duration("relay.first_retry", v)?;
+        }
+        if let Some(v) = t.get("max_retry_interval") {
+            r.max_retry_interval = self.duration("relay.max_retry_interval", v)?;
+        }
+        if let Some(v) = t.get("give_up_after") {
+            r.give_up_after = self.duration("relay.give_up_after", v)?;
+        }
+        if let Some(v) = t.get("connect_timeout") {
+            r.connect_timeout = self.duration("relay.connect_timeout", v)?;
         }
         Ok(())
     }
@@ -1086,7 +1280,24 @@ mod tests {
             (
                 "[sevrer]\ncores = 1",
                 "turnpike.toml: sevrer: unknown key (expected one of: server, listen, tls, \
-                 limits, spool, odmr, submission, quota)",
+                 limits, spool, odmr, submission, quota, relay)",
+            ),
+            (
+                "[relay]\nmode = \"smarthost\"",
+                "turnpike.toml: relay.smarthost: missing: mode is smarthost",
+            ),
+            (
+                "[relay]\nsmarthost = \"mail.example\"",
+                "turnpike.toml: relay.smarthost: expected \"host:port\", got \"mail.example\"",
+            ),
+            (
+                "[relay]\nsmarthost = \"mail.example:587\"\nusername = \"u\"",
+                "turnpike.toml: relay.username: username and password_file go together",
+            ),
+            (
+                "[relay]\nmode = \"direct\"",
+                "turnpike.toml: relay.mode: expected one of \"off\", \"mx\", \"smarthost\", \
+                 got \"direct\"",
             ),
             (
                 "[submission]\nmessages_per_period = -1",
@@ -1239,6 +1450,30 @@ mod tests {
         assert_eq!(c.quota_for(&big), 10 << 30);
         assert_eq!(c.quota_for(&small), 0);
         assert_eq!(c.quota_for(&other), 2 << 30);
+    }
+
+    #[test]
+    fn relay_settings() {
+        let c = parse(
+            "[relay]\nsmarthost = \"[::1]:2525\"\nsmarthost_tls = \"implicit\"\n\
+             username = \"u\"\npassword_file = \"/p\"\nfirst_retry = \"1s\"\n\
+             resolver = \"127.0.0.1:5353\"\nmx_port = 2500\n",
+        )
+        .unwrap();
+        let RelayMode::Smarthost(h) = &c.relay.mode else {
+            panic!("{:?}", c.relay.mode)
+        };
+        assert_eq!((h.host.as_str(), h.port), ("::1", 2525));
+        assert_eq!(h.tls, SmarthostTls::Implicit);
+        assert_eq!(h.username.as_deref(), Some("u"));
+        assert_eq!(c.relay.first_retry, Duration::from_secs(1));
+        assert_eq!(c.relay.resolver, Some("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(c.relay.mx_port, 2500);
+        assert_eq!(Config::default().relay.mode, RelayMode::Off);
+        assert_eq!(
+            parse("[relay]\nmode = \"mx\"").unwrap().relay.mode,
+            RelayMode::Mx
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //!   cross-core mesh and connections over owned buffers (plain or TLS).
 //! - [`provider`]: drivers that bind the protocol machines to connections (MX, ODMR and
 //!   submission services).
+//! - [`relay`]: the outgoing relay (outbound queue to a smarthost or by MX lookup, retries).
 //! - [`customer`]: the customer end: `turnpike pull` (config, schedule, exit codes), one ODMR
 //!   session (TLS, AUTH, upload, ATRN, receive), the delivery targets and the outbox (the
 //!   office's outgoing queue on a spool journal of its own, with its local listener).
@@ -34,6 +35,7 @@ pub mod customer;
 pub mod metrics;
 pub mod proto;
 pub mod provider;
+pub mod relay;
 pub mod runtime;
 pub mod spool;
 pub mod tls;

@@ -41,6 +41,9 @@ enum Command {
         /// Number of cores (threads) to run; default: the config, else all online CPUs.
         #[arg(long)]
         cores: Option<usize>,
+        /// Relay all outbound mail through this host (HOST:PORT), overriding `[relay]`.
+        #[arg(long, value_name = "HOST:PORT")]
+        smarthost: Option<String>,
     },
     /// Manage customer accounts and the domains they own.
     Account {
@@ -233,6 +236,16 @@ enum QueueAction {
         /// The domain.
         domain: String,
     },
+    /// Attempt delivery of an outbound destination now (the running server).
+    Retry {
+        /// The recipient domain.
+        destination: String,
+    },
+    /// Report an outbound message to its sender as undeliverable and drop it.
+    Bounce {
+        /// The message id (as `turnpike queue show` prints it).
+        id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -269,7 +282,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     }
     let data_dir = config.server.data_dir.clone();
     match cli.command {
-        Command::Serve { io, cores } => {
+        Command::Serve {
+            io,
+            cores,
+            smarthost,
+        } => {
+            if let Some(h) = smarthost {
+                let host = turnpike::config::Smarthost::parse(&h)
+                    .ok_or_else(|| format!("--smarthost {h}: expected HOST:PORT"))?;
+                config.relay.mode = turnpike::config::RelayMode::Smarthost(host);
+            }
             let choice = match (io, config.server.io) {
                 (Some(IoArg::Uring), _) | (None, IoBackend::Uring) => IoChoice::Uring,
                 (Some(IoArg::Epoll), _) | (None, IoBackend::Epoll) => IoChoice::Epoll,
@@ -415,6 +437,38 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         println!("{}", serde_json::to_string_pretty(&s)?);
                     } else {
                         print!("{}", control::render_summary(&s, now));
+                    }
+                }
+                Some(QueueAction::Retry { destination }) => {
+                    let d = DomainName::parse(&destination)
+                        .map_err(|e| format!("{destination}: {e}"))?;
+                    let answer = control::request(&data_dir, &format!("retry {d}"))?
+                        .ok_or("no running server (retry needs `turnpike serve`)")?;
+                    let v: serde_json::Value = serde_json::from_str(&answer)?;
+                    if json {
+                        println!("{answer}");
+                    } else {
+                        println!("{d}: {} queued part(s), attempt now", v["retry"]);
+                    }
+                }
+                Some(QueueAction::Bounce { id }) => {
+                    turnpike::types::MessageId::parse(&id)
+                        .ok_or_else(|| format!("{id}: not a message id"))?;
+                    let answer = control::request(&data_dir, &format!("bounce {id}"))?
+                        .ok_or("no running server (bounce needs `turnpike serve`)")?;
+                    let v: serde_json::Value = serde_json::from_str(&answer)?;
+                    if v["busy"] == true {
+                        return Err(format!("{id} is being delivered right now; try again").into());
+                    }
+                    if json {
+                        println!("{answer}");
+                    } else if v["bounced"] == 0 {
+                        return Err(format!("{id}: no such message in the outbound queue").into());
+                    } else {
+                        println!(
+                            "{id}: {} part(s) reported to the sender and removed",
+                            v["bounced"]
+                        );
                     }
                 }
                 Some(QueueAction::Show { domain }) => {

@@ -120,6 +120,8 @@ pub enum MeshMsg {
     Query(Query, std::sync::mpsc::Sender<QueryAnswer>),
     /// New hosted-domain snapshot after a reload.
     Reload(Arc<Hosted>),
+    /// An operator's request to this core's outbound relay.
+    Relay(crate::relay::Command),
     /// Stop accepting and wind down.
     Shutdown,
 }
@@ -234,6 +236,8 @@ pub struct Core {
     pub metrics: RefCell<metrics::CoreMetrics>,
     /// ATRN and delivery history of the domains this core shards, for the metrics gauges.
     activity: RefCell<HashMap<DomainName, Activity>>,
+    /// The outgoing relay's schedule for the outbound domains this core shards.
+    pub relay: crate::relay::Relay,
     shutdown: tokio::sync::Notify,
     stopping: Cell<bool>,
 }
@@ -267,6 +271,7 @@ impl Core {
             metrics: RefCell::new(metrics::CoreMetrics::new()),
             throttle: RefCell::new(crate::proto::throttle::Throttle::new(Default::default())),
             activity: RefCell::new(HashMap::new()),
+            relay: Default::default(),
             shutdown: tokio::sync::Notify::new(),
             stopping: Cell::new(false),
         })
@@ -430,6 +435,9 @@ impl Core {
                     {
                         let _ = push.send(part.clone());
                     }
+                    if crate::relay::is_outbound(&self, &part.domain) {
+                        self.relay.queued(&part.domain);
+                    }
                     self.index_shard.borrow_mut().insert(part);
                 }
                 MeshMsg::Expire(part) => {
@@ -548,7 +556,9 @@ impl Core {
                         "hosted domains reloaded"
                     );
                     *self.hosted.borrow_mut() = h;
+                    self.relay.rescan();
                 }
+                MeshMsg::Relay(cmd) => crate::relay::handle(&self, cmd),
                 MeshMsg::Shutdown => {
                     self.stopping.set(true);
                     self.shutdown.notify_waiters();
@@ -574,6 +584,8 @@ impl Core {
                 out.extend(index.parts(&domain).filter(|p| p.expired).cloned());
             }
         }
+        // A part the relay is delivering right now is settled by the relay.
+        out.retain(|p| !self.relay.is_busy(&p.domain));
         out.retain(|p| expiring.insert((p.id, p.domain.clone())));
         out
     }

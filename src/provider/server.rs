@@ -224,6 +224,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
             let every =
                 (core.shared.config.spool.max_hold / 4).clamp(MAINTENANCE_MIN, MAINTENANCE_MAX);
             tokio::task::spawn_local(core.clone().run_maintenance(every));
+            tokio::task::spawn_local(crate::relay::run(core.clone()));
             for (service, l) in my_listeners {
                 match Listener::from_std(core.shared.io, l) {
                     Ok(l) => {
