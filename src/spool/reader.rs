@@ -89,7 +89,13 @@ pub struct Reader {
     data_dir: PathBuf,
     io: IoKind,
     open: RefCell<VecDeque<((u16, u64), SegmentFile)>>,
+    /// The buffer of [`Reader::read_messages`], kept between calls: a fresh one per batch
+    /// costs page faults and zeroed pages.
+    scratch: RefCell<Vec<u8>>,
 }
+
+/// Largest scratch buffer kept between batched reads.
+const SCRATCH_KEEP: usize = 4 << 20;
 
 impl Reader {
     /// A reader for the spool under `data_dir`, using `io` for its reads.
@@ -98,6 +104,7 @@ impl Reader {
             data_dir: data_dir.into(),
             io,
             open: RefCell::new(VecDeque::new()),
+            scratch: RefCell::new(Vec::new()),
         }
     }
 
@@ -208,7 +215,8 @@ impl Reader {
             usize::try_from(total),
         ) {
             (Ok(file), Ok(n)) => {
-                let (r, buf) = file.read_exact_at(Vec::new(), run[0].offset, n).await;
+                let scratch = std::mem::take(&mut *self.scratch.borrow_mut());
+                let (r, buf) = file.read_exact_at(scratch, run[0].offset, n).await;
                 r.map(|()| buf)
                     .map_err(|e| Error::io("read records", Some(path.clone()), e))
             }
@@ -233,6 +241,9 @@ impl Reader {
             let record = &buf[at..at + loc.len as usize];
             at += loc.len as usize;
             out.push(self.split_record(record, loc, &path));
+        }
+        if buf.capacity() <= SCRATCH_KEEP {
+            *self.scratch.borrow_mut() = buf;
         }
     }
 
