@@ -203,8 +203,16 @@ pub async fn run(
                     // The pending commands (ending with `BDAT n LAST`) go out in the same
                     // write as the body, or its first chunk.
                     wire.append(machine.output());
-                    if let (BodyFraming::Bdat, Some(body)) = (framing, flight.body.take()) {
-                        wire.extend_from_slice(&body);
+                    if let Some(body) = flight.body.take() {
+                        // Read ahead whole: no journal read here.
+                        match framing {
+                            BodyFraming::Bdat => wire.extend_from_slice(&body),
+                            BodyFraming::Data => {
+                                let mut stuffer = DotStuffer::new();
+                                stuffer.push(&body, &mut wire);
+                                stuffer.finish(&mut wire);
+                            }
+                        }
                         machine.body_sent();
                         continue;
                     }
