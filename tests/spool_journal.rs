@@ -145,6 +145,15 @@ async fn group_commit_and_reopen(dir: &Path, io: IoKind) {
             got.extend_from_slice(&chunk);
         }
         assert_eq!(got, body(*n, 4096));
+        let mut stream = reader.body_stream(*loc, 1000).with_first_chunk(10);
+        let mut sizes = Vec::new();
+        got.clear();
+        while let Some(chunk) = stream.next_chunk(Vec::new()).await.unwrap() {
+            sizes.push(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, body(*n, 4096));
+        assert_eq!(sizes, [10, 1000, 1000, 1000, 1000, 86]);
         let meta = reader.read_message(loc).await.unwrap();
         assert_eq!((meta.id, meta.received_at), (id(*n), 1000 + n));
     }

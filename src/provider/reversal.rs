@@ -41,6 +41,8 @@ const RETIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Body bytes read from the journal per chunk.
 const BODY_CHUNK: usize = 256 * 1024;
+/// The first chunk of a streamed body, which shares a write with the command before it.
+const FIRST_CHUNK: usize = 32 * 1024;
 
 /// Small messages read ahead from the journal at once (envelope and body of each).
 const PREFETCH_MESSAGES: usize = 64;
@@ -420,7 +422,11 @@ async fn send_body(
     framing: BodyFraming,
     mut head: Vec<u8>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let mut stream = core.reader.body_stream(*location, BODY_CHUNK);
+    // The first chunk is copied behind the pending command: keep it small.
+    let mut stream = core
+        .reader
+        .body_stream(*location, BODY_CHUNK)
+        .with_first_chunk(FIRST_CHUNK);
     let mut stuffer = DotStuffer::new();
     let mut chunk = Vec::with_capacity(BODY_CHUNK);
     let mut wire = Vec::with_capacity(BODY_CHUNK + BODY_CHUNK / 8);

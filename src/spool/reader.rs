@@ -329,6 +329,7 @@ impl Reader {
             loc,
             pos: 0,
             chunk: chunk.max(1),
+            first: None,
             crc: crc32fast::Hasher::new(),
         }
     }
@@ -344,10 +345,19 @@ pub struct BodyStream<'a> {
     loc: Location,
     pos: u64,
     chunk: usize,
+    /// The size of the first chunk, when it differs.
+    first: Option<usize>,
     crc: crc32fast::Hasher,
 }
 
 impl BodyStream<'_> {
+    /// Makes the first chunk at most `n` bytes: a caller that copies it behind a command
+    /// (one write for both) copies little, and the rest goes out in full-size chunks.
+    pub fn with_first_chunk(mut self, n: usize) -> Self {
+        self.first = Some(n.max(1));
+        self
+    }
+
     /// Body bytes not yet returned.
     pub fn remaining(&self) -> u64 {
         self.loc.body_len - self.pos
@@ -359,7 +369,7 @@ impl BodyStream<'_> {
         if left == 0 {
             return Ok(None);
         }
-        let n = left.min(self.chunk as u64) as usize;
+        let n = left.min(self.first.take().unwrap_or(self.chunk) as u64) as usize;
         let buf = self
             .reader
             .read_body_range(&self.loc, self.pos, n, buf)
