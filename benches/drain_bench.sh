@@ -127,6 +127,7 @@ hostname = "mx.bench"
 mx = ["127.0.0.1:0"]
 odmr = ["127.0.0.1:0"]
 submission = ["127.0.0.1:0"]
+submissions = ["127.0.0.1:0"]
 metrics = ["127.0.0.1:0"]
 [limits]
 max_connections_per_ip = 1000

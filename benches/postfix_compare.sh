@@ -164,6 +164,7 @@ hostname = "mx.bench"
 mx = ["127.0.0.1:0"]
 odmr = ["127.0.0.1:0"]
 submission = ["127.0.0.1:0"]
+submissions = ["127.0.0.1:0"]
 metrics = ["127.0.0.1:0"]
 # The load generator is one address with SESSIONS connections; Postfix's own cap
 # (smtpd_client_connection_count_limit) is 50 by default and anvil is not running here.

@@ -20,6 +20,8 @@
 //! name = "tim"
 //! domains = ["example.com", "example.org"]
 //! cram_md5 = "<64 hex digits>"          # absent when CRAM-MD5 is disabled for the account
+//! linger = true                         # absent when off: push delivery after ATRN
+//! any_sender = true                     # absent when off: submit mail from any address
 //!
 //! [account.scram_sha256]
 //! iterations = 4096
@@ -135,13 +137,27 @@ pub struct Account {
     scram: ScramVerifier,
     cram_md5: Option<CramMd5Key>,
     linger: bool,
+    any_sender: bool,
+    client_certs: Vec<String>,
 }
 
 impl Account {
+    /// Submitted mail may come from any sender address, not only from the account's domains
+    /// (off by default: RFC 6409 §8.1 lets the submission server enforce the sender).
+    pub fn any_sender(&self) -> bool {
+        self.any_sender
+    }
+
     /// Push delivery: after ATRN drains the queue, the provider keeps the reversed session
     /// open and delivers new mail as it arrives (DESIGN.md "linger").
     pub fn linger(&self) -> bool {
         self.linger
+    }
+
+    /// Fingerprints (`sha256:<hex>`, see [`crate::tls::fingerprint`]) of the TLS client
+    /// certificates that authenticate as this account with SASL EXTERNAL; sorted.
+    pub fn client_certs(&self) -> &[String] {
+        &self.client_certs
     }
 
     /// The account (and SASL authentication) name.
@@ -356,6 +372,7 @@ impl fmt::Debug for CramMd5Key {
 pub struct Accounts {
     by_name: BTreeMap<AccountName, Account>,
     owner: BTreeMap<DomainName, AccountName>,
+    cert_owner: BTreeMap<String, AccountName>,
 }
 
 impl Accounts {
@@ -442,7 +459,81 @@ impl Accounts {
         Ok(())
     }
 
-    /// Removes the account `name` and frees its domains.
+    /// Lets the account `name` submit mail from any address (`true`) or only from its own
+    /// domains (`false`, the default).
+    pub fn set_any_sender(&mut self, name: &str, any: bool) -> Result<(), AccountsError> {
+        let account = AccountName::parse(name)
+            .ok()
+            .and_then(|n| self.by_name.get_mut(&n))
+            .ok_or_else(|| {
+                AccountsError::new(AccountsErrorKind::NoSuchAccount).for_account(name)
+            })?;
+        account.any_sender = any;
+        Ok(())
+    }
+
+    /// Lets the TLS client certificate with `fingerprint` authenticate as `name` (SASL
+    /// EXTERNAL). Refused when the fingerprint is malformed or pinned to another account.
+    pub fn add_client_cert(&mut self, name: &str, fingerprint: &str) -> Result<(), AccountsError> {
+        let named = |kind| AccountsError::new(kind).for_account(name);
+        let fingerprint = parse_fingerprint(fingerprint).map_err(named)?;
+        let account = self.account_mut(name)?;
+        if let Some(owner) = self.cert_owner.get(&fingerprint) {
+            if *owner != account {
+                let owner = owner.clone();
+                return Err(named(AccountsErrorKind::CertTaken { fingerprint, owner }));
+            }
+            return Ok(());
+        }
+        let certs = &mut self
+            .by_name
+            .get_mut(&account)
+            .expect("checked")
+            .client_certs;
+        certs.push(fingerprint.clone());
+        certs.sort();
+        self.cert_owner.insert(fingerprint, account);
+        Ok(())
+    }
+
+    /// Stops the certificate with `fingerprint` from authenticating as `name`.
+    pub fn remove_client_cert(
+        &mut self,
+        name: &str,
+        fingerprint: &str,
+    ) -> Result<(), AccountsError> {
+        let named = |kind| AccountsError::new(kind).for_account(name);
+        let fingerprint = parse_fingerprint(fingerprint).map_err(named)?;
+        let account = self.account_mut(name)?;
+        let certs = &mut self
+            .by_name
+            .get_mut(&account)
+            .expect("checked")
+            .client_certs;
+        let Some(at) = certs.iter().position(|c| *c == fingerprint) else {
+            return Err(named(AccountsErrorKind::NoSuchCert(fingerprint)));
+        };
+        certs.remove(at);
+        self.cert_owner.remove(&fingerprint);
+        Ok(())
+    }
+
+    /// The account a client certificate fingerprint is pinned to (SASL EXTERNAL).
+    pub fn account_for_cert(&self, fingerprint: &str) -> Option<&Account> {
+        self.cert_owner
+            .get(fingerprint)
+            .and_then(|name| self.by_name.get(name))
+    }
+
+    /// The name of an existing account, or `NoSuchAccount`.
+    fn account_mut(&self, name: &str) -> Result<AccountName, AccountsError> {
+        AccountName::parse(name)
+            .ok()
+            .filter(|n| self.by_name.contains_key(n))
+            .ok_or_else(|| AccountsError::new(AccountsErrorKind::NoSuchAccount).for_account(name))
+    }
+
+    /// Removes the account `name` and frees its domains and certificates.
     pub fn remove(&mut self, name: &str) -> Result<Account, AccountsError> {
         let account = AccountName::parse(name)
             .ok()
@@ -452,6 +543,9 @@ impl Accounts {
             })?;
         for domain in &account.domains {
             self.owner.remove(domain);
+        }
+        for cert in &account.client_certs {
+            self.cert_owner.remove(cert);
         }
         Ok(account)
     }
@@ -510,6 +604,20 @@ impl Accounts {
 
     fn insert(&mut self, account: Account) -> Result<(), AccountsError> {
         self.check_new(&account.name, &account.domains)?;
+        let named = |kind| AccountsError::new(kind).for_account(account.name.as_str());
+        for fingerprint in &account.client_certs {
+            if let Some(owner) = self.cert_owner.get(fingerprint) {
+                let kind = AccountsErrorKind::CertTaken {
+                    fingerprint: fingerprint.clone(),
+                    owner: owner.clone(),
+                };
+                return Err(named(kind));
+            }
+        }
+        for fingerprint in &account.client_certs {
+            self.cert_owner
+                .insert(fingerprint.clone(), account.name.clone());
+        }
         for domain in &account.domains {
             self.owner.insert(domain.clone(), account.name.clone());
         }
@@ -537,6 +645,8 @@ impl Account {
             scram,
             cram_md5,
             linger: false,
+            any_sender: false,
+            client_certs: Vec::new(),
         })
     }
 
@@ -592,12 +702,22 @@ impl Account {
         };
         let mut account = Account::new(name, domains, scram, cram_md5)?;
         account.linger = raw.linger;
+        account.any_sender = raw.any_sender;
+        account.client_certs = raw
+            .client_certs
+            .iter()
+            .map(|c| parse_fingerprint(c).map_err(named))
+            .collect::<Result<_, _>>()?;
+        account.client_certs.sort();
+        account.client_certs.dedup();
         Ok(account)
     }
 
     fn to_raw(&self) -> RawAccount {
         RawAccount {
             linger: self.linger,
+            any_sender: self.any_sender,
+            client_certs: self.client_certs.clone(),
             name: self.name.0.clone(),
             domains: self.domains.iter().map(|d| d.as_str().to_owned()).collect(),
             cram_md5: self.cram_md5.as_ref().map(CramMd5Key::to_hex),
@@ -635,6 +755,10 @@ struct RawAccount {
     cram_md5: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     linger: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    any_sender: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    client_certs: Vec<String>,
     scram_sha256: RawScram,
 }
 
@@ -742,6 +866,17 @@ pub enum AccountsErrorKind {
     EmptyPassword,
     /// No account has this name.
     NoSuchAccount,
+    /// A client certificate fingerprint is not `sha256:` and 64 hex digits.
+    Fingerprint(String),
+    /// The client certificate is pinned to another account already.
+    CertTaken {
+        /// The contested fingerprint.
+        fingerprint: String,
+        /// The account it is pinned to.
+        owner: AccountName,
+    },
+    /// The account has no client certificate with this fingerprint.
+    NoSuchCert(String),
     /// The system's random number generator failed (no salt could be made).
     Random(getrandom::Error),
 }
@@ -819,6 +954,16 @@ impl fmt::Display for AccountsError {
             AccountsErrorKind::Secret { field, why } => write!(f, "{field}: {why}"),
             AccountsErrorKind::EmptyPassword => f.write_str("the password is empty"),
             AccountsErrorKind::NoSuchAccount => f.write_str("no such account"),
+            AccountsErrorKind::Fingerprint(v) => write!(
+                f,
+                "client certificate fingerprint {v:?} is not \"sha256:\" and 64 hex digits"
+            ),
+            AccountsErrorKind::CertTaken { fingerprint, owner } => write!(
+                f,
+                "client certificate {fingerprint} already belongs to account {:?}",
+                owner.as_str()
+            ),
+            AccountsErrorKind::NoSuchCert(v) => write!(f, "no client certificate {v}"),
             AccountsErrorKind::Random(e) => write!(f, "cannot make a random salt: {e}"),
         }
     }
@@ -833,6 +978,24 @@ impl std::error::Error for AccountsError {
             _ => None,
         }
     }
+}
+
+/// Normalises a fingerprint to `sha256:` and 64 lowercase hex digits. Colons between the hex
+/// pairs (as `openssl x509 -fingerprint` prints them) and upper case are accepted.
+fn parse_fingerprint(text: &str) -> Result<String, AccountsErrorKind> {
+    let bad = || AccountsErrorKind::Fingerprint(text.to_owned());
+    let lower = text.trim().to_ascii_lowercase();
+    let hex: String = lower
+        .strip_prefix("sha256:")
+        .or_else(|| lower.strip_prefix("sha256 fingerprint="))
+        .ok_or_else(bad)?
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok(format!("sha256:{hex}"))
 }
 
 fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
@@ -1195,5 +1358,102 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    fn two_accounts() -> Accounts {
+        let mut a = Accounts::default();
+        let domain = |d| vec![DomainName::parse(d).unwrap()];
+        a.add("gw", domain("gw.example"), "pw1", false).unwrap();
+        a.add("other", domain("other.example"), "pw2", false)
+            .unwrap();
+        a
+    }
+
+    #[test]
+    fn fingerprints_are_normalised_or_refused() {
+        let hex = "ab".repeat(32);
+        let want = format!("sha256:{hex}");
+        let colons = hex
+            .as_bytes()
+            .chunks(2)
+            .map(|p| std::str::from_utf8(p).unwrap().to_ascii_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        for ok in [
+            want.clone(),
+            format!("SHA256:{}", hex.to_ascii_uppercase()),
+            format!("sha256 Fingerprint={colons}"),
+            format!("  sha256:{colons}\n"),
+        ] {
+            assert_eq!(parse_fingerprint(&ok).unwrap(), want, "{ok:?}");
+        }
+        for bad in [
+            hex.clone(),
+            format!("sha1:{hex}"),
+            format!("sha256:{}", &hex[1..]),
+            format!("sha256:{}zz", &hex[2..]),
+        ] {
+            assert!(parse_fingerprint(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_certificate_belongs_to_one_account_and_survives_save_and_load() {
+        let mut a = two_accounts();
+        let fp = format!("sha256:{}", "01".repeat(32));
+        a.add_client_cert("gw", &fp).unwrap();
+        a.add_client_cert("gw", &fp).unwrap(); // idempotent
+        assert_eq!(
+            a.account("gw").unwrap().client_certs(),
+            std::slice::from_ref(&fp)
+        );
+        assert_eq!(a.account_for_cert(&fp).unwrap().name().as_str(), "gw");
+        let err = a.add_client_cert("other", &fp).unwrap_err();
+        assert!(
+            matches!(err.kind(), AccountsErrorKind::CertTaken { .. }),
+            "{err}"
+        );
+        assert!(matches!(
+            a.add_client_cert("nobody", &fp).unwrap_err().kind(),
+            AccountsErrorKind::NoSuchAccount
+        ));
+
+        let path = std::env::temp_dir().join(format!(
+            "turnpike-accounts-cert-{}.toml",
+            std::process::id()
+        ));
+        a.save(&path).unwrap();
+        let loaded = Accounts::load(&path).unwrap();
+        assert_eq!(loaded, a);
+        assert_eq!(loaded.account_for_cert(&fp).unwrap().name().as_str(), "gw");
+
+        // A file pinning one certificate to two accounts is refused on load, naming it.
+        let text = fs::read_to_string(&path).unwrap();
+        let doubled = text.replacen(
+            "name = \"other\"",
+            &format!("name = \"other\"\nclient_certs = [\"{fp}\"]"),
+            1,
+        );
+        fs::write(&path, doubled).unwrap();
+        let err = Accounts::load(&path).unwrap_err();
+        fs::remove_file(&path).unwrap();
+        assert!(
+            err.to_string()
+                .contains("already belongs to account \"gw\""),
+            "{err}"
+        );
+
+        a.remove_client_cert("gw", &fp).unwrap();
+        assert!(a.account_for_cert(&fp).is_none());
+        assert!(matches!(
+            a.remove_client_cert("gw", &fp).unwrap_err().kind(),
+            AccountsErrorKind::NoSuchCert(_)
+        ));
+        a.add_client_cert("gw", &fp).unwrap();
+        a.remove("gw").unwrap();
+        assert!(
+            a.account_for_cert(&fp).is_none(),
+            "removing the account unpins"
+        );
     }
 }

@@ -27,8 +27,8 @@
 //! [listen]                           # each is one address or a list; [] disables the service
 //! mx = ["127.0.0.1:2525"]
 //! odmr = ["127.0.0.1:3366"]
-//! submission = ["127.0.0.1:2587"]
-//! submissions = []                   # implicit TLS
+//! submission = ["127.0.0.1:2587"]     # STARTTLS
+//! submissions = ["127.0.0.1:2465"]    # implicit TLS
 //! metrics = ["127.0.0.1:9366"]
 //!
 //! [tls]                              # both or neither; neither = a self-signed certificate
@@ -53,6 +53,12 @@
 //! default_quota = "2GiB"             # held bytes per domain
 //! compact_live_ratio = 0.5
 //! # fsync = true                     # accepted; false is refused (always fsync before 250)
+//!
+//! [submission]                       # per-account rate limits of authenticated submission
+//! period = "1h"                      # the window the counts below apply to
+//! messages_per_period = 200          # more: 450 4.7.1 at MAIL; 0 = no limit
+//! recipients_per_period = 1000       # more: 452 4.5.3 at RCPT; 0 = no limit
+//! recipients_per_message = 50        # more: 452 4.5.3 at RCPT; 0 = no limit
 //!
 //! [quota]                            # per-domain overrides of spool.default_quota
 //! "example.com" = "10GiB"
@@ -89,9 +95,109 @@ pub struct Config {
     pub spool: SpoolSettings,
     /// `[odmr]`: the ODMR listener's authentication and ATRN policy.
     pub odmr: OdmrSettings,
+    /// `[submission]`: per-account rate limits of authenticated submission.
+    pub submission: SubmissionSettings,
     /// `[quota]`: held-bytes limits for particular domains, overriding
     /// [`SpoolSettings::default_quota`].
     pub quota: BTreeMap<DomainName, u64>,
+    /// `[relay]`: how the outbound queue (mail for domains not hosted here) leaves.
+    pub relay: RelaySettings,
+}
+
+/// `[relay]`: delivery of the outbound queue (docs/relay.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySettings {
+    /// Where outbound mail goes.
+    pub mode: RelayMode,
+    /// The DNS server for MX lookups (`None`: the system's /etc/resolv.conf).
+    pub resolver: Option<SocketAddr>,
+    /// The port MX hosts are contacted on (25; tests point it elsewhere).
+    pub mx_port: u16,
+    /// Delay before the first retry of a deferred destination; doubled per failed attempt.
+    pub first_retry: Duration,
+    /// The longest delay between two attempts.
+    pub max_retry_interval: Duration,
+    /// A message still undelivered this long after it was received is reported to its sender
+    /// as failed and dropped.
+    pub give_up_after: Duration,
+    /// Longest wait for a TCP connection to a destination.
+    pub connect_timeout: Duration,
+}
+
+/// Where outbound mail goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayMode {
+    /// The outbound queue waits (reports and mail for foreign domains stay queued).
+    Off,
+    /// Directly to each domain's MX hosts (RFC 5321 §5.1), opportunistic STARTTLS.
+    Mx,
+    /// Everything to one relay host.
+    Smarthost(Smarthost),
+}
+
+/// A smarthost and how to talk to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Smarthost {
+    /// `host:port`.
+    pub host: String,
+    /// The port.
+    pub port: u16,
+    /// TLS policy.
+    pub tls: SmarthostTls,
+    /// AUTH user name; with `password_file`, AUTH PLAIN (or LOGIN) after TLS.
+    pub username: Option<String>,
+    /// File whose first line is the AUTH password.
+    pub password_file: Option<PathBuf>,
+    /// PEM certificate(s) the smarthost's certificate must chain to; without it the
+    /// certificate is not verified (encrypted, not authenticated).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// TLS toward the smarthost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmarthostTls {
+    /// STARTTLS must be offered and succeed, else the mail waits.
+    StarttlsRequired,
+    /// STARTTLS when offered.
+    Opportunistic,
+    /// TLS from the first byte (port 465 style).
+    Implicit,
+    /// Plain text.
+    None,
+}
+
+impl Smarthost {
+    /// Parses `host:port` (the `--smarthost` form) with the default TLS policy
+    /// (opportunistic) and no AUTH.
+    pub fn parse(s: &str) -> Option<Smarthost> {
+        let (host, port) = s.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return None;
+        }
+        Some(Smarthost {
+            host: host.to_string(),
+            port: port.parse().ok()?,
+            tls: SmarthostTls::Opportunistic,
+            username: None,
+            password_file: None,
+            ca_file: None,
+        })
+    }
+}
+
+impl Default for RelaySettings {
+    fn default() -> RelaySettings {
+        RelaySettings {
+            mode: RelayMode::Off,
+            resolver: None,
+            mx_port: 25,
+            first_retry: Duration::from_secs(5 * 60),
+            max_retry_interval: Duration::from_secs(60 * 60),
+            give_up_after: Duration::from_secs(5 * DAY),
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `[server]`.
@@ -234,6 +340,32 @@ impl Default for OdmrSettings {
     }
 }
 
+/// `[submission]`: how much one account may submit (ODMR before ATRN and the submission
+/// ports together). Counts are per account, over a fixed window of `period`; 0 turns a limit
+/// off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmissionSettings {
+    /// The window the per-period counts apply to.
+    pub period: Duration,
+    /// Messages per period; one more is refused `450 4.7.1` at MAIL.
+    pub messages_per_period: u32,
+    /// Recipients per period; one more is refused `452 4.5.3` at RCPT.
+    pub recipients_per_period: u32,
+    /// Recipients per message; one more is refused `452 4.5.3` at RCPT.
+    pub recipients_per_message: u32,
+}
+
+impl Default for SubmissionSettings {
+    fn default() -> SubmissionSettings {
+        SubmissionSettings {
+            period: Duration::from_secs(3600),
+            messages_per_period: 200,
+            recipients_per_period: 1000,
+            recipients_per_message: 50,
+        }
+    }
+}
+
 /// `[spool]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpoolSettings {
@@ -307,7 +439,7 @@ impl Default for ListenSettings {
             mx: local(2525),
             odmr: local(3366),
             submission: local(2587),
-            submissions: Vec::new(),
+            submissions: local(2465),
             odmrs: Vec::new(),
             metrics: local(9366),
         }
@@ -472,7 +604,35 @@ pub(crate) fn line_column(source: &str, at: usize) -> (usize, usize) {
 }
 
 const TOP_KEYS: &[&str] = &[
-    "server", "listen", "tls", "limits", "spool", "odmr", "quota",
+    "server",
+    "listen",
+    "tls",
+    "limits",
+    "spool",
+    "odmr",
+    "submission",
+    "quota",
+    "relay",
+];
+const SUBMISSION_KEYS: &[&str] = &[
+    "period",
+    "messages_per_period",
+    "recipients_per_period",
+    "recipients_per_message",
+];
+const RELAY_KEYS: &[&str] = &[
+    "mode",
+    "smarthost",
+    "smarthost_tls",
+    "username",
+    "password_file",
+    "ca_file",
+    "resolver",
+    "mx_port",
+    "first_retry",
+    "max_retry_interval",
+    "give_up_after",
+    "connect_timeout",
 ];
 const ODMR_KEYS: &[&str] = &[
     "allow_plaintext_auth",
@@ -554,8 +714,14 @@ impl Parser<'_> {
                 config.odmr.linger_keepalive = self.duration("odmr.linger_keepalive", v)?;
             }
         }
+        if let Some(t) = self.section(top, "submission")? {
+            self.submission(t, &mut config.submission)?;
+        }
         if let Some(t) = self.section(top, "quota")? {
             config.quota = self.quota(t)?;
+        }
+        if let Some(t) = self.section(top, "relay")? {
+            self.relay(t, &mut config.relay)?;
         }
         Ok(config)
     }
@@ -662,6 +828,25 @@ impl Parser<'_> {
         Ok(())
     }
 
+    fn submission(&self, t: &Table, s: &mut SubmissionSettings) -> Result<(), ConfigError> {
+        self.known_keys("submission", t, SUBMISSION_KEYS)?;
+        if let Some(v) = t.get("period") {
+            s.period = self.duration("submission.period", v)?;
+        }
+        let counts = [
+            ("messages_per_period", &mut s.messages_per_period),
+            ("recipients_per_period", &mut s.recipients_per_period),
+            ("recipients_per_message", &mut s.recipients_per_message),
+        ];
+        for (name, field) in counts {
+            if let Some(v) = t.get(name) {
+                let key = format!("submission.{name}");
+                *field = self.integer(&key, v, 0, i64::from(u32::MAX))? as u32;
+            }
+        }
+        Ok(())
+    }
+
     fn spool(&self, t: &Table, s: &mut SpoolSettings) -> Result<(), ConfigError> {
         self.known_keys("spool", t, SPOOL_KEYS)?;
         if let Some(v) = t.get("segment_size") {
@@ -698,6 +883,84 @@ impl Parser<'_> {
                 }
                 _ => return Err(self.invalid("spool.fsync", "true", v)),
             }
+        }
+        Ok(())
+    }
+
+    fn relay(&self, t: &Table, r: &mut RelaySettings) -> Result<(), ConfigError> {
+        self.known_keys("relay", t, RELAY_KEYS)?;
+        let smarthost = match t.get("smarthost") {
+            Some(v) => {
+                let s = self.string("relay.smarthost", v, "\"host:port\"")?;
+                let host = Smarthost::parse(s)
+                    .ok_or_else(|| self.invalid("relay.smarthost", "\"host:port\"", v))?;
+                Some(host)
+            }
+            None => None,
+        };
+        let mode = match t.get("mode") {
+            None if smarthost.is_some() => "smarthost",
+            None => "off",
+            Some(v) => {
+                let expected = "one of \"off\", \"mx\", \"smarthost\"";
+                match self.string("relay.mode", v, expected)? {
+                    m @ ("off" | "mx" | "smarthost") => m,
+                    _ => return Err(self.invalid("relay.mode", expected, v)),
+                }
+            }
+        };
+        r.mode = match (mode, smarthost) {
+            ("off", _) => RelayMode::Off,
+            ("mx", _) => RelayMode::Mx,
+            (_, None) => return Err(self.rejected("relay.smarthost", "missing: mode is smarthost")),
+            (_, Some(mut host)) => {
+                if let Some(v) = t.get("smarthost_tls") {
+                    let key = "relay.smarthost_tls";
+                    let expected =
+                        "one of \"starttls-required\", \"opportunistic\", \"implicit\", \"none\"";
+                    host.tls = match self.string(key, v, expected)? {
+                        "starttls-required" => SmarthostTls::StarttlsRequired,
+                        "opportunistic" => SmarthostTls::Opportunistic,
+                        "implicit" => SmarthostTls::Implicit,
+                        "none" => SmarthostTls::None,
+                        _ => return Err(self.invalid(key, expected, v)),
+                    };
+                }
+                if let Some(v) = t.get("username") {
+                    host.username = Some(self.string("relay.username", v, "a user name")?.into());
+                }
+                if let Some(v) = t.get("password_file") {
+                    host.password_file = Some(self.path("relay.password_file", v)?);
+                }
+                if let Some(v) = t.get("ca_file") {
+                    host.ca_file = Some(self.path("relay.ca_file", v)?);
+                }
+                if host.username.is_some() != host.password_file.is_some() {
+                    return Err(
+                        self.rejected("relay.username", "username and password_file go together")
+                    );
+                }
+                RelayMode::Smarthost(host)
+            }
+        };
+        if let Some(v) = t.get("resolver") {
+            let one = self.addresses("relay.resolver", v, 53)?.into_iter().next();
+            r.resolver = Some(one.ok_or_else(|| self.invalid("relay.resolver", "an address", v))?);
+        }
+        if let Some(v) = t.get("mx_port") {
+            r.mx_port = self.integer("relay.mx_port", v, 1, 65535)? as u16;
+        }
+        if let Some(v) = t.get("first_retry") {
+            r.first_retry = self.duration("relay.first_retry", v)?;
+        }
+        if let Some(v) = t.get("max_retry_interval") {
+            r.max_retry_interval = self.duration("relay.max_retry_interval", v)?;
+        }
+        if let Some(v) = t.get("give_up_after") {
+            r.give_up_after = self.duration("relay.give_up_after", v)?;
+        }
+        if let Some(v) = t.get("connect_timeout") {
+            r.connect_timeout = self.duration("relay.connect_timeout", v)?;
         }
         Ok(())
     }
@@ -922,7 +1185,10 @@ mod tests {
         assert_eq!(c.listen.mx, vec!["127.0.0.1:2525".parse().unwrap()]);
         assert_eq!(c.listen.odmr, vec!["127.0.0.1:3366".parse().unwrap()]);
         assert_eq!(c.listen.submission, vec!["127.0.0.1:2587".parse().unwrap()]);
-        assert!(c.listen.submissions.is_empty());
+        assert_eq!(
+            c.listen.submissions,
+            vec!["127.0.0.1:2465".parse().unwrap()]
+        );
         assert_eq!(c.listen.metrics, vec!["127.0.0.1:9366".parse().unwrap()]);
         assert_eq!(c.tls.identity, TlsIdentity::SelfSigned);
         assert_eq!(c.limits.max_message_size, 52_428_800);
@@ -939,6 +1205,10 @@ mod tests {
         assert_eq!(c.spool.max_hold, Duration::from_secs(2_592_000));
         assert_eq!(c.spool.default_quota, 2_147_483_648);
         assert_eq!(c.spool.compact_live_ratio, 0.5);
+        assert_eq!(c.submission.period, Duration::from_secs(3600));
+        assert_eq!(c.submission.messages_per_period, 200);
+        assert_eq!(c.submission.recipients_per_period, 1000);
+        assert_eq!(c.submission.recipients_per_message, 50);
         assert!(c.quota.is_empty());
         assert!(!c.server.hostname.as_str().is_empty());
     }
@@ -1010,7 +1280,38 @@ mod tests {
             (
                 "[sevrer]\ncores = 1",
                 "turnpike.toml: sevrer: unknown key (expected one of: server, listen, tls, \
-                 limits, spool, odmr, quota)",
+                 limits, spool, odmr, submission, quota, relay)",
+            ),
+            (
+                "[relay]\nmode = \"smarthost\"",
+                "turnpike.toml: relay.smarthost: missing: mode is smarthost",
+            ),
+            (
+                "[relay]\nsmarthost = \"mail.example\"",
+                "turnpike.toml: relay.smarthost: expected \"host:port\", got \"mail.example\"",
+            ),
+            (
+                "[relay]\nsmarthost = \"mail.example:587\"\nusername = \"u\"",
+                "turnpike.toml: relay.username: username and password_file go together",
+            ),
+            (
+                "[relay]\nmode = \"direct\"",
+                "turnpike.toml: relay.mode: expected one of \"off\", \"mx\", \"smarthost\", \
+                 got \"direct\"",
+            ),
+            (
+                "[submission]\nmessages_per_period = -1",
+                "turnpike.toml: submission.messages_per_period: expected an integer from 0 to \
+                 4294967295, got -1",
+            ),
+            (
+                "[submission]\nperiod = \"0s\"",
+                "turnpike.toml: submission.period: must be longer than zero",
+            ),
+            (
+                "[submission]\nmessages = 5",
+                "turnpike.toml: submission.messages: unknown key (expected one of: period, \
+                 messages_per_period, recipients_per_period, recipients_per_message)",
             ),
             (
                 "[odmr]\nallow_plaintext_auth = \"yes\"",
@@ -1149,6 +1450,30 @@ mod tests {
         assert_eq!(c.quota_for(&big), 10 << 30);
         assert_eq!(c.quota_for(&small), 0);
         assert_eq!(c.quota_for(&other), 2 << 30);
+    }
+
+    #[test]
+    fn relay_settings() {
+        let c = parse(
+            "[relay]\nsmarthost = \"[::1]:2525\"\nsmarthost_tls = \"implicit\"\n\
+             username = \"u\"\npassword_file = \"/p\"\nfirst_retry = \"1s\"\n\
+             resolver = \"127.0.0.1:5353\"\nmx_port = 2500\n",
+        )
+        .unwrap();
+        let RelayMode::Smarthost(h) = &c.relay.mode else {
+            panic!("{:?}", c.relay.mode)
+        };
+        assert_eq!((h.host.as_str(), h.port), ("::1", 2525));
+        assert_eq!(h.tls, SmarthostTls::Implicit);
+        assert_eq!(h.username.as_deref(), Some("u"));
+        assert_eq!(c.relay.first_retry, Duration::from_secs(1));
+        assert_eq!(c.relay.resolver, Some("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(c.relay.mx_port, 2500);
+        assert_eq!(Config::default().relay.mode, RelayMode::Off);
+        assert_eq!(
+            parse("[relay]\nmode = \"mx\"").unwrap().relay.mode,
+            RelayMode::Mx
+        );
     }
 
     #[test]

@@ -27,6 +27,10 @@ const CORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct QueueSummary {
     /// One row per domain with held mail, sorted by domain.
     pub domains: Vec<DomainRow>,
+    /// The outbound queue by destination, with its retry schedule (only from a running
+    /// server; the schedule is not journaled).
+    #[serde(default)]
+    pub outbound: Vec<crate::relay::OutboundRow>,
 }
 
 /// One domain's totals.
@@ -80,7 +84,10 @@ fn summary_from(stats: impl IntoIterator<Item = (DomainName, spool::DomainStats)
         })
         .collect();
     domains.sort_by(|a, b| a.domain.cmp(&b.domain));
-    QueueSummary { domains }
+    QueueSummary {
+        domains,
+        outbound: Vec::new(),
+    }
 }
 
 fn listing_from(
@@ -154,7 +161,38 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>) -> io::Result<()> {
                 stats.extend(s);
             }
         }
-        serde_json::to_string(&summary_from(stats))?
+        let mut summary = summary_from(stats);
+        summary.outbound = ask_all(mesh, |tx| MeshMsg::Relay(crate::relay::Command::Status(tx)))
+            .into_iter()
+            .flatten()
+            .collect();
+        summary
+            .outbound
+            .sort_by(|a, b| a.destination.cmp(&b.destination));
+        serde_json::to_string(&summary)?
+    } else if let Some(name) = line.strip_prefix("retry ") {
+        let domain =
+            DomainName::parse(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let shard = (domain.shard_hash() % mesh.cores() as u64) as usize;
+        let (tx, rx) = std::sync::mpsc::channel();
+        mesh.send(
+            shard,
+            MeshMsg::Relay(crate::relay::Command::Retry(domain, tx)),
+        );
+        let queued = rx.recv_timeout(CORE_ANSWER_TIMEOUT).unwrap_or(0);
+        format!("{{\"retry\":{queued}}}")
+    } else if let Some(id) = line.strip_prefix("bounce ") {
+        let id = crate::types::MessageId::parse(id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a message id"))?;
+        let answers = ask_all(mesh, |tx| {
+            MeshMsg::Relay(crate::relay::Command::Bounce(id, tx))
+        });
+        if answers.iter().any(Option::is_none) {
+            "{\"bounced\":null,\"busy\":true}".to_string()
+        } else {
+            let n: u64 = answers.into_iter().flatten().sum();
+            format!("{{\"bounced\":{n}}}")
+        }
     } else if let Some(name) = line.strip_prefix("domain ") {
         let domain =
             DomainName::parse(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -179,6 +217,25 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>) -> io::Result<()> {
     };
     (&stream).write_all(json.as_bytes())?;
     (&stream).write_all(b"\n")
+}
+
+/// Asks every core and collects the answers that came in time.
+fn ask_all<T>(mesh: &Mesh<MeshMsg>, msg: impl Fn(std::sync::mpsc::Sender<T>) -> MeshMsg) -> Vec<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for core in 0..mesh.cores() {
+        mesh.send(core, msg(tx.clone()));
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + CORE_ANSWER_TIMEOUT;
+    let mut out = Vec::new();
+    for _ in 0..mesh.cores() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(a) => out.push(a),
+            Err(_) => break,
+        }
+    }
+    out
 }
 
 /// Sends one request to a running server; `Ok(None)` when no server is listening.
@@ -251,6 +308,29 @@ pub fn render_summary(s: &QueueSummary, now: u64) -> String {
         "-- {msgs} held message parts, {bytes} bytes in {} domains\n",
         s.domains.len()
     );
+    if !s.outbound.is_empty() {
+        out += &format!(
+            "\n{:<40} {:>9} {:>8}  {:<10} LAST ERROR\n",
+            "OUTBOUND DESTINATION", "MESSAGES", "ATTEMPTS", "NEXT"
+        );
+        for o in &s.outbound {
+            let next = if o.active {
+                "now".to_string()
+            } else if o.next_attempt <= now {
+                "due".to_string()
+            } else {
+                format!("in {}", age(o.next_attempt - now))
+            };
+            out += &format!(
+                "{:<40} {:>9} {:>8}  {:<10} {}\n",
+                o.destination,
+                o.messages,
+                o.attempts,
+                next,
+                o.last_error.as_deref().unwrap_or("-")
+            );
+        }
+    }
     out
 }
 
@@ -301,6 +381,32 @@ mod tests {
         assert_eq!(age(600), "10m");
         assert_eq!(age(7200), "2h");
         assert_eq!(age(3 * 86_400), "3d");
+    }
+
+    #[test]
+    fn outbound_destinations_show_their_schedule() {
+        let s = QueueSummary {
+            domains: vec![DomainRow {
+                domain: "far.example".into(),
+                messages: 2,
+                bytes: 300,
+                oldest: 1_000,
+            }],
+            outbound: vec![crate::relay::OutboundRow {
+                destination: "far.example".into(),
+                messages: 2,
+                next_attempt: 1_600,
+                attempts: 3,
+                last_error: Some("connect to 192.0.2.7:25: Connection refused".into()),
+                active: false,
+            }],
+        };
+        let text = render_summary(&s, 1_000);
+        let row = text.lines().last().unwrap();
+        assert!(text.contains("OUTBOUND DESTINATION"), "{text}");
+        assert!(row.starts_with("far.example"), "{row}");
+        assert!(row.contains(" 3  in 10m "), "{row}");
+        assert!(row.ends_with("Connection refused"), "{row}");
     }
 
     #[test]

@@ -17,8 +17,11 @@
 //! - [`config`]: the typed TOML configuration with its embedded defaults.
 //! - [`runtime`]: one pinned thread per core, io_uring or epoll, SO_REUSEPORT listeners, the
 //!   cross-core mesh and connections over owned buffers (plain or TLS).
-//! - [`provider`]: drivers that bind the protocol machines to connections (the MX service).
-//! - [`customer`]: the customer end of an ODMR session (AUTH, ATRN, receive).
+//! - [`provider`]: drivers that bind the protocol machines to connections (MX, ODMR and
+//!   submission services).
+//! - [`relay`]: the outgoing relay (outbound queue to a smarthost or by MX lookup, retries).
+//! - [`customer`]: the customer end: `turnpike pull` (config, schedule, exit codes), one ODMR
+//!   session (TLS, AUTH, ATRN, receive) and the delivery targets.
 //! - [`control`]: the local control socket behind `turnpike queue`.
 //! - [`metrics`]: per-core counters and latency histograms, merged on scrape and served as
 //!   Prometheus text.
@@ -31,6 +34,7 @@ pub mod customer;
 pub mod metrics;
 pub mod proto;
 pub mod provider;
+pub mod relay;
 pub mod runtime;
 pub mod spool;
 pub mod tls;

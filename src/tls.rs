@@ -13,9 +13,12 @@
 //!   crash between the two writes just means a fresh pair on the next start.
 //! - Every error names the file it concerns.
 //!
-//! Client certificates: none are requested yet. SASL EXTERNAL (a later issue) will add a
-//! [`ClientAuth`] variant carrying the trusted client CAs; [`server_config`] is the one place
-//! that turns it into a rustls client-certificate verifier.
+//! Client certificates (SASL EXTERNAL): the ODMR and submission listeners *ask* for an optional
+//! client certificate ([`ClientAuth::Pinned`]); the MX never does. Any certificate whose holder
+//! proves possession of its key is accepted at the TLS layer; authorisation happens later, when
+//! AUTH EXTERNAL maps the certificate's SHA-256 fingerprint ([`fingerprint`]) to an account. This
+//! is pinning, like Postfix's `check_ccert_access`: no CA is needed, and expiry dates are not
+//! checked (the operator removes a fingerprint to revoke it).
 
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -99,13 +102,99 @@ pub fn identity_files(
     }
 }
 
-/// Who must present a client certificate. The extension point for SASL EXTERNAL.
-#[derive(Debug, Clone, Default)]
+/// Whether a listener asks for a client certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientAuth {
-    /// No client certificate is requested.
+    /// No client certificate is requested (the MX).
     #[default]
     None,
+    /// An optional client certificate is requested and accepted when its holder proves
+    /// possession of the key; it identifies an account only through its pinned fingerprint.
+    Pinned,
+}
+
+/// The identity SASL EXTERNAL maps to an account: `sha256:` and the lowercase hex SHA-256 of
+/// the certificate's DER encoding (what `openssl x509 -noout -fingerprint -sha256` prints, without
+/// the colons).
+pub fn fingerprint(cert_der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(cert_der);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// The fingerprints of the certificates in a PEM file (for `turnpike account cert`).
+pub fn pem_fingerprints(path: &Path) -> Result<Vec<String>, TlsError> {
+    Ok(read_certs(path)?.iter().map(|c| fingerprint(c)).collect())
+}
+
+/// Accepts any client certificate whose signature over the handshake verifies; see the module
+/// docs for why the chain is not checked.
+#[derive(Debug)]
+struct PinnedClientCerts {
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for PinnedClientCerts {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// The provider's rustls configuration from a PEM certificate chain (leaf first) and a PEM
@@ -127,6 +216,9 @@ pub fn server_config(
         .map_err(|e| TlsError::new(cert, TlsErrorKind::Rustls(e)))?;
     let builder = match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
+        ClientAuth::Pinned => builder.with_client_cert_verifier(Arc::new(PinnedClientCerts {
+            provider: provider(),
+        })),
     };
     let config = builder
         .with_single_cert(chain, private_key)

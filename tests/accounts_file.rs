@@ -392,3 +392,30 @@ fn cram_md5_key_is_dovecot_compatible() {
         want.as_slice()
     );
 }
+
+#[test]
+fn any_sender_round_trips_and_defaults_to_own() {
+    let dir = Scratch::new("acct-senders");
+    let path = dir.path("accounts.toml");
+    let mut accounts = Accounts::default();
+    accounts
+        .add("tim", domains(&["example.com"]), "pencil", false)
+        .unwrap();
+    accounts
+        .add("alice", domains(&["alice.example"]), "pencil", false)
+        .unwrap();
+    assert!(!accounts.account("tim").unwrap().any_sender());
+    accounts.set_any_sender("tim", true).unwrap();
+    assert!(accounts.set_any_sender("nobody", true).is_err());
+    accounts.save(&path).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.matches("any_sender = true").count(), 1, "{text}");
+
+    let mut loaded = Accounts::load(&path).unwrap();
+    assert!(loaded.account("tim").unwrap().any_sender());
+    assert!(!loaded.account("alice").unwrap().any_sender());
+    loaded.set_any_sender("tim", false).unwrap();
+    loaded.save(&path).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains("any_sender"), "{text}");
+}

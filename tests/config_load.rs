@@ -45,6 +45,12 @@ default_quota = 1073741824
 compact_live_ratio = 0.25
 fsync = true
 
+[submission]
+period = "10m"
+messages_per_period = 40
+recipients_per_period = 0
+recipients_per_message = 20
+
 [quota]
 "example.com" = "10GiB"
 "Example.ORG" = "512MiB"
@@ -124,6 +130,11 @@ fn full_example_loads_every_key() {
     assert_eq!(c.spool.max_hold, Duration::from_secs(14 * 86_400));
     assert_eq!(c.spool.default_quota, 1 << 30);
     assert_eq!(c.spool.compact_live_ratio, 0.25);
+
+    assert_eq!(c.submission.period, Duration::from_secs(600));
+    assert_eq!(c.submission.messages_per_period, 40);
+    assert_eq!(c.submission.recipients_per_period, 0);
+    assert_eq!(c.submission.recipients_per_message, 20);
 
     assert_eq!(c.quota.len(), 2);
     assert_eq!(c.quota_for(&domain("example.com")), 10 << 30);

@@ -11,12 +11,31 @@
 //! Turnaround injection (PROTOCOL.md §3.4): the customer sends its 220 only after reading the
 //! 250 to ATRN, and no byte read before it is carried across; bytes that arrive together with
 //! the 250 are a protocol error.
+//!
+//! Steps, each with its own failure ([`SessionError`] says which, `turnpike pull` turns it
+//! into an exit code):
+//!
+//! ```text
+//! connect --(implicit TLS)--> 220 --> EHLO --(STARTTLS, EHLO)--> AUTH --> upload --> ATRN
+//!   Unreachable              Tls                 Tls          AuthRefused  (none   AtrnRefused
+//!                                                                          yet)      | 250
+//!                                       receive: 220, EHLO/MAIL/RCPT/DATA... QUIT <--+
+//! ```
+//!
+//! Every read has a stall timeout (`idle_timeout`), except the ATRN reply, which RFC 2645
+//! §5.2.1 says to await for at least ten minutes (`atrn_timeout`). Every write has the stall
+//! timeout too, so a provider that stops reading cannot hang the customer.
+//!
+//! The sink writes our `Received:` field (naming the provider's address, which it gets from
+//! `turnpike pull` before each session); the loop guard ([`InboundConfig::max_hops`]) refuses
+//! a message that already has too many. A lingering provider (push, `turnpike account
+//! linger`) keeps the reversed session open and sends NOOPs; the session simply keeps
+//! receiving until the provider's QUIT.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-
-use base64::Engine;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::proto::inbound::{Action, Directory, Inbound, InboundConfig, Incoming, RcptVerdict};
 use crate::proto::reply::Reply;
@@ -24,13 +43,23 @@ use crate::runtime::conn::Conn;
 use crate::runtime::io::{IoKind, Stream};
 use crate::types::{DomainName, Mailbox};
 
+use super::sasl_client::{self, ClientMechanism, ScramClient};
+
 /// How the customer authenticates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mechanism {
-    /// RFC 4616 PLAIN (only sent inside TLS unless `allow_plaintext` is set).
+    /// The strongest the provider offers in EHLO: EXTERNAL (when the TLS configuration holds
+    /// a client certificate), then, with a password, SCRAM-SHA-256, PLAIN (inside TLS only),
+    /// CRAM-MD5.
+    Auto,
+    /// RFC 5802 / RFC 7677 SCRAM-SHA-256; the provider's signature is verified.
+    ScramSha256,
+    /// RFC 4616 PLAIN, sent as chosen, even without TLS (the operator's explicit choice).
     Plain,
     /// RFC 2195 CRAM-MD5 (what fetchmail speaks).
     CramMd5,
+    /// RFC 4422 EXTERNAL: the TLS client certificate of the [`Tls`] configuration.
+    External,
 }
 
 /// Whether and how the session is encrypted.
@@ -40,11 +69,30 @@ pub enum Tls {
     None,
     /// STARTTLS after the first EHLO, verifying the provider as `server_name`.
     StartTls {
-        /// Trust anchors for the provider's certificate.
+        /// Trust anchors for the provider's certificate (and our client certificate, if any).
         config: Arc<rustls::ClientConfig>,
         /// The name the certificate must carry.
         server_name: rustls::pki_types::ServerName<'static>,
     },
+    /// TLS from the first byte (the provider's `listen.odmrs`), verifying as `server_name`.
+    Implicit {
+        /// Trust anchors for the provider's certificate (and our client certificate, if any).
+        config: Arc<rustls::ClientConfig>,
+        /// The name the certificate must carry.
+        server_name: rustls::pki_types::ServerName<'static>,
+    },
+}
+
+impl Tls {
+    /// True when the TLS configuration carries a client certificate (for EXTERNAL).
+    fn has_client_cert(&self) -> bool {
+        match self {
+            Tls::None => false,
+            Tls::StartTls { config, .. } | Tls::Implicit { config, .. } => {
+                config.client_auth_cert_resolver.has_certs()
+            }
+        }
+    }
 }
 
 /// What one session needs.
@@ -71,17 +119,29 @@ pub struct SessionConfig {
 }
 
 /// Where received messages go. `deliver` returns only once the message is durably handed
-/// over (or refused); its result becomes our reply to the provider.
+/// over (or refused); its result becomes our reply to the provider. The sink writes our
+/// `Received:` field (it knows each recipient, for the `for` clause).
 #[allow(async_fn_in_trait)]
 pub trait Sink {
     /// Takes one message.
     async fn deliver(&mut self, message: Incoming) -> Result<(), Reply>;
+
+    /// Whether a recipient (already in a requested domain) can be taken, answered at RCPT
+    /// time so that the provider can bounce just that recipient. Default: yes.
+    fn check_recipient(&self, _rcpt: &Mailbox) -> RcptVerdict {
+        RcptVerdict::Accept
+    }
 }
 
 /// Why a session ended without receiving.
 #[derive(Debug)]
 pub enum SessionError {
-    /// Network or TLS failure.
+    /// The provider could not be reached (connect refused, unreachable, timed out).
+    Unreachable(std::io::Error),
+    /// TLS could not be set up: handshake or certificate verification failed, or STARTTLS is
+    /// not offered although it was required.
+    Tls(String),
+    /// The connection failed during the session.
     Io(std::io::Error),
     /// The provider said something we cannot work with.
     Protocol(String),
@@ -99,6 +159,8 @@ pub enum SessionError {
 impl std::fmt::Display for SessionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            SessionError::Unreachable(e) => write!(f, "provider unreachable: {e}"),
+            SessionError::Tls(s) => write!(f, "TLS failure: {s}"),
             SessionError::Io(e) => write!(f, "connection failed: {e}"),
             SessionError::Protocol(s) => write!(f, "protocol error: {s}"),
             SessionError::AuthRefused(s) => write!(f, "authentication refused: {s}"),
@@ -120,24 +182,32 @@ impl From<std::io::Error> for SessionError {
 pub struct Received {
     /// Messages accepted (sink returned Ok).
     pub messages: u64,
-    /// Body bytes of those messages.
+    /// Body bytes of those messages (with our `Received:` field).
     pub bytes: u64,
+    /// Messages the sink refused (they stay held at the provider).
+    pub refused: u64,
 }
 
 /// Accepts recipients only in the domains this session asked for (or any, for a bare ATRN),
-/// so a provider bug can never make us take another customer's mail.
-struct RequestedDomains<'a>(&'a [DomainName]);
+/// so a provider bug can never make us take another customer's mail; then asks the sink
+/// whether it has somewhere to put the recipient.
+struct RecipientPolicy<'a, S> {
+    requested: &'a [DomainName],
+    sink: &'a S,
+}
 
-impl Directory for RequestedDomains<'_> {
+impl<S: Sink> Directory for RecipientPolicy<'_, S> {
     fn check_rcpt(&self, rcpt: &Mailbox, _size: Option<u64>) -> RcptVerdict {
-        if self.0.is_empty() || DomainName::parse(&rcpt.domain).is_ok_and(|d| self.0.contains(&d)) {
-            return RcptVerdict::Accept;
+        let requested = self.requested.is_empty()
+            || DomainName::parse(&rcpt.domain).is_ok_and(|d| self.requested.contains(&d));
+        if !requested {
+            return RcptVerdict::Reject(Reply::with_status(
+                550,
+                (5, 7, 1),
+                format!("{} was not requested in this session", rcpt.domain),
+            ));
         }
-        RcptVerdict::Reject(Reply::with_status(
-            550,
-            (5, 7, 1),
-            format!("{} was not requested in this session", rcpt.domain),
-        ))
+        self.sink.check_recipient(rcpt)
     }
 }
 
@@ -147,12 +217,29 @@ pub async fn run(
     cfg: &SessionConfig,
     sink: &mut impl Sink,
 ) -> Result<Received, SessionError> {
-    let stream = Stream::connect(io, cfg.provider).await?;
+    let stream =
+        match tokio::time::timeout(cfg.idle_timeout, Stream::connect(io, cfg.provider)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(SessionError::Unreachable(e)),
+            Err(_) => {
+                return Err(SessionError::Unreachable(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", cfg.idle_timeout),
+                )))
+            }
+        };
     let mut c = Client {
         conn: Conn::plain(stream),
         buf: Vec::with_capacity(4096),
         idle: cfg.idle_timeout,
     };
+    if let Tls::Implicit {
+        config,
+        server_name,
+    } = &cfg.tls
+    {
+        c.handshake(config, server_name).await?;
+    }
     c.expect(220).await?;
     let mut caps = c.ehlo(&cfg.hostname).await?;
     if let Tls::StartTls {
@@ -160,10 +247,9 @@ pub async fn run(
         server_name,
     } = &cfg.tls
     {
+        // Never fall back to plaintext: a missing STARTTLS is what a downgrade looks like.
         if !caps.iter().any(|l| l.eq_ignore_ascii_case("STARTTLS")) {
-            return Err(SessionError::Protocol(
-                "provider does not offer STARTTLS".into(),
-            ));
+            return Err(SessionError::Tls("provider does not offer STARTTLS".into()));
         }
         c.command("STARTTLS", 220).await?;
         if !c.buf.is_empty() {
@@ -171,13 +257,11 @@ pub async fn run(
                 "data pipelined after the STARTTLS reply".into(),
             ));
         }
-        c.conn
-            .start_tls_client(config.clone(), server_name.clone())
-            .await?;
+        c.handshake(config, server_name).await?;
         caps = c.ehlo(&cfg.hostname).await?;
     }
-    let _ = caps;
-    c.authenticate(cfg).await?;
+    c.authenticate(cfg, &caps).await?;
+    c.upload(cfg).await?;
 
     let atrn = if cfg.domains.is_empty() {
         "ATRN".to_string()
@@ -206,12 +290,30 @@ struct Client {
 }
 
 impl Client {
-    async fn send(&mut self, line: &str) -> std::io::Result<()> {
-        let (r, _) = self
+    async fn handshake(
+        &mut self,
+        config: &Arc<rustls::ClientConfig>,
+        server_name: &rustls::pki_types::ServerName<'static>,
+    ) -> Result<(), SessionError> {
+        let handshake = self
             .conn
-            .write_owned(format!("{line}\r\n").into_bytes())
-            .await;
-        r
+            .start_tls_client(config.clone(), server_name.clone());
+        match tokio::time::timeout(self.idle, handshake).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SessionError::Tls(format!("handshake failed: {e}"))),
+            Err(_) => Err(SessionError::Tls(format!(
+                "handshake stalled for {:?}",
+                self.idle
+            ))),
+        }
+    }
+
+    async fn send(&mut self, line: &str) -> Result<(), SessionError> {
+        let write = self.conn.write_owned(format!("{line}\r\n").into_bytes());
+        match tokio::time::timeout(self.idle, write).await {
+            Ok((r, _)) => r.map_err(SessionError::Io),
+            Err(_) => Err(stalled_write()),
+        }
     }
 
     /// Reads one (possibly multi-line) reply: code and the text lines.
@@ -237,16 +339,18 @@ impl Client {
             }
             match tokio::time::timeout(wait, self.conn.read_append(&mut self.buf, 4096)).await {
                 Ok(Ok(0)) => {
-                    return Err(SessionError::Protocol(
-                        "provider closed the connection".into(),
-                    ))
+                    return Err(SessionError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "provider closed the connection",
+                    )))
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(SessionError::Io(e)),
                 Err(_) => {
-                    return Err(SessionError::Protocol(
-                        "timed out waiting for a reply".into(),
-                    ))
+                    return Err(SessionError::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no reply within {wait:?}"),
+                    )))
                 }
             }
         }
@@ -278,34 +382,119 @@ impl Client {
         Ok(lines.into_iter().skip(1).collect())
     }
 
-    async fn authenticate(&mut self, cfg: &SessionConfig) -> Result<(), SessionError> {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let (code, text) = match cfg.mechanism {
-            Mechanism::Plain => {
-                let token = b64.encode(format!("\0{}\0{}", cfg.account, cfg.password));
+    async fn authenticate(
+        &mut self,
+        cfg: &SessionConfig,
+        caps: &[String],
+    ) -> Result<(), SessionError> {
+        let mechanism = match cfg.mechanism {
+            Mechanism::Auto => {
+                let offered = sasl_client::offered_mechanisms(caps);
+                sasl_client::choose(
+                    &offered,
+                    self.conn.is_tls(),
+                    cfg.tls.has_client_cert(),
+                    !cfg.password.is_empty(),
+                )
+                .ok_or_else(|| {
+                    SessionError::AuthRefused(format!(
+                        "the provider offers no mechanism we may use here (offered: {}{})",
+                        if offered.is_empty() {
+                            "none".to_string()
+                        } else {
+                            offered.join(" ")
+                        },
+                        if self.conn.is_tls() {
+                            ""
+                        } else {
+                            "; PLAIN is only sent inside TLS"
+                        }
+                    ))
+                })?
+            }
+            Mechanism::ScramSha256 => ClientMechanism::ScramSha256,
+            Mechanism::Plain => ClientMechanism::Plain,
+            Mechanism::CramMd5 => ClientMechanism::CramMd5,
+            Mechanism::External => ClientMechanism::External,
+        };
+        let (code, text) = match mechanism {
+            ClientMechanism::Plain => {
+                let token = sasl_client::plain_response(&cfg.account, &cfg.password);
                 self.send(&format!("AUTH PLAIN {token}")).await?;
                 self.reply(self.idle).await?
             }
-            Mechanism::CramMd5 => {
+            ClientMechanism::External => {
+                self.send(&format!(
+                    "AUTH EXTERNAL {}",
+                    sasl_client::external_response()
+                ))
+                .await?;
+                self.reply(self.idle).await?
+            }
+            ClientMechanism::CramMd5 => {
                 self.send("AUTH CRAM-MD5").await?;
                 let (code, challenge) = self.reply(self.idle).await?;
                 if code != 334 {
                     return Err(SessionError::AuthRefused(format!("{code} {challenge}")));
                 }
-                let challenge = b64.decode(challenge.trim()).map_err(|_| {
-                    SessionError::Protocol("CRAM-MD5 challenge is not base64".into())
-                })?;
-                let digest =
-                    crate::accounts::CramMd5Key::from_password(&cfg.password).digest(&challenge);
-                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-                self.send(&b64.encode(format!("{} {hex}", cfg.account)))
-                    .await?;
+                let response =
+                    sasl_client::cram_md5_response(&cfg.account, &cfg.password, &challenge)
+                        .ok_or_else(|| {
+                            SessionError::Protocol("CRAM-MD5 challenge is not base64".into())
+                        })?;
+                self.send(&response).await?;
                 self.reply(self.idle).await?
             }
+            ClientMechanism::ScramSha256 => self.scram(cfg).await?,
         };
         if code != 235 {
             return Err(SessionError::AuthRefused(format!("{code} {text}")));
         }
+        tracing::info!(mechanism = mechanism.name(), "authenticated");
+        Ok(())
+    }
+
+    async fn scram(&mut self, cfg: &SessionConfig) -> Result<(u16, String), SessionError> {
+        let mut random = [0u8; 18];
+        getrandom::fill(&mut random)
+            .map_err(|e| SessionError::Io(io::Error::other(e.to_string())))?;
+        let nonce = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, random);
+        let (mut client, first) = ScramClient::new(&cfg.account, &cfg.password, &nonce);
+        self.send(&format!("AUTH SCRAM-SHA-256 {first}")).await?;
+        let (code, server_first) = self.reply(self.idle).await?;
+        if code != 334 {
+            return Ok((code, server_first));
+        }
+        let final_msg = match client.server_first(&server_first) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = self.send("*").await;
+                return Err(SessionError::AuthRefused(e.to_string()));
+            }
+        };
+        self.send(&final_msg).await?;
+        let (code, server_final) = self.reply(self.idle).await?;
+        if code != 334 {
+            // A 235 here would mean success without the provider proving itself.
+            return match code {
+                235 => Err(SessionError::AuthRefused(
+                    "provider accepted SCRAM without sending its signature".into(),
+                )),
+                _ => Ok((code, server_final)),
+            };
+        }
+        if let Err(e) = client.server_final(&server_final) {
+            let _ = self.send("*").await;
+            return Err(SessionError::AuthRefused(e.to_string()));
+        }
+        self.send("").await?;
+        self.reply(self.idle).await
+    }
+
+    /// Uploads locally queued outgoing mail before ATRN (authenticated submission on the ODMR
+    /// session). The place for the local submission queue; nothing is queued yet, so this
+    /// sends nothing.
+    async fn upload(&mut self, _cfg: &SessionConfig) -> Result<(), SessionError> {
         Ok(())
     }
 
@@ -320,25 +509,41 @@ impl Client {
         machine_cfg.max_recipients = 10_000;
         machine_cfg.max_line_length = 4096;
         machine_cfg.max_commands_without_progress = 1_000;
+        // The TLS session (if any) carries on across the turnaround; the `with` type says so.
+        machine_cfg.tls_active = self.conn.is_tls();
         let mut machine = Inbound::new(machine_cfg);
-        let directory = RequestedDomains(&cfg.domains);
         let mut got = Received::default();
         let mut input: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut pos = 0;
         loop {
+            let directory = RecipientPolicy {
+                requested: &cfg.domains,
+                sink: &*sink,
+            };
             pos += machine.handle_input(&input[pos..], &directory);
             let mut acted = false;
             while let Some(action) = machine.poll_action() {
                 acted = true;
                 match action {
                     Action::Deliver(message) => {
+                        let id = format!("{:x}.{}", unix_now(), got.messages + 1);
                         let bytes = message.body.len() as u64;
                         let result = sink.deliver(message).await;
-                        if result.is_ok() {
-                            got.messages += 1;
-                            got.bytes += bytes;
+                        match &result {
+                            Ok(()) => {
+                                got.messages += 1;
+                                got.bytes += bytes;
+                            }
+                            Err(reply) => {
+                                got.refused += 1;
+                                tracing::warn!(
+                                    code = reply.code,
+                                    reply = %reply.lines.join(" "),
+                                    "delivery refused a message; it stays held at the provider"
+                                );
+                            }
                         }
-                        machine.stored(result.map(|()| format!("{}", got.messages)));
+                        machine.stored(result.map(|()| id));
                     }
                     Action::StartTls => {
                         return Err(SessionError::Protocol(
@@ -372,19 +577,104 @@ impl Client {
             match tokio::time::timeout(self.idle, self.conn.read_append(&mut input, 64 * 1024))
                 .await
             {
-                Ok(Ok(0)) => return Ok(got),
+                Ok(Ok(0)) => {
+                    // Without QUIT: the provider died or the line dropped. What was delivered
+                    // is safe; the rest is still held, and the session counts as failed.
+                    return Err(SessionError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "provider closed the connection without QUIT after {} messages",
+                            got.messages
+                        ),
+                    )));
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(SessionError::Io(e)),
                 Err(_) => {
+                    tracing::warn!(idle = ?self.idle, "provider stalled after the turnaround");
                     machine.timed_out();
                     self.flush(&mut machine).await?;
-                    return Ok(got);
+                    return Err(SessionError::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "provider silent for {:?} after the turnaround ({} messages taken)",
+                            self.idle, got.messages
+                        ),
+                    )));
                 }
             }
         }
     }
 
-    async fn flush(&mut self, machine: &mut Inbound) -> std::io::Result<()> {
-        self.conn.flush_buffer(machine.output()).await
+    async fn flush(&mut self, machine: &mut Inbound) -> Result<(), SessionError> {
+        match tokio::time::timeout(self.idle, self.conn.flush_buffer(machine.output())).await {
+            Ok(r) => r.map_err(SessionError::Io),
+            Err(_) => Err(stalled_write()),
+        }
+    }
+}
+
+fn stalled_write() -> SessionError {
+    SessionError::Io(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "provider stopped reading (write stalled)",
+    ))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that knows only `known@` recipients.
+    struct KnownOnly;
+
+    impl Sink for KnownOnly {
+        async fn deliver(&mut self, _message: Incoming) -> Result<(), Reply> {
+            Ok(())
+        }
+        fn check_recipient(&self, rcpt: &Mailbox) -> RcptVerdict {
+            if rcpt.local == "known" {
+                RcptVerdict::Accept
+            } else {
+                RcptVerdict::Reject(Reply::with_status(550, (5, 1, 1), "unknown"))
+            }
+        }
+    }
+
+    fn verdict(requested: &[&str], rcpt: &str) -> u16 {
+        let requested: Vec<DomainName> = requested
+            .iter()
+            .map(|d| DomainName::parse(d).unwrap())
+            .collect();
+        let (local, domain) = rcpt.split_once('@').unwrap();
+        let mailbox = Mailbox {
+            local: local.into(),
+            domain: domain.into(),
+        };
+        let policy = RecipientPolicy {
+            requested: &requested,
+            sink: &KnownOnly,
+        };
+        match policy.check_rcpt(&mailbox, None) {
+            RcptVerdict::Accept => 250,
+            RcptVerdict::Reject(r) => r.code,
+        }
+    }
+
+    #[test]
+    fn only_requested_domains_then_the_sinks_recipients() {
+        assert_eq!(verdict(&["office.test"], "known@office.test"), 250);
+        assert_eq!(verdict(&["office.test"], "known@OFFICE.test"), 250);
+        assert_eq!(verdict(&["office.test"], "known@other.test"), 550);
+        assert_eq!(verdict(&["office.test"], "stranger@office.test"), 550);
+        // Bare ATRN: every domain the provider sends is the account's; the sink decides.
+        assert_eq!(verdict(&[], "known@any.test"), 250);
+        assert_eq!(verdict(&[], "stranger@any.test"), 550);
     }
 }

@@ -13,6 +13,7 @@ use crate::proto::inbound::{
     Action, AtrnDecision, Directory, Inbound, InboundConfig, Mode, OdmrConfig, OdmrEvent,
     RcptVerdict, SessionContext,
 };
+use crate::proto::reply::Reply;
 use crate::proto::reversed::{self, Outgoing, Reversed, ReversedConfig};
 use crate::proto::sasl::{Credentials, ScramSecrets};
 use crate::proto::stuff;
@@ -144,12 +145,20 @@ fn assert_canonical(b: &[u8]) {
     );
 }
 
-/// Accepts every recipient.
+/// Accepts every recipient, and every sender of a submission except `<>`.
 struct AcceptAll;
 
 impl Directory for AcceptAll {
     fn check_rcpt(&self, _rcpt: &Mailbox, _declared_size: Option<u64>) -> RcptVerdict {
         RcptVerdict::Accept
+    }
+
+    fn check_sender(&self, account: &str, sender: Option<&Mailbox>) -> Result<(), Reply> {
+        assert_eq!(account, "user");
+        match sender {
+            Some(_) => Ok(()),
+            None => Err(Reply::with_status(450, (4, 7, 1), "Rate limit")),
+        }
     }
 }
 
@@ -188,11 +197,12 @@ impl Credentials for FuzzCreds {
 }
 
 /// Drives an [`Inbound`] machine with `data` as the client's input, in pieces whose size is
-/// taken from the first byte, obeying every action like a real driver: once as the MX and
-/// once as the ODMR listener.
+/// taken from the first byte, obeying every action like a real driver: once as the MX, once
+/// as the ODMR listener and once as a submission listener.
 pub fn inbound(data: &[u8]) {
     inbound_in(data, Mode::Mx);
     inbound_in(data, Mode::Odmr);
+    inbound_in(data, Mode::Submission);
 }
 
 fn inbound_in(data: &[u8], mode: Mode) {
@@ -219,6 +229,7 @@ fn inbound_in(data: &[u8], mode: Mode) {
     };
     let mut m = match mode {
         Mode::Odmr => Inbound::new_odmr(cfg, odmr, context(false)),
+        Mode::Submission => Inbound::new_submission(cfg, odmr, context(false)),
         _ => Inbound::new(cfg),
     };
     let mut reversed = false;
@@ -234,7 +245,7 @@ fn inbound_in(data: &[u8], mode: Mode) {
             output.append(m.output());
             let mut acted = false;
             while let Some(event) = m.poll_event() {
-                assert_eq!(m.mode(), Mode::Odmr);
+                assert_ne!(m.mode(), Mode::Mx);
                 acted = true;
                 match event {
                     OdmrEvent::AuthSucceeded { account } => {
@@ -253,6 +264,7 @@ fn inbound_in(data: &[u8], mode: Mode) {
                         assert!(m.account().is_none());
                     }
                     OdmrEvent::Atrn { account, domains } => {
+                        assert_eq!(m.mode(), Mode::Odmr);
                         assert_eq!(m.account(), Some(account.as_str()));
                         let decision = match domains.len() % 4 {
                             0 => AtrnDecision::Accepted,
@@ -277,6 +289,9 @@ fn inbound_in(data: &[u8], mode: Mode) {
                         assert_canonical(&incoming.body);
                         assert!(incoming.body.len() <= 2048);
                         assert!(!incoming.envelope.recipients.is_empty());
+                        // Mail on the AUTH listeners only from an authenticated account.
+                        let authenticated = m.mode() != Mode::Mx;
+                        assert_eq!(incoming.account.is_some(), authenticated);
                         deliveries += 1;
                         m.stored(Ok(MessageId::new(0, 0, deliveries).to_string()));
                     }

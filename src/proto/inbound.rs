@@ -76,8 +76,10 @@
 //! any state --- QUIT, error or progress limit, sync violation, timed_out() ---> Closed
 //! ```
 //!
-//! In ODMR mode the mail states are unreachable for now (MAIL, RCPT, DATA and BDAT are
-//! refused); RFC 2645's Initial, Authenticated and Reversed states are:
+//! In ODMR and submission mode the mail states above are reached only once authenticated
+//! (MAIL, RCPT, DATA and BDAT are `530 5.7.0` before); a stored message returns to AwaitMail,
+//! from where ODMR's ATRN works as below. RFC 2645's Initial, Authenticated and Reversed
+//! states are:
 //!
 //! ```text
 //!  Initial (session.account = None)              Authenticated (account = Some)
@@ -129,10 +131,11 @@
 //!
 //! ODMR mode (RFC 2645 §5, RFC 4954; codes as in PROTOCOL.md §1):
 //!
-//! - EHLO lists PIPELINING (if configured), ENHANCEDSTATUSCODES, `AUTH` with the configured
-//!   mechanisms usable now ([`Mechanism::check`]: PLAIN, LOGIN and CRAM-MD5 only under TLS
-//!   unless `allow_plaintext_auth`; -PLUS only with exporter bytes; EXTERNAL only with a
-//!   client certificate), `ATRN`, and STARTTLS before TLS. No SIZE: no mail is taken yet.
+//! - EHLO lists the MX's extensions (PIPELINING if configured, SIZE, 8BITMIME, SMTPUTF8,
+//!   ENHANCEDSTATUSCODES, CHUNKING, DSN), `AUTH` with the configured mechanisms usable now
+//!   ([`Mechanism::check`]: PLAIN, LOGIN and CRAM-MD5 only under TLS unless
+//!   `allow_plaintext_auth`; -PLUS only with exporter bytes; EXTERNAL only with a client
+//!   certificate), `ATRN`, and STARTTLS before TLS.
 //! - AUTH before EHLO, after a success, or inside a transaction: `503 5.5.1`. A mechanism not
 //!   configured: `504 5.5.4`; configured but needing TLS: `538 5.7.11`. The exchange's own
 //!   replies are those of [`crate::proto::sasl`]. `235 2.7.0` only after the throttle agreed.
@@ -144,9 +147,16 @@
 //!   pending) is `554 5.5.0` and Close, checked first (turnaround injection, PROTOCOL.md
 //!   §3.4); inside a transaction `503 5.5.1`; not authenticated `530 5.7.0`; bad syntax
 //!   `501 5.5.4`; otherwise the [`AtrnDecision`] picks 250/450/451/453.
-//! - HELO, VRFY, ETRN, EXPN: `502 5.5.1`. MAIL, RCPT, DATA, BDAT: `502 5.5.1` "Mail is not
-//!   accepted on the ODMR port before ATRN" (BDAT's chunk is still consumed). QUIT, NOOP,
-//!   RSET, HELP and STARTTLS work as in MX mode.
+//! - HELO, VRFY, ETRN, EXPN: `502 5.5.1`. QUIT, NOOP, RSET, HELP and STARTTLS work as in MX
+//!   mode.
+//! - Submitted mail (after `235`): MAIL, RCPT, DATA and BDAT as in MX mode, except that the
+//!   [`Directory`] is asked [`Directory::check_sender`] at MAIL and
+//!   [`Directory::check_submit_rcpt`] at RCPT with the account (sender policy, rate limits,
+//!   routing); before `235` all four are `530 5.7.0` (BDAT's chunk is still consumed). The
+//!   [`Incoming`] carries the account; the `with` type ends in `A` (RFC 3848).
+//!
+//! Submission mode ([`Inbound::new_submission`], RFC 6409 / RFC 8314) is ODMR mode without
+//! ATRN (`502 5.5.1`, and not in EHLO); HELO and VRFY work as in MX mode.
 
 use std::collections::VecDeque;
 use std::mem;
@@ -211,10 +221,37 @@ impl InboundConfig {
     }
 }
 
-/// Recipient policy, consulted for every syntactically valid RCPT.
+/// Sender and recipient policy, consulted for every syntactically valid MAIL and RCPT.
 pub trait Directory {
-    /// Decides whether `rcpt` is accepted; `declared_size` is MAIL's SIZE=, if any.
+    /// Decides whether `rcpt` is accepted from an unauthenticated client (the MX);
+    /// `declared_size` is MAIL's SIZE=, if any.
     fn check_rcpt(&self, rcpt: &Mailbox, declared_size: Option<u64>) -> RcptVerdict;
+
+    /// Authenticated submission (ODMR before ATRN, submission ports): may `account` start a
+    /// message from `sender` (`None` is `<>`)? `Err` refuses with that reply (`553 5.7.1` for
+    /// an address that is not the account's, `450 4.7.1` over its message rate). The default
+    /// refuses: a directory that does not implement submission takes none.
+    fn check_sender(&self, account: &str, sender: Option<&Mailbox>) -> Result<(), Reply> {
+        let _ = (account, sender);
+        Err(Reply::with_status(
+            553,
+            (5, 7, 1),
+            "Submission is not available here",
+        ))
+    }
+
+    /// Authenticated submission: decides whether `rcpt` is accepted into `account`'s message,
+    /// which has `accepted` recipients so far. The default applies [`Directory::check_rcpt`].
+    fn check_submit_rcpt(
+        &self,
+        account: &str,
+        rcpt: &Mailbox,
+        accepted: usize,
+        declared_size: Option<u64>,
+    ) -> RcptVerdict {
+        let _ = (account, accepted);
+        self.check_rcpt(rcpt, declared_size)
+    }
 }
 
 /// The answer of a [`Directory`].
@@ -249,6 +286,9 @@ pub struct Incoming {
     pub helo: String,
     /// The RFC 3848 "with" type for the `Received:` field ("ESMTP", "ESMTPS", ...).
     pub protocol: &'static str,
+    /// The authenticated account that submitted it (ODMR and submission mode), for the
+    /// `Received:` field and the per-account rate limits.
+    pub account: Option<String>,
 }
 
 /// Which service the machine provides; chosen by the constructor ([`Inbound::new`] or
@@ -258,8 +298,10 @@ pub struct Incoming {
 pub enum Mode {
     /// The MX: takes mail for hosted domains. AUTH, ATRN and ETRN are `502`.
     Mx,
-    /// The provider's ODMR listener (RFC 2645 §5): EHLO, AUTH, ATRN, QUIT.
+    /// The provider's ODMR listener (RFC 2645 §5): EHLO, AUTH, mail after AUTH, ATRN, QUIT.
     Odmr,
+    /// A submission listener (RFC 6409): EHLO, AUTH, then mail from the account's addresses.
+    Submission,
 }
 
 /// Settings of the ODMR mode that the MX does not have.
@@ -456,8 +498,10 @@ enum Phase {
 #[derive(Debug)]
 pub struct Inbound {
     cfg: InboundConfig,
-    /// Set in ODMR mode.
-    odmr: Option<Box<OdmrConfig>>,
+    /// The service; fixed by the constructor.
+    mode: Mode,
+    /// The AUTH settings; set in ODMR and submission mode.
+    auth: Option<Box<OdmrConfig>>,
     context: SessionContext,
     phase: Phase,
     session: Session,
@@ -486,7 +530,8 @@ impl Inbound {
                 ..Session::default()
             },
             cfg,
-            odmr: None,
+            mode: Mode::Mx,
+            auth: None,
             context: SessionContext::default(),
             phase: Phase::AwaitHelo,
             out: Vec::with_capacity(512),
@@ -505,17 +550,24 @@ impl Inbound {
     /// the driver's [`SessionContext`]; the 220 greeting is already in the output.
     pub fn new_odmr(cfg: InboundConfig, odmr: OdmrConfig, context: SessionContext) -> Self {
         let mut m = Inbound::new(cfg);
-        m.odmr = Some(Box::new(odmr));
+        m.mode = Mode::Odmr;
+        m.auth = Some(Box::new(odmr));
         m.context = context;
+        m
+    }
+
+    /// A machine for a new connection of a submission listener (RFC 6409: port 587 with
+    /// STARTTLS, RFC 8314: port 465 with implicit TLS). `auth` holds the same AUTH settings as
+    /// the ODMR listener's; the 220 greeting is already in the output.
+    pub fn new_submission(cfg: InboundConfig, auth: OdmrConfig, context: SessionContext) -> Self {
+        let mut m = Inbound::new_odmr(cfg, auth, context);
+        m.mode = Mode::Submission;
         m
     }
 
     /// The service this machine provides.
     pub fn mode(&self) -> Mode {
-        match self.odmr {
-            Some(_) => Mode::Odmr,
-            None => Mode::Mx,
-        }
+        self.mode
     }
 
     /// Replaces the session context: after [`Inbound::tls_started`] (exporter bytes, client
@@ -659,7 +711,7 @@ impl Inbound {
                 self.reply(sasl::bad_credentials());
             }
         }
-        let max = self.odmr.as_ref().map_or(u32::MAX, |o| o.max_auth_failures);
+        let max = self.auth.as_ref().map_or(u32::MAX, |o| o.max_auth_failures);
         if self.auth_failures >= max && self.session.account.is_none() {
             let why = "Too many authentication failures";
             reply::shutting_down(&self.cfg.hostname, why).write_to(&mut self.out);
@@ -819,7 +871,9 @@ impl Inbound {
                 return;
             }
         };
-        let odmr = self.odmr.is_some();
+        let odmr = self.mode == Mode::Odmr;
+        // ODMR and submission: mail only from an authenticated account (RFC 6409 §4.3).
+        let needs_auth = self.auth.is_some() && self.session.account.is_none();
         if more_input && odmr && matches!(cmd, Command::Atrn(_)) {
             return self.atrn_pipelined();
         }
@@ -837,11 +891,11 @@ impl Inbound {
         match cmd {
             Command::Ehlo(name) => self.ehlo(name, true),
             Command::Helo(_) | Command::Vrfy(_) if odmr => self.reply(reply::not_implemented()),
-            Command::Mail { .. } | Command::Rcpt { .. } | Command::Data if odmr => {
-                self.reply(odmr_no_mail())
+            Command::Mail { .. } | Command::Rcpt { .. } | Command::Data if needs_auth => {
+                self.reply(auth_required())
             }
             Command::Helo(name) => self.ehlo(name, false),
-            Command::Mail { sender, params } => self.mail(sender, params),
+            Command::Mail { sender, params } => self.mail(sender, params, dir),
             Command::Rcpt {
                 mailbox,
                 notify,
@@ -866,7 +920,12 @@ impl Inbound {
             Command::Help if odmr => self.reply(Reply::with_status(
                 214,
                 (2, 0, 0),
-                "Commands: EHLO AUTH ATRN STARTTLS RSET NOOP QUIT HELP",
+                "Commands: EHLO AUTH MAIL RCPT DATA BDAT ATRN STARTTLS RSET NOOP QUIT HELP",
+            )),
+            Command::Help if self.mode == Mode::Submission => self.reply(Reply::with_status(
+                214,
+                (2, 0, 0),
+                "Commands: EHLO HELO AUTH MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
             )),
             Command::Help => self.reply(Reply::with_status(
                 214,
@@ -874,7 +933,9 @@ impl Inbound {
                 "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
             )),
             Command::StartTls => self.starttls(),
-            Command::Auth { mechanism, initial } if odmr => self.auth(&mechanism, initial, creds),
+            Command::Auth { mechanism, initial } if self.auth.is_some() => {
+                self.auth(&mechanism, initial, creds)
+            }
             Command::Atrn(domains) if odmr => self.atrn(domains),
             Command::Auth { .. } | Command::Atrn(_) | Command::Etrn(_) => {
                 self.reply(reply::not_implemented())
@@ -902,47 +963,44 @@ impl Inbound {
             self.reply(Reply::new(250, None, host));
             return;
         }
-        if let Some(odmr) = &self.odmr {
-            let random = [0; 32];
-            let ctx = self.sasl_context(odmr, &random);
-            let mechs: Vec<&str> = odmr
-                .auth_mechanisms
-                .iter()
-                .filter(|m| m.check(&ctx).is_ok())
-                .map(|m| m.name())
-                .collect();
-            let mut lines: Vec<std::borrow::Cow<'static, str>> = vec![host.into()];
-            if self.cfg.pipelining {
-                lines.push("PIPELINING".into());
-            }
-            lines.push("ENHANCEDSTATUSCODES".into());
-            if !mechs.is_empty() {
-                lines.push(format!("AUTH {}", mechs.join(" ")).into());
-            }
-            lines.push("ATRN".into());
-            if self.cfg.tls_available && !self.session.tls {
-                lines.push("STARTTLS".into());
-            }
-            return self.reply(Reply {
-                code: 250,
-                status: None,
-                lines,
-            });
-        }
         let c = &self.cfg;
         let size = format!("SIZE {}", c.max_message_size);
-        let offers: [(bool, std::borrow::Cow<'static, str>); 8] = [
+        let starttls = c.tls_available && !self.session.tls;
+        let mut lines: Vec<std::borrow::Cow<'static, str>> = vec![host.into()];
+        let offers: [(bool, std::borrow::Cow<'static, str>); 6] = [
             (c.pipelining, "PIPELINING".into()),
             (true, size.into()),
             (true, "8BITMIME".into()),
             (c.smtputf8, "SMTPUTF8".into()),
             (true, "ENHANCEDSTATUSCODES".into()),
             (c.chunking, "CHUNKING".into()),
-            (c.tls_available && !self.session.tls, "STARTTLS".into()),
-            (true, "DSN".into()),
         ];
-        let mut lines = vec![host.into()];
         lines.extend(offers.into_iter().filter(|(on, _)| *on).map(|(_, ext)| ext));
+        if let Some(auth) = &self.auth {
+            let random = [0; 32];
+            let ctx = self.sasl_context(auth, &random);
+            let mechs: Vec<&str> = auth
+                .auth_mechanisms
+                .iter()
+                .filter(|m| m.check(&ctx).is_ok())
+                .map(|m| m.name())
+                .collect();
+            lines.push("DSN".into());
+            if !mechs.is_empty() {
+                lines.push(format!("AUTH {}", mechs.join(" ")).into());
+            }
+            if self.mode == Mode::Odmr {
+                lines.push("ATRN".into());
+            }
+            if starttls {
+                lines.push("STARTTLS".into());
+            }
+        } else {
+            if starttls {
+                lines.push("STARTTLS".into());
+            }
+            lines.push("DSN".into());
+        }
         self.reply(Reply {
             code: 250,
             status: None,
@@ -950,7 +1008,7 @@ impl Inbound {
         });
     }
 
-    fn mail(&mut self, sender: Option<Mailbox>, params: MailParams) {
+    fn mail(&mut self, sender: Option<Mailbox>, params: MailParams, dir: &dyn Directory) {
         match self.phase {
             Phase::AwaitHelo => return self.reply(reply::bad_sequence("Send EHLO or HELO first")),
             Phase::AwaitRcpt(_) => return self.reply(reply::bad_sequence("Nested MAIL command")),
@@ -970,6 +1028,11 @@ impl Inbound {
         }
         if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
             return self.reply(too_big());
+        }
+        if let Some(account) = &self.session.account {
+            if let Err(r) = dir.check_sender(account, sender.as_ref()) {
+                return self.reply(r);
+            }
         }
         let envelope = Envelope {
             sender,
@@ -1018,7 +1081,16 @@ impl Inbound {
             // `<postmaster>` (RFC 5321 §4.1.1.3) is our own postmaster.
             mailbox.domain = self.cfg.hostname.trim_end_matches('.').to_lowercase();
         }
-        match dir.check_rcpt(&mailbox, txn.declared_size) {
+        let verdict = match &self.session.account {
+            Some(account) => dir.check_submit_rcpt(
+                account,
+                &mailbox,
+                txn.envelope.recipients.len(),
+                txn.declared_size,
+            ),
+            None => dir.check_rcpt(&mailbox, txn.declared_size),
+        };
+        match verdict {
             RcptVerdict::Accept => {
                 if let Phase::AwaitRcpt(txn) = &mut self.phase {
                     txn.envelope.recipients.push(Recipient {
@@ -1055,7 +1127,7 @@ impl Inbound {
 
     fn bdat(&mut self, size: u64, last: bool) {
         let refusal = match &self.phase {
-            _ if self.odmr.is_some() => Some(odmr_no_mail()),
+            _ if self.auth.is_some() && self.session.account.is_none() => Some(auth_required()),
             Phase::AwaitHelo => Some(reply::bad_sequence("Send EHLO first")),
             _ if !(self.session.esmtp && self.cfg.chunking) => {
                 Some(Reply::with_status(502, (5, 5, 1), "CHUNKING not offered"))
@@ -1152,6 +1224,7 @@ impl Inbound {
             body,
             helo: self.session.helo.clone().unwrap_or_default(),
             protocol: protocol.with_type(),
+            account: self.session.account.clone(),
         }));
     }
 
@@ -1207,7 +1280,7 @@ impl Inbound {
         if let Some(r) = refusal {
             return self.reply(r);
         }
-        let Some(odmr) = self.odmr.as_deref() else {
+        let Some(odmr) = self.auth.as_deref() else {
             return self.reply(reply::not_implemented());
         };
         let Some(mech) = Mechanism::parse(mechanism).filter(|m| odmr.auth_mechanisms.contains(m))
@@ -1289,11 +1362,7 @@ impl Inbound {
             return self.reply(reply::bad_sequence("Mail transaction in progress"));
         }
         let Some(account) = self.session.account.clone() else {
-            return self.reply(Reply::with_status(
-                530,
-                (5, 7, 0),
-                "Authentication required",
-            ));
+            return self.reply(auth_required());
         };
         self.idle = 0;
         self.phase = Phase::AwaitAtrn { early: false };
@@ -1336,13 +1405,9 @@ fn attempt_random(random: &[u8; 32], n: u32) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// `502 5.5.1` for mail commands on the ODMR listener.
-fn odmr_no_mail() -> Reply {
-    Reply::with_status(
-        502,
-        (5, 5, 1),
-        "Mail is not accepted on the ODMR port before ATRN",
-    )
+/// `530 5.7.0` (RFC 4954 §6): mail or ATRN before AUTH on the ODMR and submission listeners.
+fn auth_required() -> Reply {
+    Reply::with_status(530, (5, 7, 0), "Authentication required")
 }
 
 /// `552 5.3.4`: over the SIZE limit (at MAIL or at the end of the message).
@@ -1388,6 +1453,34 @@ mod tests {
                 _ => RcptVerdict::Reject(Reply::with_status(550, (5, 7, 1), "Relay access denied")),
             }
         }
+
+        /// "user" sends from example.org (or `<>`); `limited@` is over its message rate.
+        fn check_sender(&self, account: &str, sender: Option<&Mailbox>) -> Result<(), Reply> {
+            match sender.map(|s| (s.local.as_str(), s.domain.as_str())) {
+                Some(("limited", _)) => {
+                    Err(Reply::with_status(450, (4, 7, 1), "Message rate limit"))
+                }
+                None | Some((_, "example.org")) if account == "user" => Ok(()),
+                _ => Err(Reply::with_status(553, (5, 7, 1), "Not your address")),
+            }
+        }
+
+        /// Three recipients per message; example.org is hosted (MX rules), the rest outbound.
+        fn check_submit_rcpt(
+            &self,
+            _account: &str,
+            rcpt: &Mailbox,
+            accepted: usize,
+            declared: Option<u64>,
+        ) -> RcptVerdict {
+            if accepted >= 3 {
+                return RcptVerdict::Reject(Reply::with_status(452, (4, 5, 3), "Rate limit"));
+            }
+            match rcpt.domain.as_str() {
+                "example.org" | "mx.example" => self.check_rcpt(rcpt, declared),
+                _ => RcptVerdict::Accept,
+            }
+        }
     }
 
     /// What a session produced, independent of how the input was split.
@@ -1405,12 +1498,17 @@ mod tests {
     struct Setup {
         cfg: InboundConfig,
         odmr: Option<(OdmrConfig, SessionContext)>,
+        /// With `odmr` set: a submission machine with those AUTH settings instead.
+        submission: bool,
     }
 
     impl Setup {
         fn machine(&self) -> Inbound {
             match &self.odmr {
                 None => Inbound::new(self.cfg.clone()),
+                Some((o, ctx)) if self.submission => {
+                    Inbound::new_submission(self.cfg.clone(), o.clone(), ctx.clone())
+                }
                 Some((o, ctx)) => Inbound::new_odmr(self.cfg.clone(), o.clone(), ctx.clone()),
             }
         }
@@ -1619,6 +1717,7 @@ mod tests {
             &Setup {
                 cfg: cfg.clone(),
                 odmr: None,
+                submission: false,
             },
             script,
         )
@@ -1653,6 +1752,7 @@ mod tests {
             &Setup {
                 cfg: cfg.clone(),
                 odmr: None,
+                submission: false,
             },
             script,
         )
@@ -2362,6 +2462,7 @@ mod tests {
                 },
                 context(tls, 1_700_000_000),
             )),
+            submission: false,
         }
     }
 
@@ -2370,7 +2471,12 @@ mod tests {
         C: EHLO customer.example
         S: 250-mx.example
         S: 250-PIPELINING
+        S: 250-SIZE 1000
+        S: 250-8BITMIME
+        S: 250-SMTPUTF8
         S: 250-ENHANCEDSTATUSCODES
+        S: 250-CHUNKING
+        S: 250-DSN
         S: 250-AUTH SCRAM-SHA-256-PLUS SCRAM-SHA-256 EXTERNAL CRAM-MD5 PLAIN LOGIN
         S: 250 ATRN";
 
@@ -2423,7 +2529,12 @@ mod tests {
                 "C: EHLO c
                  S: 250-mx.example
                  S: 250-PIPELINING
+                 S: 250-SIZE 1000
+                 S: 250-8BITMIME
+                 S: 250-SMTPUTF8
                  S: 250-ENHANCEDSTATUSCODES
+                 S: 250-CHUNKING
+                 S: 250-DSN
                  S: 250-AUTH {auth}
                  S: 250-ATRN
                  S: 250 STARTTLS"
@@ -2467,7 +2578,12 @@ mod tests {
                  C: EHLO c
                  S: 250-mx.example
                  S: 250-PIPELINING
+                 S: 250-SIZE 1000
+                 S: 250-8BITMIME
+                 S: 250-SMTPUTF8
                  S: 250-ENHANCEDSTATUSCODES
+                 S: 250-CHUNKING
+                 S: 250-DSN
                  S: 250-AUTH SCRAM-SHA-256-PLUS SCRAM-SHA-256 EXTERNAL CRAM-MD5 PLAIN LOGIN
                  S: 250 ATRN
                  C: ATRN
@@ -2676,27 +2792,27 @@ mod tests {
     }
 
     #[test]
-    fn odmr_refuses_other_commands() {
+    fn odmr_refuses_mail_before_auth_and_other_commands() {
         check_in(
             &odmr_setup(true, false),
             &odmr_session(
                 "C: HELO c
                  S: 502 5.5.1 Command not implemented
                  C: MAIL FROM:<a@b.example>
-                 S: 502 5.5.1 Mail is not accepted on the ODMR port before ATRN
+                 S: 530 5.7.0 Authentication required
                  C: RCPT TO:<u@example.org>
-                 S: 502 5.5.1 Mail is not accepted on the ODMR port before ATRN
+                 S: 530 5.7.0 Authentication required
                  C: DATA
-                 S: 502 5.5.1 Mail is not accepted on the ODMR port before ATRN
+                 S: 530 5.7.0 Authentication required
                  C: BDAT 6 LAST
                  C: QUIT
-                 S: 502 5.5.1 Mail is not accepted on the ODMR port before ATRN
+                 S: 530 5.7.0 Authentication required
                  C: VRFY x
                  S: 502 5.5.1 Command not implemented
                  C: ETRN example.org
                  S: 502 5.5.1 Command not implemented
                  C: HELP
-                 S: 214 2.0.0 Commands: EHLO AUTH ATRN STARTTLS RSET NOOP QUIT HELP
+                 S: 214 2.0.0 Commands: EHLO AUTH MAIL RCPT DATA BDAT ATRN STARTTLS RSET NOOP QUIT HELP
                  C: NOOP
                  S: 250 2.0.0 Ok
                  C: RSET
@@ -2790,5 +2906,292 @@ mod tests {
         assert_eq!(m.output(), b"503 5.5.1 Mail transaction in progress\r\n");
         assert_eq!(m.mode(), Mode::Odmr);
         assert_eq!(Inbound::new(cfg()).mode(), Mode::Mx);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Authenticated submission: ODMR before ATRN, and the submission listeners
+    // -----------------------------------------------------------------------------------------
+
+    fn submission_setup(tls: bool, allow_plaintext_auth: bool) -> Setup {
+        Setup {
+            submission: true,
+            ..odmr_setup(tls, allow_plaintext_auth)
+        }
+    }
+
+    const SUBMISSION_EHLO_TLS: &str = "
+        S: 220 mx.example ESMTP turnpike
+        C: EHLO laptop.example
+        S: 250-mx.example
+        S: 250-PIPELINING
+        S: 250-SIZE 1000
+        S: 250-8BITMIME
+        S: 250-SMTPUTF8
+        S: 250-ENHANCEDSTATUSCODES
+        S: 250-CHUNKING
+        S: 250-DSN
+        S: 250 AUTH SCRAM-SHA-256-PLUS SCRAM-SHA-256 EXTERNAL CRAM-MD5 PLAIN LOGIN";
+
+    #[test]
+    fn odmr_takes_mail_after_auth_then_atrn_still_works() {
+        let run = check_in(
+            &odmr_setup(true, false),
+            &odmr_session(&format!(
+                "C: AUTH PLAIN {plain}
+                 S: 235 2.7.0 Authentication successful
+                 C: MAIL FROM:<me@example.org>
+                 C: RCPT TO:<u@example.org>
+                 C: RCPT TO:<x@foreign.example>
+                 C: DATA
+                 S: 250 2.1.0 Ok
+                 S: 250 2.1.5 Ok
+                 S: 250 2.1.5 Ok
+                 S: 354 End data with <CR><LF>.<CR><LF>
+                 C: Subject: out
+                 C:
+                 C: body
+                 C: .
+                 S: 250 2.0.0 Ok queued as Q1
+                 C: MAIL FROM:<>
+                 C: RCPT TO:<y@foreign.example>
+                 C: BDAT 5 LAST
+                 C: x\\ny
+                 S: 250 2.1.0 Ok
+                 S: 250 2.1.5 Ok
+                 S: 550 5.5.2 Message refused: bare CR or LF, lines must end in CRLF
+                 C: MAIL FROM:<>
+                 C: RCPT TO:<y@foreign.example>
+                 C: BDAT 4 LAST
+                 C: ok
+                 S: 250 2.1.0 Ok
+                 S: 250 2.1.5 Ok
+                 S: 250 2.0.0 Ok queued as Q2
+                 C: ATRN
+                 S: 250 2.0.0 OK, turning around",
+                plain = b64("\0user\0pencil")
+            )),
+        );
+        assert!(run.reversed && !run.closed);
+        assert_eq!(run.delivered.len(), 2);
+        let first = &run.delivered[0];
+        assert_eq!(first.account.as_deref(), Some("user"));
+        assert_eq!(first.protocol, "ESMTPSA");
+        assert_eq!(first.body, b"Subject: out\r\n\r\nbody\r\n");
+        let rcpts: Vec<String> = first
+            .envelope
+            .recipients
+            .iter()
+            .map(|r| r.mailbox.to_string())
+            .collect();
+        assert_eq!(rcpts, ["u@example.org", "x@foreign.example"]);
+        assert_eq!(run.delivered[1].envelope.sender, None);
+        assert_eq!(run.delivered[1].body, b"ok\r\n");
+    }
+
+    #[test]
+    fn odmr_atrn_inside_a_submitted_transaction_is_503() {
+        check_in(
+            &odmr_setup(true, false),
+            &odmr_session(&format!(
+                "C: AUTH PLAIN {plain}
+                 S: 235 2.7.0 Authentication successful
+                 C: MAIL FROM:<me@example.org>
+                 S: 250 2.1.0 Ok
+                 C: ATRN
+                 S: 503 5.5.1 Mail transaction in progress
+                 C: RSET
+                 S: 250 2.0.0 Ok
+                 C: ATRN
+                 S: 250 2.0.0 OK, turning around",
+                plain = b64("\0user\0pencil")
+            )),
+        );
+    }
+
+    #[test]
+    fn submission_policy_replies_leave_the_session_usable() {
+        for setup in [odmr_setup(true, false), submission_setup(true, false)] {
+            let run = check_in(
+                &setup,
+                &format!(
+                    "S: 220 mx.example ESMTP turnpike
+                     C: EHLO c
+                     {ehlo}
+                     C: AUTH PLAIN {plain}
+                     S: 235 2.7.0 Authentication successful
+                     C: MAIL FROM:<someone@elsewhere.example>
+                     S: 553 5.7.1 Not your address
+                     C: MAIL FROM:<limited@example.org>
+                     S: 450 4.7.1 Message rate limit
+                     C: MAIL FROM:<me@example.org>
+                     C: RCPT TO:<a@example.org>
+                     C: RCPT TO:<b@one.example>
+                     C: RCPT TO:<full@example.org>
+                     C: RCPT TO:<c@two.example>
+                     C: RCPT TO:<d@three.example>
+                     C: DATA
+                     S: 250 2.1.0 Ok
+                     S: 250 2.1.5 Ok
+                     S: 250 2.1.5 Ok
+                     S: 452 4.2.2 Mailbox full
+                     S: 250 2.1.5 Ok
+                     S: 452 4.5.3 Rate limit
+                     S: 354 End data with <CR><LF>.<CR><LF>
+                     C: x
+                     C: .
+                     S: 250 2.0.0 Ok queued as Q1",
+                    // Everything but the greeting, whatever the mode offers.
+                    ehlo = {
+                        let r = drive(&setup, &[vec![b"EHLO c\r\n".as_slice()]]).output;
+                        r.lines()
+                            .skip(1)
+                            .map(|l| format!("S: {l}\n"))
+                            .collect::<String>()
+                    },
+                    plain = b64("\0user\0pencil"),
+                ),
+            );
+            let rcpts: Vec<String> = run.delivered[0]
+                .envelope
+                .recipients
+                .iter()
+                .map(|r| r.mailbox.to_string())
+                .collect();
+            assert_eq!(rcpts, ["a@example.org", "b@one.example", "c@two.example"]);
+        }
+    }
+
+    #[test]
+    fn submission_offers_auth_not_atrn_and_wants_auth_for_mail() {
+        let plain = b64("\0user\0pencil");
+        check_in(
+            &submission_setup(true, false),
+            &format!(
+                "{SUBMISSION_EHLO_TLS}
+                 C: MAIL FROM:<me@example.org>
+                 S: 530 5.7.0 Authentication required
+                 C: RCPT TO:<a@example.org>
+                 S: 530 5.7.0 Authentication required
+                 C: BDAT 3 LAST
+                 C: x
+                 S: 530 5.7.0 Authentication required
+                 C: ATRN
+                 S: 502 5.5.1 Command not implemented
+                 C: HELP
+                 S: 214 2.0.0 Commands: EHLO HELO AUTH MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS
+                 C: AUTH PLAIN {plain}
+                 S: 235 2.7.0 Authentication successful
+                 C: MAIL FROM:<me@example.org>
+                 S: 250 2.1.0 Ok
+                 C: RCPT TO:<a@anywhere.example>
+                 S: 250 2.1.5 Ok
+                 C: QUIT
+                 S: 221 2.0.0 Bye"
+            ),
+        );
+        // HELO works too, and AUTH after it (RFC 6409 does not require EHLO).
+        check_in(
+            &submission_setup(true, false),
+            &format!(
+                "S: 220 mx.example ESMTP turnpike
+                 C: HELO laptop.example
+                 S: 250 mx.example
+                 C: AUTH PLAIN {plain}
+                 S: 235 2.7.0 Authentication successful
+                 C: MAIL FROM:<me@example.org>
+                 S: 250 2.1.0 Ok"
+            ),
+        );
+    }
+
+    #[test]
+    fn submission_starttls_and_plaintext_policy() {
+        let plain = b64("\0user\0pencil");
+        let ehlo = |auth: &str| {
+            format!(
+                "C: EHLO c
+                 S: 250-mx.example
+                 S: 250-PIPELINING
+                 S: 250-SIZE 1000
+                 S: 250-8BITMIME
+                 S: 250-SMTPUTF8
+                 S: 250-ENHANCEDSTATUSCODES
+                 S: 250-CHUNKING
+                 S: 250-DSN
+                 S: 250-AUTH {auth}
+                 S: 250 STARTTLS"
+            )
+        };
+        // Port 587 before STARTTLS: plaintext mechanisms hidden and refused; after it, offered.
+        let run = check_whole_in(
+            &submission_setup(false, false),
+            &format!(
+                "S: 220 mx.example ESMTP turnpike
+                 {ehlo}
+                 C: AUTH PLAIN {plain}
+                 S: 538 5.7.11 Encryption required for requested authentication mechanism
+                 C: MAIL FROM:<me@example.org>
+                 S: 530 5.7.0 Authentication required
+                 C: STARTTLS
+                 S: 220 2.0.0 Ready to start TLS
+                 {ehlo_tls}
+                 C: AUTH PLAIN {plain}
+                 S: 235 2.7.0 Authentication successful",
+                ehlo = ehlo("SCRAM-SHA-256"),
+                ehlo_tls = SUBMISSION_EHLO_TLS
+                    .replace("S: 220 mx.example ESMTP turnpike", "")
+                    .replace("EHLO laptop.example", "EHLO c"),
+            ),
+        );
+        assert!(run.tls_started);
+        // Plaintext allowed: AUTH before STARTTLS works, and STARTTLS forgets it.
+        check_whole_in(
+            &submission_setup(false, true),
+            &format!(
+                "S: 220 mx.example ESMTP turnpike
+                 {ehlo}
+                 C: AUTH PLAIN {plain}
+                 S: 235 2.7.0 Authentication successful
+                 C: STARTTLS
+                 S: 220 2.0.0 Ready to start TLS
+                 C: EHLO c
+                 S: 250-mx.example
+                 S: 250-PIPELINING
+                 S: 250-SIZE 1000
+                 S: 250-8BITMIME
+                 S: 250-SMTPUTF8
+                 S: 250-ENHANCEDSTATUSCODES
+                 S: 250-CHUNKING
+                 S: 250-DSN
+                 S: 250 AUTH SCRAM-SHA-256-PLUS SCRAM-SHA-256 EXTERNAL CRAM-MD5 PLAIN LOGIN
+                 C: MAIL FROM:<me@example.org>
+                 S: 530 5.7.0 Authentication required",
+                ehlo = ehlo("SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN"),
+            ),
+        );
+        assert_eq!(
+            submission_setup(true, false).machine().mode(),
+            Mode::Submission
+        );
+    }
+
+    #[test]
+    fn submission_auth_failures_close_like_odmr() {
+        let run = check_in(
+            &submission_setup(true, false),
+            &format!(
+                "{SUBMISSION_EHLO_TLS}
+                 C: AUTH PLAIN {wrong}
+                 S: 535 5.7.8 Authentication credentials invalid
+                 C: AUTH PLAIN {locked}
+                 S: 454 4.7.0 Temporary authentication failure, try again later
+                 C: AUTH PLAIN {wrong}
+                 S: 535 5.7.8 Authentication credentials invalid
+                 S: 421 4.7.0 mx.example Too many authentication failures, closing connection",
+                wrong = b64("\0user\0wrong"),
+                locked = b64("\0locked\0pencil"),
+            ),
+        );
+        assert!(run.closed && run.delivered.is_empty());
     }
 }

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! Received: from client.example ([192.0.2.1])
-//!     by mx.example with ESMTPS id 0123abcd
+//!     (authenticated as acme)             <- only for submitted mail
+//!     by mx.example with ESMTPSA id 0123abcd
 //!     for <user@example.org>;
 //!     Tue, 14 Nov 2023 22:13:20 +0000
 //! ```
@@ -34,7 +35,7 @@ pub struct Protocol {
 }
 
 impl Protocol {
-    /// The registered "with" type: SMTP, ESMTP[S][A] (RFC 3848) or UTF8SMTP[S][A] (RFC 6531).
+    /// The registered "with" type: SMTP, `ESMTP[S][A]` (RFC 3848) or `UTF8SMTP[S][A]` (RFC 6531).
     pub fn with_type(self) -> &'static str {
         if !self.esmtp {
             return "SMTP";
@@ -67,6 +68,9 @@ pub struct Trace<'a> {
     pub recipient: Option<&'a Mailbox>,
     /// Our queue / message id.
     pub id: &'a str,
+    /// The authenticated account that submitted the message (RFC 4954 §7 recommends
+    /// recording it), as a comment after the `from` clause.
+    pub account: Option<&'a str>,
     /// When the message was accepted, in unix seconds.
     pub unix_secs: u64,
 }
@@ -79,8 +83,12 @@ pub fn received(t: &Trace<'_>) -> String {
     } else {
         format!("[{ip}]")
     };
+    let account = t
+        .account
+        .map(|a| format!("\r\n\t(authenticated as {})", clean(a, 255)))
+        .unwrap_or_default();
     let mut out = format!(
-        "Received: from {} ({literal})\r\n\tby {} with {} id {}",
+        "Received: from {} ({literal}){account}\r\n\tby {} with {} id {}",
         clean(t.helo, 255),
         clean(t.host, 255),
         clean(t.protocol, 32),
@@ -205,6 +213,7 @@ mod tests {
             protocol: "ESMTPS",
             recipient: Some(&rcpt),
             id: "0123abcd",
+            account: None,
             unix_secs: 1_700_000_000,
         };
         assert_eq!(
@@ -220,6 +229,17 @@ mod tests {
         let field = received(&v6);
         assert!(field.starts_with("Received: from client.example ([IPv6:2001:db8::1])\r\n"));
         assert!(received(&v6).contains("id 0123abcd;\r\n\tTue"));
+        let submitted = Trace {
+            protocol: "ESMTPSA",
+            account: Some("acme"),
+            ..t
+        };
+        assert_eq!(
+            received(&submitted),
+            "Received: from client.example ([192.0.2.1])\r\n\t(authenticated as acme)\r\n\tby \
+             mx.example with ESMTPSA id 0123abcd\r\n\tfor <user@example.org>;\r\n\tTue, 14 Nov \
+             2023 22:13:20 +0000\r\n"
+        );
     }
 
     #[test]
@@ -237,6 +257,7 @@ mod tests {
             protocol: "ESMTP",
             recipient: Some(&rcpt),
             id: "id\r\nX-Injected: yes",
+            account: Some("acme) (by forged.example"),
             unix_secs: 0,
         };
         let field = received(&t);

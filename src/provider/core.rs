@@ -120,6 +120,8 @@ pub enum MeshMsg {
     Query(Query, std::sync::mpsc::Sender<QueryAnswer>),
     /// New hosted-domain snapshot after a reload.
     Reload(Arc<Hosted>),
+    /// An operator's request to this core's outbound relay.
+    Relay(crate::relay::Command),
     /// Stop accepting and wind down.
     Shutdown,
 }
@@ -158,8 +160,11 @@ pub struct Shared {
     pub mesh: Arc<Mesh<MeshMsg>>,
     /// Connection admission.
     pub limiter: Arc<Limiter>,
-    /// TLS server config for STARTTLS.
+    /// TLS server config of the MX (no client certificate requested).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS server config of the authenticating listeners (ODMR, submission): the same
+    /// identity, plus an optional client certificate for SASL EXTERNAL.
+    pub tls_client_certs: Option<Arc<rustls::ServerConfig>>,
     /// Quota counters by domain.
     pub counters: Arc<CounterTable>,
     /// The I/O driver every core runs.
@@ -170,6 +175,8 @@ pub struct Shared {
     pub last_atrn: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// Source of ATRN session ids (lease owners).
     pub sessions: std::sync::atomic::AtomicU64,
+    /// Per-account submission counts for the `[submission]` rate limits (all cores).
+    pub submit_rates: std::sync::Mutex<super::submit::Rates>,
 }
 
 impl Shared {
@@ -229,6 +236,8 @@ pub struct Core {
     pub metrics: RefCell<metrics::CoreMetrics>,
     /// ATRN and delivery history of the domains this core shards, for the metrics gauges.
     activity: RefCell<HashMap<DomainName, Activity>>,
+    /// The outgoing relay's schedule for the outbound domains this core shards.
+    pub relay: crate::relay::Relay,
     shutdown: tokio::sync::Notify,
     stopping: Cell<bool>,
 }
@@ -262,6 +271,7 @@ impl Core {
             metrics: RefCell::new(metrics::CoreMetrics::new()),
             throttle: RefCell::new(crate::proto::throttle::Throttle::new(Default::default())),
             activity: RefCell::new(HashMap::new()),
+            relay: Default::default(),
             shutdown: tokio::sync::Notify::new(),
             stopping: Cell::new(false),
         })
@@ -343,6 +353,7 @@ impl Core {
             protocol: incoming.protocol,
             recipient: single_recipient(&incoming),
             id: &id.to_string(),
+            account: incoming.account.as_deref(),
             unix_secs: now.as_secs(),
         });
         let mut body = Vec::with_capacity(received.len() + incoming.body.len());
@@ -423,6 +434,9 @@ impl Core {
                     if let Some(push) = session.and_then(|s| self.pushes.borrow().get(&s).cloned())
                     {
                         let _ = push.send(part.clone());
+                    }
+                    if crate::relay::is_outbound(&self, &part.domain) {
+                        self.relay.queued(&part.domain);
                     }
                     self.index_shard.borrow_mut().insert(part);
                 }
@@ -542,7 +556,9 @@ impl Core {
                         "hosted domains reloaded"
                     );
                     *self.hosted.borrow_mut() = h;
+                    self.relay.rescan();
                 }
+                MeshMsg::Relay(cmd) => crate::relay::handle(&self, cmd),
                 MeshMsg::Shutdown => {
                     self.stopping.set(true);
                     self.shutdown.notify_waiters();
@@ -568,6 +584,8 @@ impl Core {
                 out.extend(index.parts(&domain).filter(|p| p.expired).cloned());
             }
         }
+        // A part the relay is delivering right now is settled by the relay.
+        out.retain(|p| !self.relay.is_busy(&p.domain));
         out.retain(|p| expiring.insert((p.id, p.domain.clone())));
         out
     }
@@ -833,6 +851,20 @@ impl Directory for Core {
             ));
         }
         RcptVerdict::Accept
+    }
+
+    fn check_sender(&self, account: &str, sender: Option<&Mailbox>) -> Result<(), Reply> {
+        super::submit::check_sender(self, account, sender)
+    }
+
+    fn check_submit_rcpt(
+        &self,
+        account: &str,
+        rcpt: &Mailbox,
+        accepted: usize,
+        declared_size: Option<u64>,
+    ) -> RcptVerdict {
+        super::submit::check_rcpt(self, account, rcpt, accepted, declared_size)
     }
 }
 

@@ -56,10 +56,12 @@ impl Credentials for Hosted {
             .is_some_and(|a| a.cram_md5_verify(challenge, digest_hex))
     }
 
-    fn external(&self, _cert_identity: &str) -> Option<String> {
-        // Client certificates are not requested yet (tls::ClientAuth::None), so no identity
-        // ever reaches here; mapping certificates to accounts comes with EXTERNAL support.
-        None
+    /// `cert_identity` is the fingerprint of the certificate the client proved it holds
+    /// (`Conn::peer_fingerprint`); `turnpike account cert` pins it to an account.
+    fn external(&self, cert_identity: &str) -> Option<String> {
+        self.accounts
+            .account_for_cert(cert_identity)
+            .map(|a| a.name().as_str().to_owned())
     }
 }
 
@@ -117,6 +119,21 @@ impl Hosted {
     /// True when `account` asked for push delivery (linger).
     pub fn lingers(&self, account: &str) -> bool {
         self.accounts.account(account).is_some_and(|a| a.linger())
+    }
+
+    /// True when `account` may submit mail from an address in `domain`: one of its own
+    /// domains, or any domain when the account allows any sender.
+    pub fn may_send_from(&self, account: &str, domain: &DomainName) -> bool {
+        self.accounts
+            .account(account)
+            .is_some_and(|a| a.any_sender() || a.owns(domain))
+    }
+
+    /// True when `account` may submit mail from any address (`turnpike account senders`).
+    pub fn any_sender(&self, account: &str) -> bool {
+        self.accounts
+            .account(account)
+            .is_some_and(|a| a.any_sender())
     }
 
     /// The domains `account` owns (empty for an unknown account).

@@ -6,7 +6,8 @@
 //! - [`hosted`]: the hosted-domain snapshot and quota counters.
 //! - [`report`]: RFC 3464 delivery reports (refusals, expiry).
 //! - [`reversal`]: delivering held mail after ATRN.
-//! - [`session`]: the session driver for the MX and ODMR listeners.
+//! - [`session`]: the session driver for the MX, ODMR and submission listeners.
+//! - [`submit`]: authenticated submission policy: senders, rate limits, routing.
 
 pub mod atrn;
 pub mod core;
@@ -15,3 +16,4 @@ pub mod report;
 pub mod reversal;
 pub mod server;
 pub mod session;
+pub mod submit;

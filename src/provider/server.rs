@@ -40,8 +40,10 @@ pub enum Service {
     Odmr,
     /// ODMR over implicit TLS (fetchmail's `--ssl`).
     Odmrs,
-    /// Port 587: authenticated submission (a later issue; serves the MX protocol for now).
+    /// Port 587: authenticated submission (RFC 6409), STARTTLS offered.
     Submission,
+    /// Port 465: authenticated submission over implicit TLS (RFC 8314).
+    Submissions,
 }
 
 impl Service {
@@ -50,6 +52,7 @@ impl Service {
             Service::Mx => crate::metrics::Service::Mx,
             Service::Odmr | Service::Odmrs => crate::metrics::Service::Odmr,
             Service::Submission => crate::metrics::Service::Submission,
+            Service::Submissions => crate::metrics::Service::Submissions,
         }
     }
 
@@ -59,6 +62,7 @@ impl Service {
             Service::Odmr => "odmr",
             Service::Odmrs => "odmrs",
             Service::Submission => "submission",
+            Service::Submissions => "submissions",
         }
     }
 }
@@ -106,12 +110,16 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
             n => n,
         });
 
-    let tls = {
-        let (cert, key) =
-            crate::tls::identity_files(&config.tls.identity, &data_dir, &config.server.hostname)
-                .map_err(io::Error::other)?;
-        Some(crate::tls::load_server_config(&cert, &key).map_err(io::Error::other)?)
+    let (cert, key) =
+        crate::tls::identity_files(&config.tls.identity, &data_dir, &config.server.hostname)
+            .map_err(io::Error::other)?;
+    let server_tls = |client_auth| {
+        crate::tls::server_config(&cert, &key, client_auth)
+            .map(Some)
+            .map_err(io::Error::other)
     };
+    let tls = server_tls(crate::tls::ClientAuth::None)?;
+    let tls_client_certs = server_tls(crate::tls::ClientAuth::Pinned)?;
 
     let accounts_path = data_dir.join("accounts.toml");
     let accounts = Accounts::load(&accounts_path).map_err(io::Error::other)?;
@@ -139,11 +147,13 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         config,
         mesh: mesh.clone(),
         tls,
+        tls_client_certs,
         counters,
         io,
         auth_secret: auth_secret(&data_dir)?,
         last_atrn: Default::default(),
         sessions: Default::default(),
+        submit_rates: Default::default(),
     });
 
     // Split recovered parts by shard core, and the writers' state by core.
@@ -214,6 +224,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
             let every =
                 (core.shared.config.spool.max_hold / 4).clamp(MAINTENANCE_MIN, MAINTENANCE_MAX);
             tokio::task::spawn_local(core.clone().run_maintenance(every));
+            tokio::task::spawn_local(crate::relay::run(core.clone()));
             for (service, l) in my_listeners {
                 match Listener::from_std(core.shared.io, l) {
                     Ok(l) => {
@@ -336,12 +347,16 @@ async fn accept_loop(core: Rc<Core>, service: Service, listener: Listener) {
             let _permit = permit;
             let kind = match service {
                 Service::Odmr | Service::Odmrs => Kind::Odmr,
-                Service::Mx | Service::Submission => Kind::Mx,
+                Service::Submission | Service::Submissions => Kind::Submission,
+                Service::Mx => Kind::Mx,
             };
-            if service == Service::Odmrs {
-                // fetchmail's --ssl is what uses this listener; see Conn::set_line_records.
-                conn.set_line_records(true);
-                let Some(tls) = core.shared.tls.clone() else {
+            if matches!(service, Service::Odmrs | Service::Submissions) {
+                if service == Service::Odmrs {
+                    // fetchmail's --ssl is what uses this listener; see Conn::set_line_records.
+                    conn.set_line_records(true);
+                }
+                // An authenticating listener: the client may present a certificate (EXTERNAL).
+                let Some(tls) = core.shared.tls_client_certs.clone() else {
                     return;
                 };
                 if let Err(e) = conn.start_tls_server(tls).await {
@@ -370,6 +385,7 @@ fn bind_all(config: &Config, cores: usize) -> io::Result<Bound> {
         (Service::Odmr, &config.listen.odmr),
         (Service::Odmrs, &config.listen.odmrs),
         (Service::Submission, &config.listen.submission),
+        (Service::Submissions, &config.listen.submissions),
     ];
     for (service, addrs) in services {
         for addr in addrs.iter() {

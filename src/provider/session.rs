@@ -1,5 +1,6 @@
 //! The inbound session driver: binds one [`Inbound`] machine to one connection, on the MX
-//! listener and on the ODMR listener (RFC 2645: EHLO, AUTH, ATRN, then the reversal).
+//! listener, the ODMR listener (RFC 2645: EHLO, AUTH, submitted mail, ATRN, then the reversal)
+//! and the submission listeners (RFC 6409: EHLO, AUTH, submitted mail).
 //!
 //! The loop is the one every driver here follows: feed all buffered input to the machine, carry
 //! out the actions it asks for (store a message, start TLS, close) and the ODMR decisions it
@@ -23,7 +24,7 @@ use crate::runtime::conn::Conn;
 
 use super::atrn::{self, Leases, Verdict};
 use super::core::{Core, MeshMsg};
-use super::reversal;
+use super::{reversal, submit};
 
 /// Bytes asked for per socket read. Small messages fit whole; big ones stream through.
 const READ_CHUNK: usize = 64 * 1024;
@@ -33,8 +34,10 @@ const READ_CHUNK: usize = 64 * 1024;
 pub enum Kind {
     /// Mail for hosted domains.
     Mx,
-    /// ODMR: AUTH and ATRN.
+    /// ODMR: AUTH, submitted mail and ATRN.
     Odmr,
+    /// Submission (587 STARTTLS, 465 implicit TLS): AUTH and submitted mail.
+    Submission,
 }
 
 /// Why a session ended, for the log line.
@@ -93,33 +96,45 @@ fn context(conn: &Conn) -> SessionContext {
         random,
         unix_time: unix_now(),
         tls_exporter: conn.channel_binding(),
-        peer_identity: None,
+        peer_identity: conn.peer_fingerprint(),
     }
 }
 
 async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> End {
     let idle = core.shared.config.limits.idle_timeout;
     let hosted = core.hosted.borrow().clone();
+    // The submission listeners authenticate exactly like the ODMR listener.
+    let auth = || {
+        let mut auth = OdmrConfig::new(core.shared.auth_secret);
+        auth.allow_plaintext_auth = core.shared.config.odmr.allow_plaintext_auth;
+        auth
+    };
+    let cfg = core.inbound_config(conn.is_tls());
     let mut machine = match kind {
-        Kind::Mx => Inbound::new(core.inbound_config(conn.is_tls())),
-        Kind::Odmr => {
-            let mut odmr = OdmrConfig::new(core.shared.auth_secret);
-            odmr.allow_plaintext_auth = core.shared.config.odmr.allow_plaintext_auth;
-            Inbound::new_odmr(core.inbound_config(conn.is_tls()), odmr, context(conn))
-        }
+        Kind::Mx => Inbound::new(cfg),
+        Kind::Odmr => Inbound::new_odmr(cfg, auth(), context(conn)),
+        Kind::Submission => Inbound::new_submission(cfg, auth(), context(conn)),
     };
     let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut pos = 0usize;
     loop {
         let used = match kind {
             Kind::Mx => machine.handle_input(&input[pos..], &**core),
-            Kind::Odmr => machine.handle_odmr_input(&input[pos..], &**core, &*hosted),
+            Kind::Odmr | Kind::Submission => {
+                machine.handle_odmr_input(&input[pos..], &**core, &*hosted)
+            }
         };
         pos += used;
         while let Some(action) = machine.poll_action() {
             match action {
                 Action::Deliver(incoming) => {
+                    let submitted = incoming.account.clone();
+                    let rcpts = incoming.envelope.recipients.len();
                     let result = core.store(incoming, peer).await;
+                    if let (Some(account), Ok(id)) = (&submitted, &result) {
+                        submit::record(core, account, rcpts);
+                        tracing::info!(%peer, %account, %id, rcpts, "submitted");
+                    }
                     machine.stored(result);
                 }
                 Action::StartTls => {
@@ -134,7 +149,12 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
                     }
                     input.clear();
                     pos = 0;
-                    let Some(tls) = core.shared.tls.clone() else {
+                    // Only the authenticating listeners ask for a client certificate (EXTERNAL).
+                    let tls = match kind {
+                        Kind::Mx => core.shared.tls.clone(),
+                        _ => core.shared.tls_client_certs.clone(),
+                    };
+                    let Some(tls) = tls else {
                         return End::Io(std::io::Error::other("STARTTLS without a TLS config"));
                     };
                     if let Err(e) = conn.start_tls_server(tls).await {
@@ -142,7 +162,7 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
                         return End::Io(e);
                     }
                     machine.tls_started();
-                    if kind == Kind::Odmr {
+                    if kind != Kind::Mx {
                         machine.set_context(context(conn));
                     }
                 }

@@ -77,6 +77,13 @@ impl Conn {
             .ok()
     }
 
+    /// The fingerprint ([`crate::tls::fingerprint`]) of the certificate the TLS peer presented
+    /// and proved possession of, if any: the identity SASL EXTERNAL maps to an account.
+    pub fn peer_fingerprint(&self) -> Option<String> {
+        let leaf = self.tls.as_ref()?.peer_certificates()?.first()?;
+        Some(crate::tls::fingerprint(leaf))
+    }
+
     /// Runs a TLS handshake as the server (STARTTLS on our listeners, or implicit TLS).
     pub async fn start_tls_server(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
         let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;

@@ -40,6 +40,7 @@ hostname = "mx.test"
 mx = ["127.0.0.1:0"]
 odmr = ["127.0.0.1:0"]
 submission = ["127.0.0.1:0"]
+submissions = ["127.0.0.1:0"]
 metrics = ["127.0.0.1:0"]
 
 [limits]
@@ -148,7 +149,7 @@ impl TestServer {
         })
     }
 
-    /// The first listener address of `service` (`mx`, `odmr` or `submission`).
+    /// The first listener address of `service` (`mx`, `odmr`, `submission`, `submissions`).
     pub fn addr(&self, service: &str) -> SocketAddr {
         self.addrs(service)
             .first()
@@ -476,6 +477,7 @@ pub fn require_program(name: &str) -> bool {
 fn debian_package(name: &str) -> &str {
     match name {
         "smtp-source" | "smtp-sink" => "postfix",
+        "dovecot" => "dovecot-lmtpd",
         other => other,
     }
 }

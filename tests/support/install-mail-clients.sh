@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the real mail clients the interop tests and the Postfix benchmark drive: swaks,
-# Postfix (for /usr/sbin/smtp-source and, in the benchmark, a throwaway Postfix instance) and
-# fetchmail (the ODMR customer of tests/fetchmail.rs).
+# Postfix (for /usr/sbin/smtp-source and smtp-sink and, in the benchmark, a throwaway Postfix
+# instance), fetchmail (the ODMR customer of tests/fetchmail.rs) and Dovecot's LMTP server
+# (dovecot-lmtpd, the LMTP delivery target of tests/deliver_targets.rs, which runs its own
+# instance with a temporary config; the system daemon is never used).
 #
 # Debian packages only, without prompts: postfix is preseeded to "No configuration", so its
 # postinst writes no main.cf and starts nothing. Idempotent: apt is touched only when a program
@@ -16,6 +18,7 @@ need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 command -v fetchmail >/dev/null 2>&1 || need+=(fetchmail)
+{ [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/lmtp ]; } || need+=(dovecot-lmtpd)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -44,7 +47,15 @@ if [ -s "$fetchmail_pid" ] && kill -0 "$(head -n 1 "$fetchmail_pid")" 2>/dev/nul
   start-stop-daemon --stop --quiet --oknodo --pidfile "$fetchmail_pid" --exec /usr/bin/fetchmail
 fi
 
+# dovecot-core's postinst starts the system Dovecot where the init system lets it.
+if [ -s /run/dovecot/master.pid ] && kill -0 "$(head -n 1 /run/dovecot/master.pid)" 2>/dev/null; then
+  echo "install-mail-clients: stopping the system Dovecot daemon"
+  /usr/sbin/dovecot stop || start-stop-daemon --stop --quiet --oknodo \
+    --pidfile /run/dovecot/master.pid --exec /usr/sbin/dovecot
+fi
+
 command -v swaks >/dev/null
 [ -x /usr/sbin/smtp-source ]
 command -v fetchmail >/dev/null
-echo "install-mail-clients: swaks, smtp-source and fetchmail present"
+[ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/lmtp ]
+echo "install-mail-clients: swaks, smtp-source, smtp-sink, fetchmail and dovecot-lmtpd present"
