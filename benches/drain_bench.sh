@@ -15,7 +15,9 @@
 #   large      N_LARGE x SIZE_LARGE B (100 x 1 MB),    --tls none         -> MB/s
 #   large-tls  same hold, --tls starttls (the server's self-signed cert)  -> MB/s
 #   raw        benches/loopback_tcp.py: RAW_BYTES (1 GiB) over one 127.0.0.1 TCP stream
-# and derived: TLS cost (large-tls / large) and drain MB/s as % of raw loopback.
+# and derived: TLS cost (large-tls / large) and drain MB/s as % of raw loopback. Each drain also
+# records the CPU time the server (all its threads, from /proc) and the drain customer
+# (/usr/bin/time) used, printed per message, to show which side is the bottleneck.
 #
 # Goals (issue "ATRN drain"): small >= 20,000 msgs/s; large without TLS >= 50% of raw loopback.
 #
@@ -26,7 +28,8 @@
 #   cargo build --release if missing or BUILD=1), TURNPIKE_ARGS (extra serve args, e.g.
 #   "--io epoll" or "--cores 1"), MAX_LOAD (3.0: wait up to LOAD_WAIT s (300) for the 1-min
 #   load average to drop below it before measuring), PERF_CASE (small|large|large-tls: record
-#   `perf record -g` on the server during that case's first drain into the kept work dir),
+#   `perf record -g` on the server and on the drain customer during that case's first drain
+#   into the kept work dir; the customer's CPU figure then includes perf's own),
 #   KEEP=1 keeps the temp dir.
 # Run from anywhere; installs smtp-source (postfix) if missing, which needs root.
 set -euo pipefail
@@ -177,22 +180,33 @@ fill() {
   [ "$got" = "$n" ] || die "turnpike holds $got messages after smtp-source, expected $n"
 }
 
+# cpu_ticks PID: user + system clock ticks of a process (all threads) so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
 # drain CASE N TLS...: one drain of the whole hold; verifies counts and the empty queue; appends
-# "case msgs msgs_per_s mb_per_s secs" to $WORK/results.
+# "case msgs msgs_per_s mb_per_s secs server_cpu_s customer_cpu_s" to $WORK/results.
 drain() {
   local case=$1 n=$2
   shift 2
   local out=$WORK/drain-$case-$RUN.out
+  local customer_perf=()
   if [ "$PERF_CASE" = "$case" ] && [ "$RUN" = 1 ]; then
+    customer_perf=(perf record -g -o "$WORK/perf-$case-customer.data" --)
     perf record -g -o "$WORK/perf-$case.data" -p "$TP_PID" >"$WORK/perf-$case.log" 2>&1 &
     PERF_PID=$!
     sleep 0.5
   fi
-  timeout 1800 "${TP[@]}" bench drain --provider "$ODMR" --account bench \
-    --password-file "$WORK/password" "$@" >"$out" 2>&1 || {
+  local ticks_before
+  ticks_before=$(cpu_ticks "$TP_PID")
+  timeout 1800 /usr/bin/time -f '%U %S' -o "$out.time" "${customer_perf[@]}" "${TP[@]}" bench drain --provider "$ODMR" \
+    --account bench --password-file "$WORK/password" "$@" >"$out" 2>&1 || {
     cat "$out" >&2
     die "turnpike bench drain ($case) failed"
   }
+  local server_cpu customer_cpu
+  server_cpu=$(awk -v a="$ticks_before" -v b="$(cpu_ticks "$TP_PID")" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN { printf "%.3f", (b - a) / hz }')
+  customer_cpu=$(awk '{ printf "%.3f", $1 + $2 }' "$out.time")
   if [ -n "$PERF_PID" ]; then
     kill -INT "$PERF_PID"
     wait "$PERF_PID" || true
@@ -225,16 +239,16 @@ drain() {
     sleep 0.1
   done
   [ "$left" = 0 ] || die "$case: $left messages still held after the drain"
-  awk -v c="$case" -v n="$got" -v b="$bytes" -v s="$secs" \
-    'BEGIN { printf "%s %d %.1f %.2f %.3f\n", c, n, n / s, b / s / 1e6, s }' >>"$WORK/results"
-  log "$case run $RUN: $(sed -n 2p "$out" | sed 's/^rate *//') ($got messages, ${secs}s)"
+  awk -v c="$case" -v n="$got" -v b="$bytes" -v s="$secs" -v sc="$server_cpu" -v cc="$customer_cpu" \
+    'BEGIN { printf "%s %d %.1f %.2f %.3f %s %s\n", c, n, n / s, b / s / 1e6, s, sc, cc }' >>"$WORK/results"
+  log "$case run $RUN: $(sed -n 2p "$out" | sed 's/^rate *//') ($got messages, ${secs}s; cpu server ${server_cpu}s, customer ${customer_cpu}s)"
 }
 
 raw() {
   local line
   line=$(python3 "$here/loopback_tcp.py" "$RAW_BYTES") || die "loopback_tcp.py failed"
   # loopback BYTES bytes in S s = X MB/s
-  awk '{ printf "raw 0 0 %s %s\n", $8, $5 }' <<<"$line" >>"$WORK/results"
+  awk '{ printf "raw 0 0 %s %s 0 0\n", $8, $5 }' <<<"$line" >>"$WORK/results"
   log "raw run $RUN: $line"
 }
 
@@ -298,6 +312,15 @@ else:
     pct_tls = [t / r * 100 for t, r in zip(lt, rw)]
     print(f"tls cost:  STARTTLS drain runs at {statistics.median(tls):.2f}x the plain drain "
           f"(per run {', '.join(f'{x:.2f}' for x in tls)}); {statistics.median(pct_tls):.0f}% of raw")
+for case in ("small", "large", "large-tls"):
+    if case in failed:
+        continue
+    per = [(float(r[5]) / int(r[1]) * 1e6, float(r[6]) / int(r[1]) * 1e6, float(r[5]) / float(r[4]) * 100,
+            float(r[6]) / float(r[4]) * 100) for r in rows if r[0] == case]
+    s_us, c_us = statistics.median(p[0] for p in per), statistics.median(p[1] for p in per)
+    s_pct, c_pct = statistics.median(p[2] for p in per), statistics.median(p[3] for p in per)
+    print(f"cpu {case + ':':10} server {s_us:,.0f} us/msg ({s_pct:.0f}% of one core over the drain), "
+          f"customer {c_us:,.0f} us/msg ({c_pct:.0f}%)")
 print(f"vs raw:    plain drain {statistics.median(pct):.0f}% of raw loopback "
       f"(per run {', '.join(f'{x:.0f}' for x in pct)})")
 small = stat("small", "msgs")[0]

@@ -1089,6 +1089,39 @@ fn tls_session_delivers_bodies_over_64k() {
     ]);
 }
 
+/// Without TLS, the pipelined window: many small messages behind each other, a large one in
+/// the middle (its body waits for its RCPT replies, then streams), more small ones after it.
+/// Every message arrives byte-identical, in order, and the queue is empty afterwards.
+#[test]
+fn window_mixes_small_and_large_messages() {
+    let server = TestServer::start("[odmr]\nallow_plaintext_auth = true\n", &[ACME]);
+    let mut bodies = Vec::new();
+    for i in 0..30 {
+        let body = if i == 12 {
+            text_body("big", 300_000)
+        } else {
+            format!("Subject: {i}\r\n\r\nsmall message {i}\r\n")
+        };
+        bodies.push((format!("r{i}@acme.example"), body));
+    }
+    for (to, body) in &bodies {
+        mx_send(&server, "s@client.test", &[to.as_str()], body);
+    }
+    let mut cfg = tls_customer(&server, &server.data_dir().join("tls").join("cert.pem"));
+    cfg.tls = Tls::None;
+    let mut sink = Collect::default();
+    let received = block_on(customer_io(), session::run(customer_io(), &cfg, &mut sink))
+        .expect("runtime")
+        .unwrap_or_else(|e| panic!("customer session failed: {e}"));
+    assert_eq!(received.messages, bodies.len() as u64);
+    assert_eq!(sink.0.len(), bodies.len());
+    for (m, (to, body)) in sink.0.iter().zip(&bodies) {
+        assert_eq!(m.envelope.recipients[0].mailbox.to_string(), *to);
+        assert_relayed(&m.body, body);
+    }
+    assert!(queue_map(&server).is_empty(), "{:?}", queue_map(&server));
+}
+
 /// A customer that does not trust the provider's certificate stops at the handshake: no
 /// AUTH is ever sent, and the mail stays held.
 #[test]

@@ -145,6 +145,15 @@ async fn group_commit_and_reopen(dir: &Path, io: IoKind) {
             got.extend_from_slice(&chunk);
         }
         assert_eq!(got, body(*n, 4096));
+        let mut stream = reader.body_stream(*loc, 1000).with_first_chunk(10);
+        let mut sizes = Vec::new();
+        got.clear();
+        while let Some(chunk) = stream.next_chunk(Vec::new()).await.unwrap() {
+            sizes.push(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, body(*n, 4096));
+        assert_eq!(sizes, [10, 1000, 1000, 1000, 1000, 86]);
         let meta = reader.read_message(loc).await.unwrap();
         assert_eq!((meta.id, meta.received_at), (id(*n), 1000 + n));
     }
@@ -262,6 +271,27 @@ fn rotation_keeps_batches_in_one_segment_and_gives_big_records_their_own() {
                 );
             }
             assert_eq!(reader.read_body(loc).await.unwrap(), body(*n, *len));
+        }
+        // Batched whole-message reads: runs of back-to-back records, split at segment ends and
+        // at max_read; a location that does not match its record fails alone.
+        let mut sorted = locs.clone();
+        sorted.sort_by_key(|(_, _, l)| (l.seq, l.offset));
+        let mut wanted: Vec<Location> = sorted.iter().map(|(_, _, l)| *l).collect();
+        let mut bad = wanted[3];
+        bad.body_len += 1;
+        wanted.insert(4, bad);
+        let got = reader.read_messages(&wanted, 5000).await;
+        assert_eq!(got.len(), wanted.len());
+        let mut k = 0;
+        for (i, r) in got.into_iter().enumerate() {
+            if i == 4 {
+                assert!(r.is_err(), "the mismatched location must fail");
+                continue;
+            }
+            let (n, len, _) = sorted[k];
+            k += 1;
+            let (meta, got_body) = r.unwrap();
+            assert_eq!((meta.id, got_body), (id(n), body(n, len)));
         }
         assert!(j.segments().len() >= 8, "{:?}", j.segments());
         j.close().await;

@@ -785,7 +785,9 @@ impl Client {
                 sink: &*sink,
             };
             pos += machine.handle_input(&input[pos..], &directory);
+            let mut acted = false;
             while let Some(action) = machine.poll_action() {
+                acted = true;
                 match action {
                     Action::Deliver(message) => {
                         let id = format!("{:x}.{}", unix_now(), got.messages + 1);
@@ -823,8 +825,16 @@ impl Client {
                 self.flush(&mut machine).await?;
                 return Ok(got);
             }
+            if acted && pos < input.len() {
+                // The machine stops at a message until it is stored: the provider may have
+                // pipelined more behind it (its window), which is already here.
+                continue;
+            }
             if pos > 0 && pos == input.len() {
                 input.clear();
+                pos = 0;
+            } else if pos >= 64 * 1024 {
+                input.drain(..pos);
                 pos = 0;
             }
             self.flush(&mut machine).await?;

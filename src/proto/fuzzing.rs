@@ -403,7 +403,7 @@ fn fuzz_queue() -> VecDeque<Outgoing> {
         msg(
             "eight",
             Envelope {
-                sender,
+                sender: sender.clone(),
                 recipients: vec![rcpt("w", None)],
                 ..Envelope::default()
             },
@@ -418,6 +418,17 @@ fn fuzz_queue() -> VecDeque<Outgoing> {
                 ..Envelope::default()
             },
             0,
+            false,
+        ),
+        // Over the pipelining limit: in the window its body waits for the RCPT replies.
+        msg(
+            "large",
+            Envelope {
+                sender: sender.clone(),
+                recipients: vec![rcpt("y", None), rcpt("z", None)],
+                ..Envelope::default()
+            },
+            reversed::PIPELINE_BODY_MAX + 1,
             false,
         ),
     ])
@@ -472,7 +483,7 @@ fn obey(m: &mut Reversed, log: &mut ReversedLog) -> bool {
 }
 
 /// Drives a [`Reversed`] machine with `data` as the customer's replies and a fixed queue of
-/// three messages. The first byte picks the configuration (bit 0 pipelining, bit 1 chunking),
+/// four messages. The first byte picks the configuration (bit 0 pipelining, bit 1 chunking),
 /// the piece size (bits 2-6) and, with bit 7, the grammar pass (each later byte one canned
 /// reply line). It must never panic, must keep the driver's buffer bounded, must end (after
 /// [`Reversed::abort`] if the input ran out) with Close, and must report every message it was

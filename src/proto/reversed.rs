@@ -20,9 +20,14 @@
 //! 3. Call [`Reversed::poll_action`] until it returns `None` and obey each action:
 //!    - [`Action::NeedMessage`]: call [`Reversed::send`] with the next held message (only the
 //!      recipients of the domains this session leased), or [`Reversed::no_more`] when the
-//!      queue is drained (the machine then sends QUIT and closes after the reply).
+//!      queue is drained (the machine then sends QUIT and closes after the reply). In the
+//!      window (below) NeedMessage also comes while earlier messages are in flight
+//!      ([`Reversed::in_flight`]); `no_more` then only stops the asking, and NeedMessage
+//!      comes once more when every message is reported, so the driver can settle its
+//!      bookkeeping before it calls `no_more` again (QUIT), `keepalive` or `send`.
 //!    - [`Action::SendBody`]: write the output (for BDAT it already ends with
-//!      `BDAT <size> LAST`), then stream the stored body: untouched for
+//!      `BDAT <size> LAST`), then stream the stored body (buffering it behind the output and
+//!      writing later is fine: only the byte order matters): untouched for
 //!      [`BodyFraming::Bdat`]; through [`crate::proto::stuff::DotStuffer`] (push every chunk,
 //!      then `finish`, which writes the `.` terminator) for [`BodyFraming::Data`]. Then call
 //!      [`Reversed::body_sent`].
@@ -65,6 +70,11 @@
 //!                                                +--------2xx------------------------------->+
 //!  Ready --no_more()--> QUIT --> AwaitQuit --reply--> Close
 //!
+//!  With PIPELINING and CHUNKING, after EHLO: Window. Each send() writes
+//!  [RSET] MAIL RCPT... BDAT n LAST (+ the body from the driver) and, while the window has
+//!  room, NeedMessage comes again at once; replies are matched to the oldest flight's
+//!  commands in order, and each flight is reported when its last reply is in.
+//!
 //!  any state --- 421, malformed reply, unexpected reply, abort() ---> Close
 //! ```
 //!
@@ -77,10 +87,22 @@
 //!   8BITMIME. The same for non-ASCII addresses without SMTPUTF8 (`553 5.6.7`, RFC 6531 §3.2)
 //!   and for a message over the customer's SIZE (`552 5.3.4`, RFC 1870 §6). These refusals
 //!   send no bytes. `SIZE 0` means "no limit" (RFC 1870 §4).
-//! - **The body is never pipelined with the envelope.** DATA or BDAT is sent only after every
-//!   RCPT reply is in, and only if at least one recipient was accepted; otherwise RSET. This
-//!   keeps us clear of the RFC 2920 §3.1 / RFC 3030 §4.2 corner cases (a server that reads a
-//!   chunk after refusing every recipient) at the cost of one round trip per message.
+//! - **The window: BDAT is pipelined with the envelope, and messages behind each other.**
+//!   When the customer offers PIPELINING and CHUNKING (and both are allowed), MAIL, every
+//!   RCPT and `BDAT <size> LAST` go out in one write with the body behind them (RFC 2920,
+//!   RFC 3030 §4.2 allows BDAT in a pipeline), and the next message follows before the
+//!   replies are in: up to [`WINDOW_MESSAGES`] messages, [`WINDOW_BYTES`] body bytes and
+//!   [`WINDOW_COMMANDS`] commands. Replies are matched strictly in command order. A body over
+//!   [`PIPELINE_BODY_MAX`] waits for its RCPT replies (no large transfer for a refused
+//!   envelope) and nothing is written behind its envelope until then.
+//! - In the window, a message whose recipients were all refused had its BDAT sent anyway: the
+//!   customer must read the chunk and refuse it (503/554, RFC 3030 §4.2), and that reply is
+//!   consumed without effect. Its transaction may stay open on the customer's side, so a
+//!   message written while the previous one's recipients are unknown (or all refused) starts
+//!   with RSET. One short command, never a round trip.
+//! - Without the window (no PIPELINING or no CHUNKING): DATA or BDAT is sent only after every
+//!   RCPT reply is in, and only if at least one recipient was accepted; otherwise RSET. DATA
+//!   always waits for its 354.
 //! - With PIPELINING offered (and allowed by [`ReversedConfig::pipelining`]), MAIL and all
 //!   RCPTs go in one write; otherwise one command per round trip. After a refused MAIL the
 //!   pipelined RCPT replies are read and ignored.
@@ -110,6 +132,19 @@ use crate::types::{BodyType, Envelope, Mailbox, Notify, Ret};
 pub const MAX_REPLY_LINE: usize = 4096;
 /// Most lines in one multi-line reply.
 pub const MAX_REPLY_LINES: usize = 256;
+
+/// In the window, a body up to this size is written right behind its envelope (`BDAT n LAST`
+/// pipelined); a larger one waits for its RCPT replies, so a refused envelope never costs a
+/// large transfer, and is streamed in chunks.
+pub const PIPELINE_BODY_MAX: u64 = 64 * 1024;
+/// Most messages in the window (written, final reply not yet in).
+pub const WINDOW_MESSAGES: usize = 64;
+/// Most pipelined body bytes in the window (a message is always let into an empty window).
+pub const WINDOW_BYTES: u64 = 1024 * 1024;
+/// Most commands awaiting a reply in the window. Their replies must fit in our socket receive
+/// buffer while we are busy writing, or both sides could block on a full buffer (RFC 2920
+/// §3.1): 256 short replies are a few KiB.
+pub const WINDOW_COMMANDS: usize = 256;
 
 /// What the provider offers and allows in the reversed session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -496,8 +531,107 @@ enum Phase {
     AwaitRset,
     /// A keep-alive NOOP sent while idle (linger), waiting for its reply.
     AwaitNoop,
+    /// PIPELINING and CHUNKING: messages travel in a window ([`Reversed::pipe`]), whose
+    /// `asked` flag plays the part of `Ready`.
+    Window,
     AwaitQuit,
     Closed,
+}
+
+/// Where the body of a windowed message stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Body {
+    /// Large: `BDAT` waits until every envelope reply is in.
+    Waiting,
+    /// `SendBody` was issued; the driver has not called `body_sent` yet.
+    Streaming,
+    /// Written; the BDAT reply is due unless `bdat_answered`.
+    Sent,
+    /// Never sent (no recipient accepted).
+    Skipped,
+}
+
+/// One message in the window. Its replies come in command order: RSET (if sent first), MAIL,
+/// each RCPT, BDAT.
+#[derive(Debug)]
+struct Flight {
+    txn: Box<Txn>,
+    rset_due: bool,
+    body: Body,
+    bdat_answered: bool,
+    /// The answer for the recipients accepted at RCPT, from the BDAT reply.
+    settled: Option<RcptOutcome>,
+    /// Commands written for it (for [`WINDOW_COMMANDS`]).
+    commands: usize,
+    /// Pipelined body bytes (for [`WINDOW_BYTES`]).
+    bytes: u64,
+}
+
+/// The reply a flight awaits next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Due {
+    Rset,
+    Mail,
+    Rcpt,
+    Bdat,
+}
+
+impl Flight {
+    fn envelope_complete(&self) -> bool {
+        self.txn.mail.is_some() && self.txn.rcpt_replies >= self.txn.results.len()
+    }
+
+    fn next_due(&self) -> Option<Due> {
+        if self.rset_due {
+            Some(Due::Rset)
+        } else if self.txn.mail.is_none() {
+            Some(Due::Mail)
+        } else if self.txn.rcpt_replies < self.txn.results.len() {
+            Some(Due::Rcpt)
+        } else if matches!(self.body, Body::Streaming | Body::Sent) && !self.bdat_answered {
+            Some(Due::Bdat)
+        } else {
+            None
+        }
+    }
+}
+
+/// The window of messages in flight (PIPELINING and CHUNKING).
+#[derive(Debug, Default)]
+struct Pipe {
+    /// Oldest first; replies are matched to the front.
+    flights: VecDeque<Flight>,
+    /// A NeedMessage is outstanding.
+    asked: bool,
+    /// `no_more` came while messages were in flight: ask once more when they are all settled.
+    finishing: bool,
+    /// The customer may hold an open transaction after our last command (a MAIL whose
+    /// recipients were all refused, or whose replies are not in yet): the next MAIL goes
+    /// behind a RSET.
+    txn_open: bool,
+    commands: usize,
+    bytes: u64,
+}
+
+impl Pipe {
+    /// Another message may be written now.
+    fn has_room(&self) -> bool {
+        let Some(back) = self.flights.back() else {
+            return true;
+        };
+        !matches!(back.body, Body::Waiting | Body::Streaming)
+            && self.flights.len() < WINDOW_MESSAGES
+            && self.commands < WINDOW_COMMANDS
+            && self.bytes < WINDOW_BYTES
+    }
+
+    /// A reply is due that may already have arrived.
+    fn awaits_reply(&self) -> bool {
+        self.flights.front().is_some_and(|f| match f.next_due() {
+            Some(Due::Bdat) => f.body == Body::Sent,
+            due => due.is_some(),
+        })
+    }
 }
 
 /// The reversed-session client machine for one connection.
@@ -509,6 +643,7 @@ pub struct Reversed {
     parser: ReplyParser,
     out: Vec<u8>,
     actions: VecDeque<Action>,
+    pipe: Pipe,
 }
 
 impl Reversed {
@@ -521,6 +656,7 @@ impl Reversed {
             parser: ReplyParser::new(),
             out: Vec::with_capacity(512),
             actions: VecDeque::new(),
+            pipe: Pipe::default(),
         }
     }
 
@@ -574,7 +710,7 @@ impl Reversed {
     /// message is reported at once with every recipient `Deferred` (`451 4.3.0`), so the
     /// caller's accounting always sees one outcome per message.
     pub fn send(&mut self, msg: Outgoing) {
-        if !matches!(self.phase, Phase::Ready) {
+        if !self.is_ready() {
             let r = Reply::with_status(451, (4, 3, 0), "Session not ready for a message");
             let outcome = all(&msg, RcptOutcome::Deferred(r));
             self.actions.push_back(Action::Delivered(outcome));
@@ -602,6 +738,9 @@ impl Reversed {
             size: msg.size,
             dsn_relayed: dsn,
         };
+        if matches!(self.phase, Phase::Window) {
+            return self.send_windowed(Box::new(txn), &mail);
+        }
         self.out.extend_from_slice(&mail);
         if self.pipelining() {
             for line in txn.rcpt_lines.drain(..) {
@@ -612,10 +751,35 @@ impl Reversed {
     }
 
     /// The queue is drained: sends QUIT. Ignored unless a message was asked for.
+    ///
+    /// In the window (PIPELINING and CHUNKING), with messages still in flight it sends nothing
+    /// yet: [`Action::NeedMessage`] comes once more when they are all settled, so the driver
+    /// can finish its bookkeeping (or find new mail) first, then call `send`, `keepalive` or
+    /// `no_more` again.
     pub fn no_more(&mut self) {
+        if matches!(self.phase, Phase::Window) && self.pipe.asked {
+            self.pipe.asked = false;
+            if !self.pipe.flights.is_empty() {
+                self.pipe.finishing = true;
+                return;
+            }
+            self.phase = Phase::Ready;
+        }
         if matches!(self.phase, Phase::Ready) {
             self.out.extend_from_slice(b"QUIT\r\n");
             self.phase = Phase::AwaitQuit;
+        }
+    }
+
+    /// Messages written and not yet reported ([`Action::Delivered`]).
+    pub fn in_flight(&self) -> usize {
+        match &self.phase {
+            Phase::Window => self.pipe.flights.len(),
+            Phase::AwaitEnvelope(_)
+            | Phase::AwaitGoAhead(_)
+            | Phase::SendingBody(_)
+            | Phase::AwaitFinal(_) => 1,
+            _ => 0,
         }
     }
 
@@ -624,6 +788,10 @@ impl Reversed {
     /// A 2xx reply issues [`Action::NeedMessage`] again; anything else closes. Ignored in any
     /// other state.
     pub fn keepalive(&mut self) {
+        if matches!(self.phase, Phase::Window) && self.pipe.asked && self.pipe.flights.is_empty() {
+            self.pipe.asked = false;
+            self.phase = Phase::Ready;
+        }
         if matches!(self.phase, Phase::Ready) {
             self.out.extend_from_slice(b"NOOP\r\n");
             self.phase = Phase::AwaitNoop;
@@ -632,6 +800,18 @@ impl Reversed {
 
     /// The driver finished streaming the body after [`Action::SendBody`].
     pub fn body_sent(&mut self) {
+        if matches!(self.phase, Phase::Window) {
+            let streaming = self
+                .pipe
+                .flights
+                .iter_mut()
+                .rev()
+                .find(|f| f.body == Body::Streaming);
+            if let Some(f) = streaming {
+                f.body = Body::Sent;
+            }
+            return self.window_advance();
+        }
         self.phase = match std::mem::replace(&mut self.phase, Phase::Closed) {
             Phase::SendingBody(txn) => Phase::AwaitFinal(txn),
             other => other,
@@ -650,10 +830,24 @@ impl Reversed {
     }
 
     fn awaits_reply(&self) -> bool {
-        !matches!(
-            self.phase,
-            Phase::Ready | Phase::SendingBody(_) | Phase::Closed
-        )
+        match self.phase {
+            Phase::Ready | Phase::SendingBody(_) | Phase::Closed => false,
+            Phase::Window => self.pipe.awaits_reply(),
+            _ => true,
+        }
+    }
+
+    /// A message may be sent now (a NeedMessage is outstanding).
+    fn is_ready(&self) -> bool {
+        match self.phase {
+            Phase::Ready => true,
+            Phase::Window => self.pipe.asked,
+            _ => false,
+        }
+    }
+
+    fn windowed(&self) -> bool {
+        self.pipelining() && self.chunking()
     }
 
     fn pipelining(&self) -> bool {
@@ -832,6 +1026,10 @@ impl Reversed {
             Phase::AwaitNoop if reply.code / 100 == 2 => self.ready(),
             Phase::AwaitNoop => self.close(CloseReason::Refused(reply)),
             Phase::AwaitQuit => self.close(CloseReason::Done),
+            Phase::Window => {
+                self.phase = Phase::Window;
+                self.window_reply(reply);
+            }
             // Not awaiting a reply: handle_input does not parse in these phases.
             p @ (Phase::Ready | Phase::SendingBody(_) | Phase::Closed) => self.phase = p,
         }
@@ -892,8 +1090,7 @@ impl Reversed {
         match txn.mail {
             Some(Ok(())) if txn.any_accepted() => {
                 if self.chunking() {
-                    self.out
-                        .extend_from_slice(format!("BDAT {} LAST\r\n", txn.size).as_bytes());
+                    write_bdat(&mut self.out, txn.size);
                     self.actions.push_back(Action::SendBody {
                         id: txn.id.clone(),
                         framing: BodyFraming::Bdat,
@@ -934,12 +1131,187 @@ impl Reversed {
     }
 
     fn ready(&mut self) {
-        self.phase = Phase::Ready;
+        if self.windowed() {
+            self.phase = Phase::Window;
+            self.pipe.asked = true;
+        } else {
+            self.phase = Phase::Ready;
+        }
         self.actions.push_back(Action::NeedMessage);
+    }
+
+    /// Writes a message into the window: `[RSET] MAIL RCPT... [BDAT n LAST]`, the body (when
+    /// small) to follow from the driver at once.
+    fn send_windowed(&mut self, mut txn: Box<Txn>, mail: &[u8]) {
+        let pipe = &mut self.pipe;
+        pipe.asked = false;
+        let rset_due = std::mem::replace(&mut pipe.txn_open, true);
+        if rset_due {
+            self.out.extend_from_slice(b"RSET\r\n");
+        }
+        self.out.extend_from_slice(mail);
+        let mut commands = usize::from(rset_due) + 1 + txn.rcpt_lines.len();
+        for line in txn.rcpt_lines.drain(..) {
+            self.out.extend_from_slice(&line);
+        }
+        let (body, bytes) = if txn.size <= PIPELINE_BODY_MAX {
+            write_bdat(&mut self.out, txn.size);
+            commands += 1;
+            self.actions.push_back(Action::SendBody {
+                id: txn.id.clone(),
+                framing: BodyFraming::Bdat,
+            });
+            (Body::Streaming, txn.size)
+        } else {
+            (Body::Waiting, 0)
+        };
+        pipe.commands += commands;
+        pipe.bytes += bytes;
+        pipe.flights.push_back(Flight {
+            txn,
+            rset_due,
+            body,
+            bdat_answered: false,
+            settled: None,
+            commands,
+            bytes,
+        });
+    }
+
+    /// A reply in the window: it answers the oldest command still due.
+    fn window_reply(&mut self, reply: Reply) {
+        let (code, class) = (reply.code, reply.code / 100);
+        let Some(f) = self.pipe.flights.front_mut() else {
+            return self.fail(CloseReason::Protocol(ProtocolError::Unexpected(reply.code)));
+        };
+        let due = f.next_due();
+        let unexpected = match due {
+            None => true,
+            Some(Due::Rset) => {
+                if class != 2 {
+                    return self.fail(CloseReason::Refused(reply));
+                }
+                f.rset_due = false;
+                false
+            }
+            Some(Due::Mail | Due::Rcpt | Due::Bdat) if !matches!(class, 2 | 4 | 5) => true,
+            Some(Due::Mail) => {
+                if class == 2 {
+                    f.txn.mail = Some(Ok(()));
+                } else {
+                    let outcome = refusal(class, &reply);
+                    f.txn
+                        .results
+                        .iter_mut()
+                        .for_each(|r| *r = Some(Err(outcome.clone())));
+                    f.txn.mail = Some(Err(reply));
+                }
+                false
+            }
+            Some(Due::Rcpt) => {
+                let i = f.txn.rcpt_replies;
+                f.txn.rcpt_replies += 1;
+                if matches!(f.txn.mail, Some(Ok(()))) {
+                    if let Some(slot) = f.txn.results.get_mut(i) {
+                        *slot = Some(if class == 2 {
+                            Ok(())
+                        } else {
+                            Err(refusal(class, &reply))
+                        });
+                    }
+                }
+                false
+            }
+            Some(Due::Bdat) => {
+                f.bdat_answered = true;
+                // With no recipient accepted the customer refuses the chunk (503/554) after
+                // reading it: the recipients already have their answers.
+                if matches!(f.txn.mail, Some(Ok(()))) && f.txn.any_accepted() {
+                    f.settled = Some(match class {
+                        2 => RcptOutcome::Delivered,
+                        _ => refusal(class, &reply),
+                    });
+                }
+                false
+            }
+        };
+        if unexpected {
+            return self.fail(CloseReason::Protocol(ProtocolError::Unexpected(code)));
+        }
+        if matches!(due, Some(Due::Mail | Due::Rcpt)) && f.envelope_complete() {
+            self.envelope_done();
+        }
+        self.window_advance();
+    }
+
+    /// Every envelope reply of the oldest flight is in: a waiting large body goes now (or
+    /// never), and we learn whether the customer still holds an open transaction.
+    fn envelope_done(&mut self) {
+        let only = self.pipe.flights.len() == 1;
+        let Some(f) = self.pipe.flights.front_mut() else {
+            return;
+        };
+        let mail_ok = matches!(f.txn.mail, Some(Ok(())));
+        let accepted = mail_ok && f.txn.any_accepted();
+        if f.body == Body::Waiting {
+            if accepted {
+                write_bdat(&mut self.out, f.txn.size);
+                f.commands += 1;
+                self.pipe.commands += 1;
+                f.body = Body::Streaming;
+                self.actions.push_back(Action::SendBody {
+                    id: f.txn.id.clone(),
+                    framing: BodyFraming::Bdat,
+                });
+            } else {
+                f.body = Body::Skipped;
+            }
+        }
+        if only {
+            // Nothing was written after this message: its BDAT LAST ended the transaction
+            // unless no recipient was accepted.
+            self.pipe.txn_open = mail_ok && !accepted;
+        }
+    }
+
+    /// Reports the settled flights at the front, then asks for more if the window has room.
+    fn window_advance(&mut self) {
+        while let Some(f) = self.pipe.flights.front() {
+            if f.next_due().is_some() || matches!(f.body, Body::Waiting | Body::Streaming) {
+                break;
+            }
+            let f = self.pipe.flights.pop_front().expect("front exists");
+            self.pipe.commands -= f.commands;
+            self.pipe.bytes -= f.bytes;
+            let pending = f.settled.unwrap_or_else(|| {
+                RcptOutcome::Deferred(Reply::with_status(451, (4, 5, 0), "unused"))
+            });
+            self.actions
+                .push_back(Action::Delivered(f.txn.outcome(&pending)));
+        }
+        let pipe = &mut self.pipe;
+        if pipe.finishing {
+            if pipe.flights.is_empty() {
+                pipe.finishing = false;
+                pipe.asked = true;
+                self.actions.push_back(Action::NeedMessage);
+            }
+        } else if !pipe.asked && pipe.has_room() {
+            pipe.asked = true;
+            self.actions.push_back(Action::NeedMessage);
+        }
     }
 
     /// Reports the message in flight, if any: recipients without a final answer get `pending`.
     fn finish_txn(&mut self, pending: RcptOutcome) {
+        if matches!(self.phase, Phase::Window) {
+            let pipe = std::mem::take(&mut self.pipe);
+            for f in pipe.flights {
+                let p = f.settled.unwrap_or_else(|| pending.clone());
+                self.actions.push_back(Action::Delivered(f.txn.outcome(&p)));
+            }
+            return;
+        }
         let txn = match std::mem::replace(&mut self.phase, Phase::Closed) {
             Phase::AwaitEnvelope(t)
             | Phase::AwaitGoAhead(t)
@@ -964,6 +1336,30 @@ impl Reversed {
     fn close(&mut self, reason: CloseReason) {
         self.phase = Phase::Closed;
         self.actions.push_back(Action::Close(reason));
+    }
+}
+
+/// `BDAT <size> LAST`.
+fn write_bdat(out: &mut Vec<u8>, size: u64) {
+    let _ = write!(ByteWriter(out), "BDAT {size} LAST\r\n");
+}
+
+/// `fmt::Write` into a byte buffer, without an intermediate `String`.
+struct ByteWriter<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for ByteWriter<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// A 4xx or 5xx answer as a recipient outcome.
+fn refusal(class: u16, reply: &Reply) -> RcptOutcome {
+    if class == 4 {
+        RcptOutcome::Deferred(reply.clone())
+    } else {
+        RcptOutcome::Failed(reply.clone())
     }
 }
 
@@ -1094,7 +1490,8 @@ mod tests {
     struct Provider {
         m: Reversed,
         queue: VecDeque<Msg>,
-        current: Option<Msg>,
+        /// Every message given to the machine (several may be in flight).
+        sent: Vec<Msg>,
         wire: Vec<u8>,
         buf: Vec<u8>,
         run: Run,
@@ -1105,7 +1502,7 @@ mod tests {
             Provider {
                 m: Reversed::new(cfg),
                 queue: msgs.iter().cloned().collect(),
-                current: None,
+                sent: Vec::new(),
                 wire: Vec::new(),
                 buf: Vec::new(),
                 run: Run::default(),
@@ -1122,12 +1519,13 @@ mod tests {
                     Action::NeedMessage => match self.queue.pop_front() {
                         Some(msg) => {
                             self.m.send(msg.out.clone());
-                            self.current = Some(msg);
+                            self.sent.push(msg);
                         }
                         None => self.m.no_more(),
                     },
                     Action::SendBody { id, framing } => {
-                        let msg = self.current.as_ref().expect("a message in flight");
+                        let msg = self.sent.last().expect("a message in flight");
+                        // Only the newest message can be waiting for its body.
                         assert_eq!(msg.out.id, id);
                         self.wire.append(self.m.output());
                         match framing {
@@ -1281,16 +1679,297 @@ mod tests {
                 "{EHLO_ALL}
                  P: MAIL FROM:<a@s.example> SIZE=4 RET=HDRS ENVID=E+2B1
                  P: RCPT TO:<u@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;u@example.org
-                 C: 250 2.1.0 Ok
-                 C: 250 2.1.5 Ok
                  P: BDAT 4 LAST
                  P: hi
+                 C: 250 2.1.0 Ok
+                 C: 250 2.1.5 Ok
                  C: 250 2.0.0 Ok queued
                  P: QUIT
                  C: 221 2.0.0 Bye"
             ),
         );
         assert_eq!(events, ["m1: ok +dsn", "close: session done"]);
+    }
+
+    const EHLO_WINDOW: &str = "
+        C: 220 c
+        P: EHLO provider.example
+        C: 250-c
+        C: 250-PIPELINING
+        C: 250 CHUNKING";
+
+    #[test]
+    fn window_pipelines_messages_and_matches_replies_in_order() {
+        let m1 = msg(
+            "m1",
+            Some("a@s.example"),
+            &["u@example.org", "v@example.org"],
+            b"a\r\n",
+        );
+        let m2 = msg("m2", Some("a@s.example"), &["w@example.org"], b"b\r\n");
+        let m3 = msg("m3", None, &["x@example.org", "y@example.org"], b"c\r\n");
+        let m4 = msg("m4", None, &["z@example.org"], b"");
+        let events = check(
+            &cfg(true, true),
+            &[m1, m2, m3, m4],
+            &format!(
+                "{EHLO_WINDOW}
+                 P: MAIL FROM:<a@s.example>
+                 P: RCPT TO:<u@example.org>
+                 P: RCPT TO:<v@example.org>
+                 P: BDAT 3 LAST
+                 P: a
+                 P: RSET
+                 P: MAIL FROM:<a@s.example>
+                 P: RCPT TO:<w@example.org>
+                 P: BDAT 3 LAST
+                 P: b
+                 P: RSET
+                 P: MAIL FROM:<>
+                 P: RCPT TO:<x@example.org>
+                 P: RCPT TO:<y@example.org>
+                 P: BDAT 3 LAST
+                 P: c
+                 P: RSET
+                 P: MAIL FROM:<>
+                 P: RCPT TO:<z@example.org>
+                 P: BDAT 0 LAST
+                 C: 250 2.1.0 Ok
+                 C: 250 2.1.5 Ok
+                 C: 550 5.1.1 No such user
+                 C: 250 2.0.0 Queued
+                 C: 250 2.0.0 Ok
+                 C: 250 2.1.0 Ok
+                 C: 550 5.1.1 No such user
+                 C: 554 5.5.1 No valid recipients
+                 C: 250 2.0.0 Ok
+                 C: 451 4.3.0 Try again
+                 C: 503 5.5.1 Need MAIL
+                 C: 503 5.5.1 Need MAIL
+                 C: 503 5.5.1 Need MAIL
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 452 4.2.2 Mailbox full
+                 C: 503-5.5.1 Need RCPT
+                 C: 503 5.5.1 Need RCPT
+                 P: QUIT
+                 C: 221 Bye"
+            ),
+        );
+        assert_eq!(
+            events,
+            [
+                "m1: ok fail550",
+                "m2: fail550",
+                "m3: defer451 defer451",
+                "m4: defer452",
+                "close: session done"
+            ]
+        );
+    }
+
+    #[test]
+    fn window_large_bodies_wait_for_their_envelope() {
+        let body = |c: u8| {
+            let mut b = vec![c; PIPELINE_BODY_MAX as usize];
+            b.extend_from_slice(b"\r\n");
+            b
+        };
+        let big1 = msg("big1", Some("a@s.example"), &["u@example.org"], &body(b'x'));
+        let small2 = msg("small2", Some("a@s.example"), &["v@example.org"], b"s\r\n");
+        let big3 = msg("big3", Some("a@s.example"), &["n@example.org"], &body(b'y'));
+        let small4 = msg("small4", Some("a@s.example"), &["w@example.org"], b"w\r\n");
+        let big5 = msg("big5", Some("a@s.example"), &["b@example.org"], &body(b'z'));
+        let n = PIPELINE_BODY_MAX + 2;
+        let (x, z) = ("x".repeat(n as usize - 2), "z".repeat(n as usize - 2));
+        let events = check(
+            &cfg(true, true),
+            &[big1, small2, big3, small4, big5],
+            &format!(
+                "{EHLO_WINDOW}
+                 P: MAIL FROM:<a@s.example>
+                 P: RCPT TO:<u@example.org>
+                 C: 250 Ok
+                 C: 250 Ok
+                 P: BDAT {n} LAST
+                 P: {x}
+                 P: MAIL FROM:<a@s.example>
+                 P: RCPT TO:<v@example.org>
+                 P: BDAT 3 LAST
+                 P: s
+                 P: RSET
+                 P: MAIL FROM:<a@s.example>
+                 P: RCPT TO:<n@example.org>
+                 C: 250 2.0.0 big1 queued
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 250 2.0.0 small2 queued
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 550 5.1.1 No such user
+                 P: RSET
+                 P: MAIL FROM:<a@s.example>
+                 P: RCPT TO:<w@example.org>
+                 P: BDAT 3 LAST
+                 P: w
+                 P: RSET
+                 P: MAIL FROM:<a@s.example>
+                 P: RCPT TO:<b@example.org>
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 250 2.0.0 small4 queued
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 250 Ok
+                 P: BDAT {n} LAST
+                 P: {z}
+                 C: 554 5.6.0 Content refused
+                 P: QUIT
+                 C: 221 Bye"
+            ),
+        );
+        assert_eq!(
+            events,
+            [
+                "big1: ok",
+                "small2: ok",
+                "big3: fail550",
+                "small4: ok",
+                "big5: fail554",
+                "close: session done"
+            ]
+        );
+    }
+
+    #[test]
+    fn window_failures_defer_every_message_in_flight() {
+        let m = |id: &str| msg(id, Some("a@s.example"), &["u@example.org"], b"x\r\n");
+        let head = "P: MAIL FROM:<a@s.example>
+                    P: RCPT TO:<u@example.org>
+                    P: BDAT 3 LAST
+                    P: x
+                    P: RSET
+                    P: MAIL FROM:<a@s.example>
+                    P: RCPT TO:<u@example.org>
+                    P: BDAT 3 LAST
+                    P: x";
+        let cases: Vec<(&str, Vec<&str>)> = vec![
+            (
+                "C: 250 Ok
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 421 4.3.2 Shutting down",
+                vec![
+                    "a: ok",
+                    "b: defer421",
+                    "close: customer closing: 421 4.3.2 Shutting down",
+                ],
+            ),
+            (
+                "C: 250 Ok
+                 C: 250 Ok
+                 C: 452 4.3.1 Full
+                 C: 550 5.0.0 No reset for you",
+                vec![
+                    "a: defer452",
+                    "b: defer451",
+                    "close: customer refused the session: 550 5.0.0 No reset for you",
+                ],
+            ),
+            (
+                "C: 250 Ok
+                 C: 250 Ok
+                 C: 354 go on",
+                vec![
+                    "a: defer451",
+                    "b: defer451",
+                    "close: protocol error: unexpected reply code 354",
+                ],
+            ),
+            (
+                "C: 250 Ok
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 250 Ok
+                 C: 250 Ok
+                 P: QUIT
+                 C: 250 extra",
+                vec!["a: ok", "b: ok", "close: session done"],
+            ),
+        ];
+        for (tail, want) in cases {
+            let script = format!("{EHLO_WINDOW}\n{head}\n{tail}");
+            assert_eq!(
+                check(&cfg(true, true), &[m("a"), m("b")], &script),
+                want,
+                "{script}"
+            );
+        }
+    }
+
+    #[test]
+    fn window_is_bounded_by_messages_and_bytes() {
+        // WINDOW_MESSAGES + 1 small messages: the last waits for the first to be answered.
+        let msgs: Vec<Msg> = (0..=WINDOW_MESSAGES)
+            .map(|i| msg(&format!("m{i}"), None, &["u@example.org"], b"x\r\n"))
+            .collect();
+        let mut p = Provider::new(cfg(true, true), &msgs);
+        p.feed(b"220 c\r\n250-c\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+        let wire = String::from_utf8_lossy(&std::mem::take(&mut p.wire)).into_owned();
+        assert_eq!(wire.matches("MAIL FROM").count(), WINDOW_MESSAGES);
+        assert_eq!(p.m.in_flight(), WINDOW_MESSAGES);
+        p.feed(b"250 Ok\r\n250 Ok\r\n");
+        assert!(
+            p.wire.is_empty(),
+            "no room before the first message is answered"
+        );
+        p.feed(b"250 Ok\r\n");
+        let wire = String::from_utf8_lossy(&std::mem::take(&mut p.wire)).into_owned();
+        assert_eq!(wire.matches("MAIL FROM").count(), 1, "{wire}");
+        assert_eq!(p.run.events, ["m0: ok"]);
+        // Bytes: 40 KiB bodies fill WINDOW_BYTES after 26 messages.
+        let body = vec![b'y'; 40 * 1024];
+        let msgs: Vec<Msg> = (0..40)
+            .map(|i| msg(&format!("b{i}"), None, &["u@example.org"], &body))
+            .collect();
+        let mut p = Provider::new(cfg(true, true), &msgs);
+        p.feed(b"220 c\r\n250-c\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+        let wire = String::from_utf8_lossy(&std::mem::take(&mut p.wire)).into_owned();
+        let fit = WINDOW_BYTES.div_ceil(40 * 1024) as usize;
+        assert_eq!(wire.matches("MAIL FROM").count(), fit);
+    }
+
+    #[test]
+    fn window_no_more_waits_for_the_flights_then_asks_again() {
+        let m = msg("m", None, &["u@example.org"], b"x\r\n");
+        let mut r = Reversed::new(cfg(true, true));
+        r.handle_input(b"220 c\r\n250-c\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+        assert_eq!(r.poll_action(), Some(Action::NeedMessage));
+        r.send(m.out);
+        assert!(matches!(r.poll_action(), Some(Action::SendBody { .. })));
+        r.body_sent();
+        assert_eq!(r.poll_action(), Some(Action::NeedMessage));
+        // Nothing to send: QUIT must wait for the reply, and keepalive is ignored meanwhile.
+        r.no_more();
+        r.keepalive();
+        r.output().clear();
+        assert_eq!(r.in_flight(), 1);
+        r.handle_input(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n");
+        assert!(r.output().is_empty());
+        assert!(matches!(r.poll_action(), Some(Action::Delivered(_))));
+        assert_eq!(r.poll_action(), Some(Action::NeedMessage));
+        assert_eq!(r.in_flight(), 0);
+        r.keepalive();
+        assert_eq!(r.output().as_slice(), b"NOOP\r\n");
+        r.output().clear();
+        r.handle_input(b"250 Ok\r\n");
+        assert_eq!(r.poll_action(), Some(Action::NeedMessage));
+        r.no_more();
+        assert_eq!(r.output().as_slice(), b"QUIT\r\n");
     }
 
     #[test]
@@ -1921,19 +2600,21 @@ mod tests {
             };
             let run = pair(&rcfg, &icfg, &msgs, Split::Whole);
             let label = format!("{rcfg:?} server pipelining {pipelining} chunking {chunking}");
-            assert_eq!(
-                run.provider.events,
-                [
-                    "mixed: ok fail550 defer450 ok fail550 +dsn",
-                    "refused: fail550 +dsn",
-                    "empty: ok +dsn",
-                    "8bit: ok +dsn",
-                    "utf8: ok +dsn",
-                    "big: fail552",
-                    "close: session done",
-                ],
-                "{label}"
-            );
+            let mut want = vec![
+                "mixed: ok fail550 defer450 ok fail550 +dsn",
+                "refused: fail550 +dsn",
+                "empty: ok +dsn",
+                "8bit: ok +dsn",
+                "utf8: ok +dsn",
+                "big: fail552",
+                "close: session done",
+            ];
+            if rcfg.pipelining && rcfg.chunking && pipelining && chunking {
+                // In the window the local refusal is reported while the others are in flight.
+                let big = want.remove(5);
+                want.insert(0, big);
+            }
+            assert_eq!(run.provider.events, want, "{label}");
             assert!(run.customer_closed, "{label}");
             // What the customer received is exactly what was stored, with the envelope kept.
             let sent: Vec<&Msg> = msgs
@@ -1973,6 +2654,58 @@ mod tests {
                 run,
                 "{label} bytes"
             );
+        }
+    }
+
+    #[test]
+    fn pair_window_with_large_and_refused_messages() {
+        let big = |id: &str, to: &str, c: u8| {
+            let mut body = vec![c; PIPELINE_BODY_MAX as usize + 10];
+            body.extend_from_slice(b"\r\n");
+            msg(id, Some("a@s.example"), &[to], &body)
+        };
+        let msgs = vec![
+            big("big-ok", "u@example.org", b'a'),
+            msg("refused", None, &["nobody@example.org"], b"r\r\n"),
+            msg(
+                "small",
+                None,
+                &["v@example.org", "later@example.org"],
+                b"s\r\n",
+            ),
+            big("big-refused", "nobody@example.org", b'b'),
+            msg("after", None, &["w@example.org"], b"t\r\n"),
+            big("big-last", "x@example.org", b'c'),
+        ];
+        let icfg = InboundConfig {
+            max_message_size: 1 << 20,
+            ..InboundConfig::new("customer.example")
+        };
+        let rcfg = cfg(true, true);
+        let run = pair(&rcfg, &icfg, &msgs, Split::Whole);
+        assert_eq!(
+            run.provider.events,
+            [
+                "big-ok: ok +dsn",
+                "refused: fail550 +dsn",
+                "small: ok defer450 +dsn",
+                "big-refused: fail550 +dsn",
+                "after: ok +dsn",
+                "big-last: ok +dsn",
+                "close: session done",
+            ]
+        );
+        let want: Vec<&[u8]> = [0, 2, 4, 5].iter().map(|&i| &msgs[i].body[..]).collect();
+        let got: Vec<&[u8]> = run.received.iter().map(|m| &m.body[..]).collect();
+        assert_eq!(got, want);
+        // The refused large body was never sent.
+        let refused_body = [b'b'; 64];
+        assert!(
+            !run.to_customer.windows(64).any(|w| w == refused_body),
+            "refused body sent"
+        );
+        for cut in (0..=300).step_by(7) {
+            assert_eq!(pair(&rcfg, &icfg, &msgs, Split::At(cut)), run, "cut {cut}");
         }
     }
 

@@ -4,9 +4,14 @@
 //!
 //! - Each message carries only the recipients of the leased domains, also when it was stored
 //!   once for several domains (another customer's recipients never leak).
-//! - Bodies stream from the journal file to the socket in chunks (through rustls when TLS is
-//!   on): raw after `BDAT <len> LAST`, or dot-stuffed on the fly after DATA's 354. A whole
-//!   message is never in memory.
+//! - When the customer offers PIPELINING and CHUNKING, messages travel in the machine's window:
+//!   `[RSET] MAIL RCPT... BDAT n LAST` and the body go out together, many messages per
+//!   write, replies matched in order. Small messages (up to
+//!   [`crate::proto::reversed::PIPELINE_BODY_MAX`]) are read whole from the journal in
+//!   batches, one read per run of back-to-back records. Larger bodies stream from the
+//!   journal file to the socket in chunks (through rustls when TLS is on): raw after
+//!   `BDAT <len> LAST`, or dot-stuffed on the fly after DATA's 354. A large message is never
+//!   whole in memory.
 //! - Per domain part: every recipient 2xx -> DONE delivered; any 5xx and none deferred -> a
 //!   delivery report to the sender, DONE bounced; any 4xx -> the part stays held. Whatever is
 //!   not acknowledged when the connection drops stays held.
@@ -20,7 +25,7 @@ use crate::metrics::DeliveryOutcome;
 use crate::proto::reply::{EnhancedStatus, Reply};
 use crate::proto::reversed::{
     Action, BodyFraming, CloseReason, MessageOutcome, Outgoing, RcptOutcome, Reversed,
-    ReversedConfig,
+    ReversedConfig, PIPELINE_BODY_MAX,
 };
 use crate::proto::stuff::DotStuffer;
 use crate::runtime::conn::Conn;
@@ -36,6 +41,13 @@ const RETIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Body bytes read from the journal per chunk.
 const BODY_CHUNK: usize = 256 * 1024;
+/// The first chunk of a streamed body, which shares a write with the command before it.
+const FIRST_CHUNK: usize = 32 * 1024;
+
+/// Small messages read ahead from the journal at once (envelope and body of each).
+const PREFETCH_MESSAGES: usize = 64;
+/// Most bytes read from the journal in one read when prefetching.
+const PREFETCH_BYTES: u64 = 1024 * 1024;
 
 /// RFC 5321 §4.5.3.2 client timeouts are minutes; the longest (end of data) bounds every
 /// read here.
@@ -57,6 +69,14 @@ struct InFlight {
     /// Envelope recipient index -> part index.
     owner: Vec<usize>,
     started: Instant,
+    /// The whole body, when read ahead (small messages); else it streams from the journal.
+    body: Option<Vec<u8>>,
+}
+
+/// A held message read from the journal: its stored envelope, and the body when small.
+struct Loaded {
+    meta: spool::MsgMeta,
+    body: Option<Vec<u8>>,
 }
 
 /// Totals of one reversal, for the log line.
@@ -92,6 +112,12 @@ pub async fn run(
     let mut input = Vec::with_capacity(16 * 1024);
     let mut pos = 0;
     let mut next_tag = 0u64;
+    // Messages read ahead from the journal, in queue order.
+    let mut loaded: VecDeque<(Queued, Result<Loaded, spool::Error>)> = VecDeque::new();
+    // Commands and small bodies, written in one go before the next read.
+    let mut wire: Vec<u8> = Vec::with_capacity(64 * 1024);
+    // A held message could not be read: send nothing more, end the session.
+    let mut ending = false;
     // Acknowledgements that delivered parts left the index. The leases are released only after
     // them, so an ATRN right after this session can never be offered the same parts again.
     let mut retiring = Vec::new();
@@ -100,11 +126,24 @@ pub async fn run(
         while let Some(action) = machine.poll_action() {
             match action {
                 Action::NeedMessage => {
-                    let next = match queue.pop_front() {
-                        Some(q) => Some(q),
+                    if loaded.is_empty() && !ending {
+                        load_ahead(core, &mut queue, &mut loaded).await;
+                    }
+                    let next = match loaded.pop_front() {
+                        Some(l) if !ending => Some(l),
+                        // Messages in flight: let them settle first (the machine asks again).
+                        _ if machine.in_flight() > 0 => {
+                            machine.no_more();
+                            None
+                        }
+                        _ if ending => {
+                            wait_retired(std::mem::take(&mut retiring)).await;
+                            machine.no_more();
+                            None
+                        }
                         // Push mode: wait for new mail for the leased domains, keeping the
                         // session alive with NOOP, until linger_max.
-                        None => match leases.pushed.as_mut() {
+                        _ => match leases.pushed.as_mut() {
                             None => {
                                 // Everything delivered is retired before our QUIT, so the
                                 // customer's next ATRN finds neither the parts nor (after
@@ -116,12 +155,16 @@ pub async fn run(
                             Some(pushed) => {
                                 let keepalive = odmr.linger_keepalive;
                                 match linger(pushed, keepalive, linger_until).await {
-                                    Lingered::Mail(part) => Some(Queued {
-                                        id: part.id,
-                                        location: part.location,
-                                        received_at: part.received_at,
-                                        parts: vec![(part.domain, part.recipients)],
-                                    }),
+                                    Lingered::Mail(part) => {
+                                        let q = Queued {
+                                            id: part.id,
+                                            location: part.location,
+                                            received_at: part.received_at,
+                                            parts: vec![(part.domain, part.recipients)],
+                                        };
+                                        let l = load(core, &q).await;
+                                        Some((q, l))
+                                    }
                                     Lingered::Keepalive => {
                                         machine.keepalive();
                                         None
@@ -135,29 +178,47 @@ pub async fn run(
                             }
                         },
                     };
-                    if let Some(q) = next {
-                        match prepare(core, q, next_tag).await {
-                            Ok((outgoing, flight)) => {
-                                next_tag += 1;
-                                in_flight.insert(outgoing.id.clone(), flight);
-                                machine.send(outgoing);
-                            }
-                            Err(e) => {
-                                // Unreadable record: keep it held, tell the operator, end.
-                                tracing::error!(%peer, error = %e, "cannot read a held message; it stays held");
-                                machine.no_more();
-                            }
+                    match next {
+                        Some((q, Ok(l))) => {
+                            let (outgoing, flight) = prepare(q, l, next_tag);
+                            next_tag += 1;
+                            in_flight.insert(outgoing.id.clone(), flight);
+                            machine.send(outgoing);
                         }
+                        Some((_, Err(e))) => {
+                            // Unreadable record: keep it held, tell the operator, end.
+                            tracing::error!(%peer, error = %e, "cannot read a held message; it stays held");
+                            ending = true;
+                            if machine.in_flight() == 0 {
+                                wait_retired(std::mem::take(&mut retiring)).await;
+                            }
+                            machine.no_more();
+                        }
+                        None => {}
                     }
                 }
                 Action::SendBody { id, framing } => {
-                    let Some(flight) = in_flight.get(&id) else {
+                    let Some(flight) = in_flight.get_mut(&id) else {
                         machine.abort();
                         continue;
                     };
-                    // The pending command (`BDAT n LAST`) goes out in the same write as the
-                    // first body chunk: one write and often one packet fewer per message.
-                    let head = std::mem::take(machine.output());
+                    // The pending commands (ending with `BDAT n LAST`) go out in the same
+                    // write as the body, or its first chunk.
+                    wire.append(machine.output());
+                    if let Some(body) = flight.body.take() {
+                        // Read ahead whole: no journal read here.
+                        match framing {
+                            BodyFraming::Bdat => wire.extend_from_slice(&body),
+                            BodyFraming::Data => {
+                                let mut stuffer = DotStuffer::new();
+                                stuffer.push(&body, &mut wire);
+                                stuffer.finish(&mut wire);
+                            }
+                        }
+                        machine.body_sent();
+                        continue;
+                    }
+                    let head = std::mem::take(&mut wire);
                     let loc = &flight.queued.location;
                     match send_body(core, conn, loc, framing, head).await {
                         Ok(()) => machine.body_sent(),
@@ -173,7 +234,7 @@ pub async fn run(
                     }
                 }
                 Action::Close(reason) => {
-                    let _ = flush(conn, &mut machine).await;
+                    let _ = flush(conn, &mut wire, &mut machine).await;
                     match reason {
                         CloseReason::Done => {
                             tracing::info!(%peer, delivered = summary.delivered, deferred = summary.deferred, bounced = summary.bounced, "reversal finished");
@@ -190,8 +251,11 @@ pub async fn run(
         if pos > 0 && pos == input.len() {
             input.clear();
             pos = 0;
+        } else if pos > 64 * 1024 {
+            input.drain(..pos);
+            pos = 0;
         }
-        if flush(conn, &mut machine).await.is_err() {
+        if flush(conn, &mut wire, &mut machine).await.is_err() {
             machine.abort();
             continue;
         }
@@ -200,6 +264,57 @@ pub async fn run(
             _ => machine.abort(),
         }
     }
+}
+
+/// Reads ahead from the front of `queue`: a batch of small messages whole (few journal reads),
+/// or one large message's envelope.
+async fn load_ahead(
+    core: &Core,
+    queue: &mut VecDeque<Queued>,
+    loaded: &mut VecDeque<(Queued, Result<Loaded, spool::Error>)>,
+) {
+    let mut batch = Vec::new();
+    let mut bytes = 0u64;
+    while let Some(q) = queue.front() {
+        let small = q.location.body_len <= PIPELINE_BODY_MAX;
+        if !small || batch.len() >= PREFETCH_MESSAGES || bytes + q.location.len > PREFETCH_BYTES {
+            if batch.is_empty() {
+                let q = queue.pop_front().expect("front exists");
+                let l = load(core, &q).await;
+                loaded.push_back((q, l));
+                return;
+            }
+            break;
+        }
+        bytes += q.location.len;
+        batch.push(queue.pop_front().expect("front exists"));
+    }
+    let locs: Vec<Location> = batch.iter().map(|q| q.location).collect();
+    let results = core.reader.read_messages(&locs, PREFETCH_BYTES).await;
+    for (q, r) in batch.into_iter().zip(results) {
+        let l = r.map(|(meta, body)| Loaded {
+            meta,
+            body: Some(body),
+        });
+        loaded.push_back((q, l));
+    }
+}
+
+/// Reads one held message: whole when small, else only its envelope.
+async fn load(core: &Core, q: &Queued) -> Result<Loaded, spool::Error> {
+    if q.location.body_len <= PIPELINE_BODY_MAX {
+        let mut r = core
+            .reader
+            .read_messages(std::slice::from_ref(&q.location), PREFETCH_BYTES)
+            .await;
+        let (meta, body) = r.pop().expect("one result per location")?;
+        return Ok(Loaded {
+            meta,
+            body: Some(body),
+        });
+    }
+    let meta = core.reader.read_message(&q.location).await?;
+    Ok(Loaded { meta, body: None })
 }
 
 /// Waits until every part this session finished has left its shard's index (bounded: a
@@ -266,10 +381,9 @@ fn build_queue(leases: &Leases) -> VecDeque<Queued> {
     by_id.into_values().collect()
 }
 
-/// Reads the stored envelope and builds what the machine sends: only the leased recipients.
-async fn prepare(core: &Core, q: Queued, tag: u64) -> Result<(Outgoing, InFlight), spool::Error> {
-    let meta = core.reader.read_message(&q.location).await?;
-    let mut envelope = meta.envelope;
+/// Builds what the machine sends from the stored envelope: only the leased recipients.
+fn prepare(q: Queued, loaded: Loaded, tag: u64) -> (Outgoing, InFlight) {
+    let mut envelope = loaded.meta.envelope;
     let mut recipients = Vec::new();
     let mut owner = Vec::new();
     for (i, (_, rcpts)) in q.parts.iter().enumerate() {
@@ -288,15 +402,16 @@ async fn prepare(core: &Core, q: Queued, tag: u64) -> Result<(Outgoing, InFlight
         eight_bit: envelope.body != BodyType::SevenBit,
         utf8_addresses,
     };
-    Ok((
+    (
         outgoing,
         InFlight {
             queued: q,
             envelope,
             owner,
             started: Instant::now(),
+            body: loaded.body,
         },
-    ))
+    )
 }
 
 /// Streams one body from the journal: raw for BDAT, dot-stuffed with its terminator for DATA.
@@ -307,7 +422,11 @@ async fn send_body(
     framing: BodyFraming,
     mut head: Vec<u8>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let mut stream = core.reader.body_stream(*location, BODY_CHUNK);
+    // The first chunk is copied behind the pending command: keep it small.
+    let mut stream = core
+        .reader
+        .body_stream(*location, BODY_CHUNK)
+        .with_first_chunk(FIRST_CHUNK);
     let mut stuffer = DotStuffer::new();
     let mut chunk = Vec::with_capacity(BODY_CHUNK);
     let mut wire = Vec::with_capacity(BODY_CHUNK + BODY_CHUNK / 8);
@@ -461,6 +580,8 @@ async fn bounce(core: &Core, flight: &InFlight, failed: &[(usize, &Reply)]) {
     .await;
 }
 
-async fn flush(conn: &mut Conn, machine: &mut Reversed) -> std::io::Result<()> {
-    conn.flush_buffer(machine.output()).await
+/// Writes the pending bodies and commands in one go.
+async fn flush(conn: &mut Conn, wire: &mut Vec<u8>, machine: &mut Reversed) -> std::io::Result<()> {
+    wire.append(machine.output());
+    conn.flush_buffer(wire).await
 }

@@ -49,35 +49,53 @@ pub(crate) async fn read_msg_record(
     if let Err(e) = r {
         return (Err(Error::io("read record", Some(path.to_owned()), e)), buf);
     }
-    let res = (|| {
-        let mut h = [0u8; RECORD_HEADER_LEN as usize];
-        h.copy_from_slice(&buf[..RECORD_HEADER_LEN as usize]);
-        let fh = FixedHeader::parse(&h).map_err(|_| corrupt("bad record header"))?;
-        if fh.record_len() != Some(len) {
-            return Err(corrupt("record length does not match its location"));
-        }
-        let body_rel = RECORD_HEADER_LEN + u64::from(fh.meta_len);
-        let meta = &buf[RECORD_HEADER_LEN as usize..body_rel as usize];
-        if !fh.verify(&h, meta) {
-            return Err(corrupt("head checksum mismatch"));
-        }
-        let Meta::Msg(m) = decode_meta(fh.kind, meta).map_err(corrupt)? else {
-            return Err(corrupt("not a MSG record"));
-        };
-        if crc32fast::hash(&buf[body_rel as usize..]) != fh.body_crc {
-            return Err(corrupt("body checksum mismatch"));
-        }
-        Ok((m, body_rel))
-    })();
+    let res = verify_msg_record(&buf, path, offset);
     (res, buf)
 }
+
+/// Checks one whole `MSG` record (`record` is exactly its bytes, read from `offset`): both
+/// checksums and the meta; returns the meta and the body's offset inside `record`.
+fn verify_msg_record(record: &[u8], path: &Path, offset: u64) -> Result<(MsgMeta, u64), Error> {
+    let corrupt = |reason| Error::Corrupt {
+        path: path.to_owned(),
+        offset,
+        reason,
+    };
+    let mut h = [0u8; RECORD_HEADER_LEN as usize];
+    h.copy_from_slice(&record[..RECORD_HEADER_LEN as usize]);
+    let fh = FixedHeader::parse(&h).map_err(|_| corrupt("bad record header"))?;
+    if fh.record_len() != Some(record.len() as u64) {
+        return Err(corrupt("record length does not match its location"));
+    }
+    let body_rel = RECORD_HEADER_LEN + u64::from(fh.meta_len);
+    let meta = &record[RECORD_HEADER_LEN as usize..body_rel as usize];
+    if !fh.verify(&h, meta) {
+        return Err(corrupt("head checksum mismatch"));
+    }
+    let Meta::Msg(m) = decode_meta(fh.kind, meta).map_err(corrupt)? else {
+        return Err(corrupt("not a MSG record"));
+    };
+    if crc32fast::hash(&record[body_rel as usize..]) != fh.body_crc {
+        return Err(corrupt("body checksum mismatch"));
+    }
+    Ok((m, body_rel))
+}
+
+/// A message read whole: its meta and its verified body.
+pub type WholeMessage = Result<(MsgMeta, Vec<u8>), Error>;
 
 /// Reads stored messages of any core's journal; one per core thread.
 pub struct Reader {
     data_dir: PathBuf,
     io: IoKind,
     open: RefCell<VecDeque<((u16, u64), SegmentFile)>>,
+    /// The buffer of [`Reader::read_messages`], kept between calls: a fresh one per batch
+    /// costs page faults and zeroed pages.
+    scratch: RefCell<Vec<u8>>,
 }
+
+/// Largest scratch buffer kept between batched reads.
+const SCRATCH_KEEP: usize = 4 << 20;
 
 impl Reader {
     /// A reader for the spool under `data_dir`, using `io` for its reads.
@@ -86,6 +104,7 @@ impl Reader {
             data_dir: data_dir.into(),
             io,
             open: RefCell::new(VecDeque::new()),
+            scratch: RefCell::new(Vec::new()),
         }
     }
 
@@ -150,6 +169,116 @@ impl Reader {
         }
     }
 
+    /// Reads several messages whole: the envelope and the checksummed body of each, with one
+    /// read per run of records that lie back to back in one segment (held mail usually does:
+    /// each core appends in arrival order). For the reversal's small messages, where two
+    /// reads per message (head, then body) cost more than the bytes. Results are in `locs`
+    /// order; at most `max_read` bytes are read at once.
+    pub async fn read_messages(&self, locs: &[Location], max_read: u64) -> Vec<WholeMessage> {
+        // Read in file order (the queue interleaves the cores' journals), answer in `locs` order.
+        let mut order: Vec<usize> = (0..locs.len()).collect();
+        order.sort_by_key(|&i| (locs[i].core, locs[i].seq, locs[i].offset));
+        let sorted: Vec<Location> = order.iter().map(|&i| locs[i]).collect();
+        let mut results = Vec::with_capacity(locs.len());
+        let mut i = 0;
+        while i < sorted.len() {
+            let first = &sorted[i];
+            let mut end = i + 1;
+            let mut total = first.len;
+            while let Some(next) = sorted.get(end) {
+                let prev = &sorted[end - 1];
+                let adjacent = (next.core, next.seq) == (first.core, first.seq)
+                    && prev.offset.checked_add(prev.len) == Some(next.offset);
+                if !adjacent || total + next.len > max_read {
+                    break;
+                }
+                total += next.len;
+                end += 1;
+            }
+            self.read_run(&sorted[i..end], total, &mut results).await;
+            i = end;
+        }
+        let mut out: Vec<Option<WholeMessage>> = (0..locs.len()).map(|_| None).collect();
+        for (r, &i) in results.into_iter().zip(&order) {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| r.expect("one result per location"))
+            .collect()
+    }
+
+    /// One read for back-to-back records `run` (`total` bytes), each then checked on its own.
+    async fn read_run(&self, run: &[Location], total: u64, out: &mut Vec<WholeMessage>) {
+        let path = segment_path(&self.data_dir, run[0].core, run[0].seq);
+        let read = match (
+            self.file(run[0].core, run[0].seq).await,
+            usize::try_from(total),
+        ) {
+            (Ok(file), Ok(n)) => {
+                let scratch = std::mem::take(&mut *self.scratch.borrow_mut());
+                let (r, buf) = file.read_exact_at(scratch, run[0].offset, n).await;
+                r.map(|()| buf)
+                    .map_err(|e| Error::io("read records", Some(path.clone()), e))
+            }
+            (Err(e), _) => Err(e),
+            (_, Err(_)) => Err(Error::InvalidLocation {
+                reason: "records too large for memory",
+            }),
+        };
+        let buf = match read {
+            Ok(buf) => buf,
+            Err(e) => {
+                out.push(Err(e));
+                for loc in &run[1..] {
+                    // Each on its own, so one bad location does not fail its neighbours.
+                    out.push(self.read_one(loc).await);
+                }
+                return;
+            }
+        };
+        let mut at = 0usize;
+        for loc in run {
+            let record = &buf[at..at + loc.len as usize];
+            at += loc.len as usize;
+            out.push(self.split_record(record, loc, &path));
+        }
+        if buf.capacity() <= SCRATCH_KEEP {
+            *self.scratch.borrow_mut() = buf;
+        }
+    }
+
+    async fn read_one(&self, loc: &Location) -> WholeMessage {
+        let path = segment_path(&self.data_dir, loc.core, loc.seq);
+        let n = usize::try_from(loc.len).map_err(|_| Error::InvalidLocation {
+            reason: "record too large for memory",
+        })?;
+        let file = self.file(loc.core, loc.seq).await?;
+        let (r, buf) = file.read_exact_at(Vec::new(), loc.offset, n).await;
+        r.map_err(|e| Error::io("read record", Some(path.clone()), e))?;
+        self.split_record(&buf, loc, &path)
+    }
+
+    fn split_record(&self, record: &[u8], loc: &Location, path: &Path) -> WholeMessage {
+        if (record.len() as u64) < RECORD_HEADER_LEN {
+            return Err(Error::Corrupt {
+                path: path.to_owned(),
+                offset: loc.offset,
+                reason: "record shorter than its header",
+            });
+        }
+        let (meta, body_rel) = verify_msg_record(record, path, loc.offset)?;
+        if loc.offset + body_rel != loc.body_offset
+            || record.len() as u64 - body_rel != loc.body_len
+        {
+            return Err(Error::Corrupt {
+                path: path.to_owned(),
+                offset: loc.offset,
+                reason: "record does not match its location",
+            });
+        }
+        Ok((meta, record[body_rel as usize..].to_vec()))
+    }
+
     /// Reads `len` body bytes starting `offset` bytes into the body, into `buf` (recycled;
     /// its old contents are dropped). Not checksummed; see [`Reader::body_stream`].
     pub async fn read_body_range(
@@ -200,6 +329,7 @@ impl Reader {
             loc,
             pos: 0,
             chunk: chunk.max(1),
+            first: None,
             crc: crc32fast::Hasher::new(),
         }
     }
@@ -215,10 +345,19 @@ pub struct BodyStream<'a> {
     loc: Location,
     pos: u64,
     chunk: usize,
+    /// The size of the first chunk, when it differs.
+    first: Option<usize>,
     crc: crc32fast::Hasher,
 }
 
 impl BodyStream<'_> {
+    /// Makes the first chunk at most `n` bytes: a caller that copies it behind a command
+    /// (one write for both) copies little, and the rest goes out in full-size chunks.
+    pub fn with_first_chunk(mut self, n: usize) -> Self {
+        self.first = Some(n.max(1));
+        self
+    }
+
     /// Body bytes not yet returned.
     pub fn remaining(&self) -> u64 {
         self.loc.body_len - self.pos
@@ -230,7 +369,7 @@ impl BodyStream<'_> {
         if left == 0 {
             return Ok(None);
         }
-        let n = left.min(self.chunk as u64) as usize;
+        let n = left.min(self.first.take().unwrap_or(self.chunk) as u64) as usize;
         let buf = self
             .reader
             .read_body_range(&self.loc, self.pos, n, buf)
