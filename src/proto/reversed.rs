@@ -125,7 +125,7 @@ use std::fmt;
 use std::fmt::Write as _;
 
 use crate::proto::frame::{Frame, FrameError, Framer};
-use crate::proto::reply::{EnhancedStatus, Reply};
+use crate::proto::reply::{split_reply_line, split_status, EnhancedStatus, Reply};
 use crate::types::{BodyType, Envelope, Mailbox, Notify, Ret};
 
 /// Longest reply line accepted, CRLF excluded (RFC 5321 §4.5.3.1.5 asks for 512; we are lax).
@@ -422,50 +422,6 @@ impl ReplyParser {
                 };
             }
         }
-    }
-}
-
-/// `ddd[SP text]` or `ddd-[text]`: the code, whether this is the last line, and the text.
-fn split_reply_line(line: &[u8]) -> Option<(u16, bool, &[u8])> {
-    let digits = line.get(..3)?;
-    if !(b'1'..=b'5').contains(&digits[0]) || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let code = digits
-        .iter()
-        .fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
-    match line.get(3) {
-        None => Some((code, true, &[])),
-        Some(b' ') => Some((code, true, &line[4..])),
-        Some(b'-') => Some((code, false, &line[4..])),
-        Some(_) => None,
-    }
-}
-
-/// Splits a leading RFC 3463 `class.subject.detail` off `text` when its class matches `code`.
-fn split_status(code: u16, text: &[u8]) -> (Option<EnhancedStatus>, &[u8]) {
-    let end = text.iter().position(|&b| b == b' ').unwrap_or(text.len());
-    let word = &text[..end];
-    let parsed = std::str::from_utf8(word).ok().and_then(|w| {
-        let mut it = w.split('.');
-        let (c, s, d) = (it.next()?, it.next()?, it.next()?);
-        let ok = |p: &str, max: usize| {
-            !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit())
-        };
-        if it.next().is_some() || !(ok(c, 1) && ok(s, 3) && ok(d, 3)) {
-            return None;
-        }
-        Some(EnhancedStatus::new(
-            c.parse().ok()?,
-            s.parse().ok()?,
-            d.parse().ok()?,
-        ))
-    });
-    match parsed {
-        Some(st) if u16::from(st.class) == code / 100 && matches!(st.class, 2 | 4 | 5) => {
-            (Some(st), text.get(end + 1..).unwrap_or(&[]))
-        }
-        _ => (None, text),
     }
 }
 

@@ -381,12 +381,18 @@ fn build_queue(leases: &Leases) -> VecDeque<Queued> {
     by_id.into_values().collect()
 }
 
-/// Builds what the machine sends from the stored envelope: only the leased recipients.
-fn prepare(q: Queued, loaded: Loaded, tag: u64) -> (Outgoing, InFlight) {
-    let mut envelope = loaded.meta.envelope;
+/// The stored envelope narrowed to the recipients of `parts`, what the client machine sends
+/// for it (`tag` is its id), and for each envelope recipient the index of its part. Shared by
+/// the reversal and the outgoing relay.
+pub(crate) fn outgoing_for(
+    mut envelope: Envelope,
+    parts: &[(DomainName, Vec<Recipient>)],
+    body_len: u64,
+    tag: u64,
+) -> (Outgoing, Envelope, Vec<usize>) {
     let mut recipients = Vec::new();
     let mut owner = Vec::new();
-    for (i, (_, rcpts)) in q.parts.iter().enumerate() {
+    for (i, (_, rcpts)) in parts.iter().enumerate() {
         for r in rcpts {
             recipients.push(r.clone());
             owner.push(i);
@@ -398,10 +404,17 @@ fn prepare(q: Queued, loaded: Loaded, tag: u64) -> (Outgoing, InFlight) {
     let outgoing = Outgoing {
         id: tag.to_string(),
         envelope: envelope.clone(),
-        size: q.location.body_len,
+        size: body_len,
         eight_bit: envelope.body != BodyType::SevenBit,
         utf8_addresses,
     };
+    (outgoing, envelope, owner)
+}
+
+/// Builds what the machine sends from the stored envelope: only the leased recipients.
+fn prepare(q: Queued, loaded: Loaded, tag: u64) -> (Outgoing, InFlight) {
+    let (outgoing, envelope, owner) =
+        outgoing_for(loaded.meta.envelope, &q.parts, q.location.body_len, tag);
     (
         outgoing,
         InFlight {

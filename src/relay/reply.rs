@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use crate::proto::reply::{EnhancedStatus, Reply};
+use crate::proto::reply::{split_reply_line, split_status, Reply};
 
 /// Longest reply accepted here (these replies are a line or two).
 const MAX_REPLY: usize = 16 * 1024;
@@ -38,7 +38,7 @@ pub fn parse(buf: &[u8]) -> Parsed {
             return Parsed::Malformed;
         };
         pos += nl + 1;
-        let Some((code, last, text)) = split(line) else {
+        let Some((code, last, text)) = split_reply_line(line) else {
             return Parsed::Malformed;
         };
         let r = reply.get_or_insert_with(|| Reply {
@@ -49,52 +49,20 @@ pub fn parse(buf: &[u8]) -> Parsed {
         if r.code != code {
             return Parsed::Malformed;
         }
-        let text = String::from_utf8_lossy(text).into_owned();
-        let (status, rest) = status_of(code, &text);
+        let (status, rest) = split_status(code, text);
         if r.lines.is_empty() {
             r.status = status;
         }
         let text = if status.is_some() && status == r.status {
-            rest.to_string()
+            rest
         } else {
             text
         };
-        r.lines.push(Cow::Owned(text));
+        r.lines
+            .push(Cow::Owned(String::from_utf8_lossy(text).into_owned()));
         if last {
             return Parsed::Reply(reply.take().expect("set above"), pos);
         }
-    }
-}
-
-fn split(line: &[u8]) -> Option<(u16, bool, &[u8])> {
-    let digits = line.get(..3)?;
-    if !(b'1'..=b'5').contains(&digits[0]) || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let code = digits
-        .iter()
-        .fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
-    match line.get(3) {
-        None => Some((code, true, &[])),
-        Some(b' ') => Some((code, true, &line[4..])),
-        Some(b'-') => Some((code, false, &line[4..])),
-        Some(_) => None,
-    }
-}
-
-fn status_of(code: u16, text: &str) -> (Option<EnhancedStatus>, &str) {
-    let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
-    let mut it = word.split('.');
-    let num = |p: Option<&str>, max: usize| {
-        p.filter(|p| !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|p| p.parse::<u16>().ok())
-    };
-    let (c, s, d) = (num(it.next(), 1), num(it.next(), 3), num(it.next(), 3));
-    match (c, s, d, it.next()) {
-        (Some(c), Some(s), Some(d), None) if c == code / 100 && (2..=5).contains(&c) => {
-            (Some(EnhancedStatus::new(c as u8, s, d)), rest)
-        }
-        _ => (None, text),
     }
 }
 
@@ -107,6 +75,7 @@ pub fn one_line(r: &Reply) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::reply::EnhancedStatus;
 
     #[test]
     fn single_and_multi_line_replies_at_every_split() {

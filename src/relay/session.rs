@@ -27,7 +27,7 @@ use crate::provider::core::Core;
 use crate::runtime::conn::Conn;
 use crate::runtime::io::Stream;
 use crate::spool::{self, Location};
-use crate::types::{BodyType, DomainName, Envelope, MessageId, Recipient};
+use crate::types::{DomainName, Envelope, MessageId, Recipient};
 
 use super::reply::{self, Parsed};
 use super::route::Target;
@@ -433,26 +433,12 @@ async fn prepare(
     tag: u64,
 ) -> Result<(Outgoing, Envelope, Vec<usize>), spool::Error> {
     let meta = core.reader.read_message(&q.location).await?;
-    let mut envelope = meta.envelope;
-    let mut recipients = Vec::new();
-    let mut owner = Vec::new();
-    for (i, (_, rcpts)) in q.parts.iter().enumerate() {
-        for r in rcpts {
-            recipients.push(r.clone());
-            owner.push(i);
-        }
-    }
-    envelope.recipients = recipients;
-    let utf8_addresses = envelope.sender.as_ref().is_some_and(|m| m.is_utf8())
-        || envelope.recipients.iter().any(|r| r.mailbox.is_utf8());
-    let outgoing = Outgoing {
-        id: tag.to_string(),
-        envelope: envelope.clone(),
-        size: q.location.body_len,
-        eight_bit: envelope.body != BodyType::SevenBit,
-        utf8_addresses,
-    };
-    Ok((outgoing, envelope, owner))
+    Ok(crate::provider::reversal::outgoing_for(
+        meta.envelope,
+        &q.parts,
+        q.location.body_len,
+        tag,
+    ))
 }
 
 /// Streams one body from the journal: raw after `BDAT n LAST` (already in `head`), or
