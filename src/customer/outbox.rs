@@ -34,7 +34,7 @@ use crate::proto::dsn::{self, DsnAction, Report, ReportRecipient};
 use crate::proto::inbound::Incoming;
 use crate::proto::reply::{EnhancedStatus, Reply};
 use crate::spool::{self, IoKind, JournalConfig, JournalHandle, Location, Outcome, Reader};
-use crate::types::{BodyType, DomainName, Envelope, Mailbox, MessageId, Recipient};
+use crate::types::{DomainName, Envelope, Mailbox, MessageId, Recipient};
 
 /// Segments of the outbox journal: small (an office's queue), never preallocated.
 const SEGMENT_SIZE: u64 = 4 << 20;
@@ -440,21 +440,7 @@ pub fn bounce(
         boundary_seed: (q.id.0 as u64) ^ now_unix.rotate_left(32),
     })?;
     Some(Incoming {
-        envelope: Envelope {
-            sender: None,
-            body: if dsn::is_eight_bit(&body) {
-                BodyType::EightBitMime
-            } else {
-                BodyType::SevenBit
-            },
-            smtputf8: sender.is_utf8(),
-            recipients: vec![Recipient {
-                mailbox: sender.clone(),
-                notify: None,
-                orcpt: None,
-            }],
-            ..Envelope::default()
-        },
+        envelope: dsn::report_envelope(sender, &body),
         body,
         helo: hostname.to_string(),
         protocol: "ESMTP",

@@ -49,7 +49,7 @@ use std::fmt::Write as _;
 
 use crate::proto::reply::EnhancedStatus;
 use crate::proto::trace::rfc5322_date;
-use crate::types::{Mailbox, Ret};
+use crate::types::{BodyType, Envelope, Mailbox, Recipient, Ret};
 
 /// Longest line we write, CRLF excluded (RFC 5322 §2.1.1 allows 998).
 const MAX_LINE: usize = 998;
@@ -126,6 +126,26 @@ pub struct Report<'a> {
 /// RET as stored, with our default for "absent": headers only (see the module doc).
 pub fn default_ret(ret: Option<Ret>) -> Ret {
     ret.unwrap_or(Ret::Hdrs)
+}
+
+/// The envelope a report built by [`build`] travels in: from the null sender (RFC 5321 §4.5.5,
+/// so it never causes another report) to `sender`, the original message's sender.
+pub fn report_envelope(sender: &Mailbox, body: &[u8]) -> Envelope {
+    Envelope {
+        sender: None,
+        body: if is_eight_bit(body) {
+            BodyType::EightBitMime
+        } else {
+            BodyType::SevenBit
+        },
+        smtputf8: sender.is_utf8(),
+        recipients: vec![Recipient {
+            mailbox: sender.clone(),
+            notify: None,
+            orcpt: None,
+        }],
+        ..Envelope::default()
+    }
 }
 
 /// True when `report` holds octets above 127 (send it with BODY=8BITMIME).

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::proto::dsn::{self, DsnAction, Report, ReportRecipient};
 use crate::proto::reply::EnhancedStatus;
 use crate::spool::{self, Location};
-use crate::types::{BodyType, Envelope, MessageId, Recipient, Ret};
+use crate::types::{Envelope, MessageId, Recipient, Ret};
 
 use super::core::Core;
 
@@ -76,21 +76,7 @@ pub async fn queue_failure(
     let Some(body) = dsn::build(&report) else {
         return true;
     };
-    let report_env = Envelope {
-        sender: None,
-        body: if dsn::is_eight_bit(&body) {
-            BodyType::EightBitMime
-        } else {
-            BodyType::SevenBit
-        },
-        smtputf8: sender.is_utf8(),
-        recipients: vec![Recipient {
-            mailbox: sender.clone(),
-            notify: None,
-            orcpt: None,
-        }],
-        ..Envelope::default()
-    };
+    let report_env = dsn::report_envelope(sender, &body);
     match core.store_generated(&report_env, body).await {
         Ok(report_id) => {
             tracing::info!(%id, report = %report_id, to = %sender, "delivery report queued");
