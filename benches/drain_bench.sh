@@ -28,7 +28,8 @@
 #   cargo build --release if missing or BUILD=1), TURNPIKE_ARGS (extra serve args, e.g.
 #   "--io epoll" or "--cores 1"), MAX_LOAD (3.0: wait up to LOAD_WAIT s (300) for the 1-min
 #   load average to drop below it before measuring), PERF_CASE (small|large|large-tls: record
-#   `perf record -g` on the server and on the drain customer during that case's first drain
+#   `perf record -g` (the server at 4999 Hz, so that a sub-second drain gives enough samples)
+#   on the server and on the drain customer during that case's first drain
 #   into the kept work dir; the customer's CPU figure then includes perf's own),
 #   KEEP=1 keeps the temp dir.
 # Run from anywhere; installs smtp-source (postfix) if missing, which needs root.
@@ -192,7 +193,7 @@ drain() {
   local customer_perf=()
   if [ "$PERF_CASE" = "$case" ] && [ "$RUN" = 1 ]; then
     customer_perf=(perf record -g -o "$WORK/perf-$case-customer.data" --)
-    perf record -g -o "$WORK/perf-$case.data" -p "$TP_PID" >"$WORK/perf-$case.log" 2>&1 &
+    perf record -F 4999 -g -o "$WORK/perf-$case.data" -p "$TP_PID" >"$WORK/perf-$case.log" 2>&1 &
     PERF_PID=$!
     sleep 0.5
   fi
