@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{find_program, require_program};
+use common::{find_program, listening_port, require_program};
 use turnpike::customer::deliver::{Deliverer, DeliveryConfig};
 use turnpike::customer::session::Sink;
 use turnpike::proto::inbound::Incoming;
@@ -164,28 +164,6 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
         assert!(Instant::now() < end, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The TCP port a process listens on, found through /proc (the process was told port 0).
-fn listening_port(pid: u32) -> Option<u16> {
-    let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()?
-        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|l| {
-            let l = l.to_string_lossy().into_owned();
-            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
-        })
-        .collect();
-    let table = fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let listening = f.get(3) == Some(&"0A");
-        if listening && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9)) {
-            u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()
-        } else {
-            None
-        }
-    })
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     find_program, output_text, password_for, queue_entry, require_program, run_bounded,
-    senders_to_recipients, TestServer,
+    senders_to_recipients, tcp_relay, TestServer,
 };
 
 fn scratch(server: &TestServer, name: &str) -> PathBuf {
@@ -165,45 +165,6 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// A TCP relay that forwards to whatever `target` holds now (`None`: drop the client, which
-/// the customer sees as an unreachable provider).
-fn relay(target: Arc<Mutex<Option<SocketAddr>>>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let Some(to) = *target.lock().unwrap() else {
-                continue;
-            };
-            let Ok(upstream) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
-                continue;
-            };
-            for (mut from, mut to) in [
-                (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
-                (upstream, client),
-            ] {
-                thread::spawn(move || {
-                    let mut buf = [0u8; 16 * 1024];
-                    loop {
-                        match from.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if to.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                    let _ = from.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        }
-    });
-    addr
-}
-
 fn swaks(listener: SocketAddr, from: &str, to: &str, subject: &str) -> std::process::Output {
     let mut cmd = Command::new(find_program("swaks").expect("swaks"));
     cmd.args(["--server", &listener.ip().to_string()])
@@ -236,7 +197,7 @@ fn mail_queued_while_offline_is_uploaded_once_and_a_refusal_bounces_to_the_local
     }
     let server = TestServer::start("", &[("office", &["office.test"]), ("far", &["far.test"])]);
     let target = Arc::new(Mutex::new(None));
-    let front = relay(target.clone());
+    let front = tcp_relay(target.clone());
     let dir = scratch(&server, "customer");
     let spool = dir.join("outbox");
     let office = dir.join("office-mail");

@@ -4,15 +4,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{output_text, password_for, queue_entry, run_bounded, SmtpClient, TestServer};
+use common::{
+    listening_port, output_text, password_for, queue_entry, run_bounded, tcp_relay, SmtpClient,
+    TestServer,
+};
 
 /// Bound for one `turnpike pull` run.
 const PULL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -551,43 +554,6 @@ catch_all = { mda = ["/bin/sh", "-c", "touch \"$0/started\"; sleep 60; cat > \"$
     assert_eq!(held(&server, "office.test"), 0);
 }
 
-/// A TCP relay on a fixed port that forwards to whatever address `target` holds now, so the
-/// customer keeps one provider address while the provider restarts on new ports.
-fn relay(target: Arc<Mutex<SocketAddr>>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let to = *target.lock().unwrap();
-            let Ok(upstream) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
-                continue; // dropping the client looks like a dead provider
-            };
-            for (mut from, mut to) in [
-                (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
-                (upstream, client),
-            ] {
-                thread::spawn(move || {
-                    let mut buf = [0u8; 16 * 1024];
-                    loop {
-                        match from.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if to.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                    let _ = from.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        }
-    });
-    addr
-}
-
 #[test]
 fn daemon_retries_after_the_provider_is_killed_mid_session_and_nothing_is_lost() {
     let mut server = TestServer::start("", &[("office", &["office.test"])]);
@@ -598,8 +564,8 @@ fn daemon_retries_after_the_provider_is_killed_mid_session_and_nothing_is_lost()
         hold(&server, &["x@office.test"], b);
     }
     wait_held(&server, "office.test", 4);
-    let target = Arc::new(Mutex::new(server.addr("odmr")));
-    let front = relay(target.clone());
+    let target = Arc::new(Mutex::new(Some(server.addr("odmr"))));
+    let front = tcp_relay(target.clone());
 
     let dir = scratch(&server, "customer");
     let out_dir = scratch(&server, "delivered");
@@ -628,7 +594,7 @@ catch_all = { mda = ["/bin/sh", "-c", "sleep 1; cat > \"$0/msg.$$\"", "DIR"] }
     server.kill9();
     thread::sleep(Duration::from_millis(1500));
     server.restart();
-    *target.lock().unwrap() = server.addr("odmr");
+    *target.lock().unwrap() = Some(server.addr("odmr"));
 
     wait_for(
         "every message to be delivered",
@@ -892,28 +858,6 @@ impl Drop for SmtpSink {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The TCP port a process listens on, from /proc (it was told port 0).
-fn listening_port(pid: u32) -> Option<u16> {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()?
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|l| {
-            let l = l.to_string_lossy().into_owned();
-            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
-        })
-        .collect();
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let listening = f.get(3) == Some(&"0A");
-        if listening && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9)) {
-            u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()
-        } else {
-            None
-        }
-    })
 }
 
 #[test]

@@ -404,27 +404,8 @@ impl Drop for SmtpSink {
 fn listening_port_of(pid: u32) -> SocketAddr {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|rd| {
-                rd.flatten()
-                    .filter_map(|e| std::fs::read_link(e.path()).ok())
-                    .filter_map(|l| {
-                        let l = l.to_string_lossy().to_string();
-                        l.strip_prefix("socket:[")?
-                            .strip_suffix(']')
-                            .map(String::from)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        for row in table.lines().skip(1) {
-            let cols: Vec<&str> = row.split_whitespace().collect();
-            // local_address, state 0A = LISTEN, inode
-            if cols.len() > 9 && cols[3] == "0A" && inodes.iter().any(|i| i == cols[9]) {
-                let port = u16::from_str_radix(cols[1].split(':').nth(1).unwrap(), 16).unwrap();
-                return SocketAddr::from(([127, 0, 0, 1], port));
-            }
+        if let Some(port) = common::listening_port(pid) {
+            return SocketAddr::from(([127, 0, 0, 1], port));
         }
         assert!(
             Instant::now() < deadline,
