@@ -16,6 +16,8 @@ set -euo pipefail
 
 need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
+# swaks only recommends its TLS module; without it every --tls run exits "TLS not available".
+perl -MNet::SSLeay -e1 >/dev/null 2>&1 || need+=(libnet-ssleay-perl)
 [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 command -v fetchmail >/dev/null 2>&1 || need+=(fetchmail)
 { [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/lmtp ]; } || need+=(dovecot-lmtpd)
@@ -55,6 +57,7 @@ if [ -s /run/dovecot/master.pid ] && kill -0 "$(head -n 1 /run/dovecot/master.pi
 fi
 
 command -v swaks >/dev/null
+perl -MNet::SSLeay -e1
 [ -x /usr/sbin/smtp-source ]
 command -v fetchmail >/dev/null
 [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/lmtp ]
