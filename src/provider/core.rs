@@ -280,6 +280,7 @@ impl Core {
         let mut seed = [0u8; 8];
         let _ = getrandom::fill(&mut seed);
         let reader = spool::Reader::new(shared.config.server.data_dir.clone(), shared.io);
+        let throttle = crate::proto::throttle::Throttle::new(throttle_config(&shared.config.odmr));
         Rc::new(Core {
             index,
             reader,
@@ -293,7 +294,7 @@ impl Core {
             pushes: RefCell::new(HashMap::new()),
             expiring: RefCell::new(Default::default()),
             metrics: RefCell::new(metrics::CoreMetrics::new()),
-            throttle: RefCell::new(crate::proto::throttle::Throttle::new(Default::default())),
+            throttle: RefCell::new(throttle),
             activity: RefCell::new(HashMap::new()),
             relay: Default::default(),
             shutdown: tokio::sync::Notify::new(),
@@ -858,6 +859,18 @@ impl Core {
 }
 
 /// Sends a retirement acknowledgement when dropped, i.e. after the index was updated.
+/// The failed-login throttle's limits from `[odmr]`.
+fn throttle_config(o: &crate::config::OdmrSettings) -> crate::proto::throttle::ThrottleConfig {
+    crate::proto::throttle::ThrottleConfig {
+        initial_delay: o.auth_failure_delay,
+        max_delay: o.auth_max_delay,
+        account_max_delay: o.auth_account_max_delay,
+        max_client_failures: o.auth_failures_per_client,
+        max_ip_failures: o.auth_failures_per_address,
+        ..Default::default()
+    }
+}
+
 struct AckOnDrop(Option<tokio::sync::oneshot::Sender<()>>);
 
 impl Drop for AckOnDrop {

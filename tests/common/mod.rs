@@ -494,6 +494,22 @@ impl SmtpClient {
     pub fn connect(addr: SocketAddr) -> SmtpClient {
         let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
             .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        SmtpClient::over(stream)
+    }
+
+    /// Connects to `addr` from the loopback address `source` (127.0.0.2 and so on are all
+    /// loopback on Linux): a second client address for tests about per-address limits.
+    pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> SmtpClient {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&SocketAddr::new(source, 0).into())
+            .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+        sock.connect_timeout(&addr.into(), IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"));
+        SmtpClient::over(sock.into())
+    }
+
+    fn over(stream: TcpStream) -> SmtpClient {
         stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
         stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
         let _ = stream.set_nodelay(true);
