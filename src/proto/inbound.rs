@@ -24,7 +24,9 @@
 //!      buffered plaintext byte** (RFC 3207 §6, the STARTTLS injection class), run the handshake,
 //!      then call [`Inbound::tls_started`].
 //!    - [`Action::Close`]: flush the output and close the connection.
-//! 4. On an idle timeout, call [`Inbound::timed_out`] and go to step 1; it queues a Close.
+//! 4. On an idle timeout, call [`Inbound::timed_out`] (or [`Inbound::data_too_slow`] when
+//!    [`Inbound::is_reading_body`] and the transfer missed its minimum rate) and go to step 1;
+//!    it queues a Close.
 //!
 //! In ODMR mode ([`Inbound::new_odmr`]) the driver also:
 //!
@@ -788,6 +790,29 @@ impl Inbound {
             return;
         }
         let text = format!("{} Idle timeout, closing connection", self.cfg.hostname);
+        self.reply(Reply::with_status(421, (4, 4, 2), text));
+        self.close();
+    }
+
+    /// True while a DATA or BDAT body is being read: the driver holds the transfer to the
+    /// minimum data rate then, and each command line to the idle timeout otherwise.
+    pub fn is_reading_body(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::ReadingData { .. } | Phase::ReadingBdat { .. }
+        )
+    }
+
+    /// A DATA or BDAT transfer fell below the minimum data rate: queues `421 4.4.2` and a
+    /// Close; nothing of the message is kept.
+    pub fn data_too_slow(&mut self) {
+        if self.is_closed() {
+            return;
+        }
+        let text = format!(
+            "{} Data transfer too slow, closing connection",
+            self.cfg.hostname
+        );
         self.reply(Reply::with_status(421, (4, 4, 2), text));
         self.close();
     }
@@ -2412,6 +2437,35 @@ mod tests {
         assert_eq!(m.handle_input(b"RCPT TO:<u@example.org>\r\n", &Dir), 0);
         m.timed_out();
         assert!(m.poll_action().is_none());
+    }
+
+    #[test]
+    fn a_slow_body_is_cut_off_and_nothing_is_delivered() {
+        for (start, body) in [
+            (&b"DATA\r\n"[..], &b"Subject: x\r\n\r\npart"[..]),
+            (&b"BDAT 100 LAST\r\n"[..], &b"Subject: x\r\n"[..]),
+        ] {
+            let mut m = Inbound::new(cfg());
+            assert_eq!(m.handle_input(b"EHLO c\r\n", &Dir), 8);
+            let input = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\n";
+            assert_eq!(m.handle_input(input, &Dir), input.len());
+            assert!(!m.is_reading_body());
+            assert_eq!(m.handle_input(start, &Dir), start.len());
+            assert!(m.is_reading_body());
+            assert_eq!(m.handle_input(body, &Dir), body.len());
+            assert!(m.is_reading_body());
+            m.output().clear();
+            m.data_too_slow();
+            assert_eq!(
+                String::from_utf8_lossy(m.output()),
+                "421 4.4.2 mx.example Data transfer too slow, closing connection\r\n"
+            );
+            assert!(matches!(m.poll_action(), Some(Action::Close)));
+            assert!(m.poll_action().is_none(), "no Deliver");
+            assert!(!m.is_reading_body());
+            m.data_too_slow();
+            assert!(m.poll_action().is_none());
+        }
     }
 
     #[test]

@@ -562,6 +562,23 @@ impl SmtpClient {
         Ok((code.expect("at least one line"), text.join("\n")))
     }
 
+    /// [`read_reply`](Self::read_reply) waiting at most `wait` for its first byte (then the
+    /// usual timeout): `WouldBlock`/`TimedOut` when nothing came.
+    pub fn read_reply_within(&mut self, wait: Duration) -> io::Result<(u16, String)> {
+        if self.reader.buffer().is_empty() {
+            self.reader.get_ref().set_read_timeout(Some(wait))?;
+            let peek = self.reader.fill_buf().map(|b| b.len());
+            self.reader.get_ref().set_read_timeout(Some(IO_TIMEOUT))?;
+            if peek? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
+            }
+        }
+        self.read_reply()
+    }
+
     /// Reads one reply and asserts its code; returns its text.
     #[track_caller]
     pub fn expect(&mut self, code: u16) -> String {
