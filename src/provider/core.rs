@@ -100,6 +100,30 @@ pub enum MeshMsg {
         /// Answered once the part left the index (dropped if the DONE could not be written).
         ack: Option<tokio::sync::oneshot::Sender<()>>,
     },
+    /// To the writer core of `id`: these recipients (envelope index, outcome) of the `domain`
+    /// part are finished and the others stay held; append its SETTLE, then narrow the part
+    /// on the shard core.
+    Settle {
+        /// The message.
+        id: MessageId,
+        /// The part.
+        domain: DomainName,
+        /// The finished recipients.
+        recipients: Vec<(u32, spool::Outcome)>,
+        /// Answered once the index follows (dropped if the SETTLE could not be written).
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    },
+    /// To the shard core: the part's SETTLE is durable; drop these recipients from it.
+    Settled {
+        /// The message.
+        id: MessageId,
+        /// The part.
+        domain: DomainName,
+        /// Envelope indices of the finished recipients.
+        indices: Vec<u32>,
+        /// Answered once the part is narrowed.
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    },
     /// To a shard core: an ATRN for these domains was answered with `result`.
     AtrnNoted {
         /// The domains asked for (this shard's).
@@ -493,6 +517,26 @@ impl Core {
                         core.append_done(id, domain, outcome, ack).await
                     });
                 }
+                MeshMsg::Settle {
+                    id,
+                    domain,
+                    recipients,
+                    ack,
+                } => {
+                    let core = self.clone();
+                    tokio::task::spawn_local(async move {
+                        core.append_settle(id, domain, recipients, ack).await
+                    });
+                }
+                MeshMsg::Settled {
+                    id,
+                    domain,
+                    indices,
+                    ack,
+                } => {
+                    let _ack = AckOnDrop(ack);
+                    self.index_shard.borrow_mut().settle(id, &domain, &indices);
+                }
                 MeshMsg::AtrnNoted {
                     domains,
                     result,
@@ -662,6 +706,38 @@ impl Core {
             // worst, never a loss.
             Err(e) => {
                 tracing::error!(%id, %domain, error = %e, "could not record DONE; part stays held")
+            }
+        }
+    }
+
+    /// Appends a SETTLE (on the writer core of `id`), then narrows the part on its shard.
+    async fn append_settle(
+        &self,
+        id: MessageId,
+        domain: DomainName,
+        recipients: Vec<(u32, spool::Outcome)>,
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        let Some(journal) = self.journal_of(id) else {
+            tracing::error!(%id, core = self.index, "SETTLE routed to a core without its journal");
+            return;
+        };
+        match journal.append_settle(id, &domain, &recipients).await {
+            Ok(_) => {
+                let shard = self.shard_of(&domain);
+                let indices = recipients.iter().map(|(i, _)| *i).collect();
+                let msg = MeshMsg::Settled {
+                    id,
+                    domain,
+                    indices,
+                    ack,
+                };
+                self.shared.mesh.send(shard, msg);
+            }
+            // The recipients stay held and are offered again: a duplicate (or a second
+            // report) at worst, never a loss.
+            Err(e) => {
+                tracing::error!(%id, %domain, error = %e, "could not record SETTLE; recipients stay held")
             }
         }
     }
