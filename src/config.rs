@@ -27,6 +27,7 @@
 //! [listen]                           # each is one address or a list; [] disables the service
 //! mx = ["127.0.0.1:2525"]
 //! odmr = ["127.0.0.1:3366"]
+//! odmrs = ["127.0.0.1:3367"]         # ODMR over implicit TLS (fetchmail's `ssl`)
 //! submission = ["127.0.0.1:2587"]     # STARTTLS
 //! submissions = ["127.0.0.1:2465"]    # implicit TLS
 //! metrics = ["127.0.0.1:9366"]
@@ -46,6 +47,7 @@
 //! session_timeout = "30m"
 //! max_connections_per_ip = 20
 //! max_connections = 10000
+//! trusted_networks = ["127.0.0.0/8", "::1"]  # exempt from max_connections_per_ip
 //!
 //! [spool]
 //! segment_size = "64MiB"
@@ -78,7 +80,7 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
-use crate::types::DomainName;
+use crate::types::{DomainName, Network};
 
 /// The whole configuration, as typed values. `Config::default()` is the zero-config setup.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -252,7 +254,7 @@ pub struct ListenSettings {
     /// ODMR, where customers authenticate and send ATRN (port 366 in production).
     pub odmr: Vec<SocketAddr>,
     /// ODMR over implicit TLS (TLS from the first byte: fetchmail's `--ssl`, service
-    /// `odmrs`). No port is registered for it; off by default.
+    /// `odmrs`). No port is registered for it; 127.0.0.1:3367 by default.
     pub odmrs: Vec<SocketAddr>,
     /// Message submission with STARTTLS (port 587 in production).
     pub submission: Vec<SocketAddr>,
@@ -316,14 +318,22 @@ pub struct Limits {
     pub max_connections_per_ip: u32,
     /// Simultaneous connections in total.
     pub max_connections: u32,
+    /// Client networks exempt from `max_connections_per_ip` (Postfix exempts `$mynetworks`
+    /// the same way): the provider's own relays, monitoring and load generators. Loopback by
+    /// default. `max_connections` still applies to them.
+    pub trusted_networks: Vec<Network>,
 }
 
 /// `[odmr]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OdmrSettings {
-    /// Offer PLAIN, LOGIN and CRAM-MD5 on a connection without TLS (RFC 4954 §4 wants it
-    /// configurable; off by default: credentials only inside TLS).
+    /// Offer PLAIN and LOGIN, which send the password itself, on a connection without TLS
+    /// (RFC 4954 §4 wants it configurable; off by default: passwords only inside TLS).
     pub allow_plaintext_auth: bool,
+    /// Offer CRAM-MD5 only inside TLS. Off by default: CRAM-MD5 never puts the password on
+    /// the wire, RFC 2645 makes it a MUST, and fetchmail's ODMR mode has nothing else and no
+    /// STARTTLS (Dovecot and Exim offer it without TLS too).
+    pub cram_md5_requires_tls: bool,
     /// The shortest interval between two ATRN requests of one account; more often is
     /// answered `450 4.7.0` (RFC 2645 §5.2.1 allows it). Zero turns the limit off.
     pub min_atrn_interval: Duration,
@@ -351,6 +361,7 @@ impl Default for OdmrSettings {
     fn default() -> OdmrSettings {
         OdmrSettings {
             allow_plaintext_auth: false,
+            cram_md5_requires_tls: false,
             min_atrn_interval: Duration::ZERO,
             linger_max: Duration::from_secs(3600),
             linger_keepalive: Duration::from_secs(60),
@@ -463,7 +474,7 @@ impl Default for ListenSettings {
             odmr: local(3366),
             submission: local(2587),
             submissions: local(2465),
-            odmrs: Vec::new(),
+            odmrs: local(3367),
             metrics: local(9366),
         }
     }
@@ -482,6 +493,7 @@ impl Default for Limits {
             min_data_rate: 500,
             session_timeout: Duration::from_secs(30 * 60),
             max_connections_per_ip: 20,
+            trusted_networks: Network::loopback(),
             max_connections: 10_000,
         }
     }
@@ -660,6 +672,7 @@ const RELAY_KEYS: &[&str] = &[
 ];
 const ODMR_KEYS: &[&str] = &[
     "allow_plaintext_auth",
+    "cram_md5_requires_tls",
     "min_atrn_interval",
     "linger_max",
     "linger_keepalive",
@@ -691,6 +704,7 @@ const LIMITS_KEYS: &[&str] = &[
     "session_timeout",
     "max_connections_per_ip",
     "max_connections",
+    "trusted_networks",
 ];
 const SPOOL_KEYS: &[&str] = &[
     "segment_size",
@@ -728,10 +742,11 @@ impl Parser<'_> {
         if let Some(t) = self.section(top, "odmr")? {
             self.known_keys("odmr", t, ODMR_KEYS)?;
             if let Some(v) = t.get("allow_plaintext_auth") {
-                config.odmr.allow_plaintext_auth = match v {
-                    Value::Boolean(b) => *b,
-                    _ => return Err(self.invalid("odmr.allow_plaintext_auth", "true or false", v)),
-                };
+                config.odmr.allow_plaintext_auth = self.boolean("odmr.allow_plaintext_auth", v)?;
+            }
+            if let Some(v) = t.get("cram_md5_requires_tls") {
+                config.odmr.cram_md5_requires_tls =
+                    self.boolean("odmr.cram_md5_requires_tls", v)?;
             }
             if let Some(v) = t.get("min_atrn_interval") {
                 config.odmr.min_atrn_interval =
@@ -881,6 +896,9 @@ impl Parser<'_> {
         }
         if let Some(v) = t.get("session_timeout") {
             l.session_timeout = self.duration("limits.session_timeout", v)?;
+        }
+        if let Some(v) = t.get("trusted_networks") {
+            l.trusted_networks = self.networks("limits.trusted_networks", v)?;
         }
         Ok(())
     }
@@ -1121,6 +1139,28 @@ impl Parser<'_> {
         }
     }
 
+    fn boolean(&self, key: &str, v: &Value) -> Result<bool, ConfigError> {
+        v.as_bool()
+            .ok_or_else(|| self.invalid(key, "true or false", v))
+    }
+
+    /// One network (`"10.0.0.0/8"`, `"::1"`) or a list of them.
+    fn networks(&self, key: &str, v: &Value) -> Result<Vec<Network>, ConfigError> {
+        let expected = "a network like \"10.0.0.0/8\" or an address, or a list of them";
+        let one = |key: &str, item: &Value| match item.as_str() {
+            Some(s) => Network::parse(s).map_err(|why| self.rejected(key, why)),
+            None => Err(self.invalid(key, expected, item)),
+        };
+        match v {
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| one(&format!("{key}[{i}]"), item))
+                .collect(),
+            _ => Ok(vec![one(key, v)?]),
+        }
+    }
+
     fn err(&self, key: &str, kind: ConfigErrorKind) -> ConfigError {
         ConfigError::new(self.file, Some(key.to_owned()), kind)
     }
@@ -1248,6 +1288,10 @@ mod tests {
             vec!["127.0.0.1:2465".parse().unwrap()]
         );
         assert_eq!(c.listen.metrics, vec!["127.0.0.1:9366".parse().unwrap()]);
+        assert_eq!(c.listen.odmrs, vec!["127.0.0.1:3367".parse().unwrap()]);
+        assert!(!c.odmr.allow_plaintext_auth);
+        assert!(!c.odmr.cram_md5_requires_tls);
+        assert_eq!(c.limits.trusted_networks, Network::loopback());
         assert_eq!(c.tls.identity, TlsIdentity::SelfSigned);
         assert_eq!(c.limits.max_message_size, 52_428_800);
         assert_eq!(c.limits.max_recipients, 100);
@@ -1361,7 +1405,22 @@ mod tests {
                 "turnpike.toml: limits.max_msg_size: unknown key (expected one of: \
                  max_message_size, max_recipients, max_line_length, \
                  max_commands_without_progress, max_errors, max_hops, idle_timeout, \
-                 min_data_rate, session_timeout, max_connections_per_ip, max_connections)",
+                 min_data_rate, session_timeout, max_connections_per_ip, max_connections, \
+                 trusted_networks)",
+            ),
+            (
+                "[limits]\ntrusted_networks = [\"10.0.0.0/8\", \"10.1.0.0/33\"]",
+                "turnpike.toml: limits.trusted_networks[1]: \"10.1.0.0/33\": the prefix length \
+                 must be 0..=32",
+            ),
+            (
+                "[limits]\ntrusted_networks = 10",
+                "turnpike.toml: limits.trusted_networks: expected a network like \"10.0.0.0/8\" \
+                 or an address, or a list of them, got 10",
+            ),
+            (
+                "[odmr]\ncram_md5_requires_tls = 1",
+                "turnpike.toml: odmr.cram_md5_requires_tls: expected true or false, got 1",
             ),
             (
                 "[sevrer]\ncores = 1",

@@ -111,6 +111,7 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
     let auth = || {
         let mut auth = OdmrConfig::new(core.shared.auth_secret);
         auth.allow_plaintext_auth = core.shared.config.odmr.allow_plaintext_auth;
+        auth.cram_md5_requires_tls = core.shared.config.odmr.cram_md5_requires_tls;
         auth
     };
     let cfg = core.inbound_config(conn.is_tls());
