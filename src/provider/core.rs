@@ -331,6 +331,7 @@ impl Core {
             chunking: true,
             smtputf8: true,
             pipelining: true,
+            body_chunk: None,
         }
     }
 
