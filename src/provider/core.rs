@@ -355,6 +355,7 @@ impl Core {
             chunking: true,
             smtputf8: true,
             pipelining: true,
+            body_chunk: None,
         }
     }
 
