@@ -356,6 +356,7 @@ impl Core {
             chunking: true,
             smtputf8: true,
             pipelining: true,
+            body_chunk: None,
         }
     }
 

@@ -149,6 +149,8 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
                     }
                     machine.stored(result);
                 }
+                // Bodies come whole until the journal takes streamed messages.
+                Action::StoreChunk(_) | Action::DiscardChunks => {}
                 Action::StartTls => {
                     if let Err(e) = flush(core, conn, &mut machine, peer).await {
                         return End::Io(e);
