@@ -6,8 +6,6 @@
 //! - [`outbox_listener`]: the daemon's local submission listener feeding it.
 //! - [`pull`]: `turnpike pull`, one session or a daemon, with its exit codes.
 //! - [`pull_config`]: its TOML file and first-run flags.
-//! - [`sasl_client`]: the customer's AUTH mechanisms (SCRAM-SHA-256, PLAIN, CRAM-MD5,
-//!   EXTERNAL) and the choice between them.
 //! - [`session`]: one ODMR session (TLS, AUTH, ATRN, then receive as an SMTP server).
 
 pub mod deliver;
@@ -16,5 +14,4 @@ pub mod outbox;
 pub mod outbox_listener;
 pub mod pull;
 pub mod pull_config;
-pub mod sasl_client;
 pub mod session;

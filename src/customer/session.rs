@@ -42,6 +42,7 @@ use std::net::ToSocketAddrs;
 
 use crate::proto::inbound::{Action, Directory, Inbound, InboundConfig, Incoming, RcptVerdict};
 use crate::proto::reply::{EnhancedStatus, Reply};
+use crate::proto::sasl::{self, ClientCredentials, ClientStep, SaslClient};
 use crate::proto::stuff;
 use crate::runtime::conn::Conn;
 use crate::runtime::io::{IoKind, Stream};
@@ -49,7 +50,6 @@ use crate::spool::Outcome;
 use crate::types::{BodyType, DomainName, Mailbox, Notify, Recipient, Ret};
 
 use super::outbox::{self, reply_text, Outbox, Queued, Refused};
-use super::sasl_client::{self, ClientMechanism, ScramClient};
 
 /// How the customer authenticates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -480,8 +480,8 @@ impl Client {
     ) -> Result<(), SessionError> {
         let mechanism = match cfg.mechanism {
             Mechanism::Auto => {
-                let offered = sasl_client::offered_mechanisms(caps);
-                sasl_client::choose(
+                let offered = sasl::client::offered_mechanisms(caps);
+                sasl::client::choose(
                     &offered,
                     self.conn.is_tls(),
                     cfg.tls.has_client_cert(),
@@ -503,83 +503,39 @@ impl Client {
                     ))
                 })?
             }
-            Mechanism::ScramSha256 => ClientMechanism::ScramSha256,
-            Mechanism::Plain => ClientMechanism::Plain,
-            Mechanism::CramMd5 => ClientMechanism::CramMd5,
-            Mechanism::External => ClientMechanism::External,
+            Mechanism::ScramSha256 => sasl::Mechanism::ScramSha256,
+            Mechanism::Plain => sasl::Mechanism::Plain,
+            Mechanism::CramMd5 => sasl::Mechanism::CramMd5,
+            Mechanism::External => sasl::Mechanism::External,
         };
-        let (code, text) = match mechanism {
-            ClientMechanism::Plain => {
-                let token = sasl_client::plain_response(&cfg.account, &cfg.password);
-                self.send(&format!("AUTH PLAIN {token}")).await?;
-                self.reply(self.idle).await?
-            }
-            ClientMechanism::External => {
-                self.send(&format!(
-                    "AUTH EXTERNAL {}",
-                    sasl_client::external_response()
-                ))
-                .await?;
-                self.reply(self.idle).await?
-            }
-            ClientMechanism::CramMd5 => {
-                self.send("AUTH CRAM-MD5").await?;
-                let (code, challenge) = self.reply(self.idle).await?;
-                if code != 334 {
-                    return Err(SessionError::AuthRefused(format!("{code} {challenge}")));
-                }
-                let response =
-                    sasl_client::cram_md5_response(&cfg.account, &cfg.password, &challenge)
-                        .ok_or_else(|| {
-                            SessionError::Protocol("CRAM-MD5 challenge is not base64".into())
-                        })?;
-                self.send(&response).await?;
-                self.reply(self.idle).await?
-            }
-            ClientMechanism::ScramSha256 => self.scram(cfg).await?,
-        };
-        if code != 235 {
-            return Err(SessionError::AuthRefused(format!("{code} {text}")));
-        }
-        tracing::info!(mechanism = mechanism.name(), "authenticated");
-        Ok(())
-    }
-
-    async fn scram(&mut self, cfg: &SessionConfig) -> Result<(u16, String), SessionError> {
         let mut random = [0u8; 18];
         getrandom::fill(&mut random)
             .map_err(|e| SessionError::Io(io::Error::other(e.to_string())))?;
         let nonce = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, random);
-        let (mut client, first) = ScramClient::new(&cfg.account, &cfg.password, &nonce);
-        self.send(&format!("AUTH SCRAM-SHA-256 {first}")).await?;
-        let (code, server_first) = self.reply(self.idle).await?;
-        if code != 334 {
-            return Ok((code, server_first));
-        }
-        let final_msg = match client.server_first(&server_first) {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = self.send("*").await;
-                return Err(SessionError::AuthRefused(e.to_string()));
-            }
+        let creds = ClientCredentials {
+            user: &cfg.account,
+            password: &cfg.password,
+            nonce: &nonce,
         };
-        self.send(&final_msg).await?;
-        let (code, server_final) = self.reply(self.idle).await?;
-        if code != 334 {
-            // A 235 here would mean success without the provider proving itself.
-            return match code {
-                235 => Err(SessionError::AuthRefused(
-                    "provider accepted SCRAM without sending its signature".into(),
-                )),
-                _ => Ok((code, server_final)),
-            };
+        let (mut client, mut line) = SaslClient::start(&[mechanism], creds);
+        loop {
+            self.send(&line).await?;
+            let (code, text) = self.reply(self.idle).await?;
+            match client.handle_reply(code, &text) {
+                ClientStep::Send(next) => line = next,
+                ClientStep::Authenticated => break,
+                ClientStep::Refused => {
+                    return Err(SessionError::AuthRefused(format!("{code} {text}")))
+                }
+                ClientStep::Cancel(e) => {
+                    let _ = self.send("*").await;
+                    return Err(SessionError::AuthRefused(e.to_string()));
+                }
+                ClientStep::Failed(e) => return Err(SessionError::AuthRefused(e.to_string())),
+            }
         }
-        if let Err(e) = client.server_final(&server_final) {
-            let _ = self.send("*").await;
-            return Err(SessionError::AuthRefused(e.to_string()));
-        }
-        self.send("").await?;
-        self.reply(self.idle).await
+        tracing::info!(mechanism = mechanism.name(), "authenticated");
+        Ok(())
     }
 
     /// Uploads the queued outgoing mail (authenticated submission, before ATRN on the ODMR

@@ -1,8 +1,9 @@
 //! One outgoing SMTP session toward one host (an MX or the smarthost): connect, optional
-//! implicit TLS or STARTTLS (RFC 3207), optional AUTH PLAIN/LOGIN (RFC 4954), then every queued
-//! message over the same connection through the [`Reversed`] client machine the ODMR reversal
-//! uses (EHLO/HELO, PIPELINING, BDAT or DATA with dot-stuffing, SIZE/8BITMIME/SMTPUTF8
-//! prechecks, per-recipient outcomes), then QUIT.
+//! implicit TLS or STARTTLS (RFC 3207), optional AUTH PLAIN/LOGIN (RFC 4954, through the SASL
+//! client of [`crate::proto::sasl::client`]), then every queued message over the same
+//! connection through the [`Reversed`] client machine the ODMR reversal uses (EHLO/HELO,
+//! PIPELINING, BDAT or DATA with dot-stuffing, SIZE/8BITMIME/SMTPUTF8 prechecks, per-recipient
+//! outcomes), then QUIT.
 //!
 //! STARTTLS and AUTH happen while the machine waits for its first message: the machine has
 //! read the greeting and the EHLO reply, and only then does the driver know what the peer
@@ -15,13 +16,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use base64::Engine as _;
-
 use crate::config::SmarthostTls;
 use crate::proto::reply::Reply;
 use crate::proto::reversed::{
     Action, BodyFraming, MessageOutcome, Outgoing, Reversed, ReversedConfig,
 };
+use crate::proto::sasl::{ClientCredentials, ClientStep, Mechanism, SaslClient};
 use crate::proto::stuff::DotStuffer;
 use crate::provider::core::Core;
 use crate::runtime::conn::Conn;
@@ -344,7 +344,8 @@ async fn open(
     Ok(Opened::Ready)
 }
 
-/// AUTH PLAIN (RFC 4616), or LOGIN when PLAIN is not implemented by the peer.
+/// AUTH PLAIN (RFC 4616), or LOGIN when the peer answers 504 to PLAIN, through the one SASL
+/// client machine.
 async fn authenticate(
     conn: &mut Conn,
     user: &str,
@@ -352,44 +353,31 @@ async fn authenticate(
     input: &mut Vec<u8>,
     pos: &mut usize,
 ) -> Result<(), String> {
-    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
-    let plain = b64(format!("\0{user}\0{password}").as_bytes());
-    let r = exchange(
-        conn,
-        format!("AUTH PLAIN {plain}\r\n").into_bytes(),
-        input,
-        pos,
-    )
-    .await?;
-    let r = if r.code == 504 {
-        let r = exchange(conn, b"AUTH LOGIN\r\n".to_vec(), input, pos).await?;
-        if r.code != 334 {
-            return Err(format!("AUTH LOGIN refused: {}", reply::one_line(&r)));
-        }
-        let r = exchange(
-            conn,
-            format!("{}\r\n", b64(user.as_bytes())).into_bytes(),
-            input,
-            pos,
-        )
-        .await?;
-        if r.code != 334 {
-            return Err(format!("AUTH LOGIN refused: {}", reply::one_line(&r)));
-        }
-        exchange(
-            conn,
-            format!("{}\r\n", b64(password.as_bytes())).into_bytes(),
-            input,
-            pos,
-        )
-        .await?
-    } else {
-        r
+    let creds = ClientCredentials {
+        user,
+        password,
+        nonce: "",
     };
-    if r.code != 235 {
-        return Err(format!("authentication refused: {}", reply::one_line(&r)));
+    let (mut client, mut line) = SaslClient::start(&[Mechanism::Plain, Mechanism::Login], creds);
+    loop {
+        let r = exchange(conn, format!("{line}\r\n").into_bytes(), input, pos).await?;
+        let text = r.lines.first().map_or("", |l| l.as_ref());
+        match client.handle_reply(r.code, text) {
+            ClientStep::Send(next) => line = next,
+            ClientStep::Authenticated => return Ok(()),
+            ClientStep::Refused => {
+                let mechanism = client.mechanism().name();
+                return Err(format!("AUTH {mechanism} refused: {}", reply::one_line(&r)));
+            }
+            ClientStep::Cancel(e) => {
+                let _ = exchange(conn, b"*\r\n".to_vec(), input, pos).await;
+                return Err(format!("AUTH {}: {e}", client.mechanism().name()));
+            }
+            ClientStep::Failed(e) => {
+                return Err(format!("AUTH {}: {e}", client.mechanism().name()))
+            }
+        }
     }
-    Ok(())
 }
 
 /// Sends one command and reads its reply.

@@ -23,12 +23,8 @@
 //!
 //! # Policy decisions (each has a test)
 //!
-//! - Unknown mechanism: `504 5.5.4`. A known one that cannot run in this session
-//!   (SCRAM-SHA-256-PLUS without exporter bytes, EXTERNAL without a certificate identity):
-//!   `504 5.5.4` too. PLAIN and LOGIN without TLS (unless `allow_plaintext`), CRAM-MD5
-//!   without TLS when `cram_md5_requires_tls` (and not `allow_plaintext`), and -PLUS without
-//!   TLS: `538 5.7.11`. CRAM-MD5 and SCRAM never send the password, so they run without TLS
-//!   by default (RFC 2645 makes CRAM-MD5 a MUST; fetchmail's ODMR mode has nothing else).
+//! - Which mechanism may run in a session ([`Mechanism::check`]: `504 5.5.4`, `538 5.7.11`)
+//!   is the policy of [`super::mechanism`]; `start` applies it first.
 //! - `*` cancels: `501 5.0.0`. A response that is not base64: `501 5.5.2`. A decoded response
 //!   that breaks the mechanism's grammar: `501 5.5.2`. An initial response to CRAM-MD5 (where
 //!   the server speaks first): `501 5.5.2`.
@@ -44,116 +40,11 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
 
+use super::ct::constant_time_eq;
+use super::mechanism::{Mechanism, SaslContext};
+use super::scram::{self, ScramSecrets};
 use crate::proto::reply::Reply;
-
-/// The SASL mechanisms the provider implements.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Mechanism {
-    /// RFC 4616: `authzid NUL authcid NUL password`.
-    Plain,
-    /// The de-facto LOGIN mechanism: username, then password, each prompted.
-    Login,
-    /// RFC 2195: HMAC-MD5 over a server challenge. RFC 2645 requires it for interoperability.
-    CramMd5,
-    /// RFC 5802 / RFC 7677 without channel binding.
-    ScramSha256,
-    /// RFC 5802 / RFC 7677 with `tls-exporter` channel binding (RFC 9266).
-    ScramSha256Plus,
-    /// RFC 4422 Appendix A: the identity of the TLS client certificate.
-    External,
-}
-
-impl Mechanism {
-    /// Every mechanism, strongest first: the default offer order.
-    pub const ALL: [Mechanism; 6] = [
-        Mechanism::ScramSha256Plus,
-        Mechanism::ScramSha256,
-        Mechanism::External,
-        Mechanism::CramMd5,
-        Mechanism::Plain,
-        Mechanism::Login,
-    ];
-
-    /// Parses a mechanism name, case-insensitively.
-    pub fn parse(name: &str) -> Option<Mechanism> {
-        Mechanism::ALL
-            .into_iter()
-            .find(|m| m.name().eq_ignore_ascii_case(name))
-    }
-
-    /// The registered name, as advertised after `AUTH`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mechanism::Plain => "PLAIN",
-            Mechanism::Login => "LOGIN",
-            Mechanism::CramMd5 => "CRAM-MD5",
-            Mechanism::ScramSha256 => "SCRAM-SHA-256",
-            Mechanism::ScramSha256Plus => "SCRAM-SHA-256-PLUS",
-            Mechanism::External => "EXTERNAL",
-        }
-    }
-
-    /// Whether this mechanism can run in `ctx`; the reply refusing it otherwise. The EHLO
-    /// offer lists exactly the mechanisms for which this is `Ok`.
-    pub fn check(self, ctx: &SaslContext<'_>) -> Result<(), Reply> {
-        let needs_tls = match self {
-            // They send the password itself.
-            Mechanism::Plain | Mechanism::Login => !ctx.allow_plaintext,
-            // The password never crosses the wire; TLS only by the operator's choice.
-            Mechanism::CramMd5 => ctx.cram_md5_requires_tls && !ctx.allow_plaintext,
-            // The channel binding is the TLS session.
-            Mechanism::ScramSha256Plus => true,
-            Mechanism::ScramSha256 | Mechanism::External => false,
-        };
-        if !ctx.tls && needs_tls {
-            return Err(Reply::with_status(
-                538,
-                (5, 7, 11),
-                "Encryption required for requested authentication mechanism",
-            ));
-        }
-        let usable = match self {
-            Mechanism::ScramSha256Plus => ctx.tls_exporter.is_some(),
-            Mechanism::External => ctx.peer_identity.is_some(),
-            _ => true,
-        };
-        if usable {
-            Ok(())
-        } else {
-            Err(unknown_mechanism())
-        }
-    }
-}
-
-/// `504 5.5.4`: a mechanism we do not implement or do not offer now.
-pub fn unknown_mechanism() -> Reply {
-    Reply::with_status(504, (5, 5, 4), "Unrecognized authentication type")
-}
-
-/// The SCRAM-SHA-256 verifier of one account (RFC 5802 §3), as the store keeps it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ScramSecrets {
-    /// The salt, sent base64-encoded as `s=`.
-    pub salt: Vec<u8>,
-    /// The PBKDF2 iteration count, sent as `i=`.
-    pub iterations: u32,
-    /// `StoredKey = H(HMAC(SaltedPassword, "Client Key"))`.
-    pub stored_key: [u8; 32],
-    /// `ServerKey = HMAC(SaltedPassword, "Server Key")`.
-    pub server_key: [u8; 32],
-}
-
-impl std::fmt::Debug for ScramSecrets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ScramSecrets")
-            .field("iterations", &self.iterations)
-            .finish_non_exhaustive()
-    }
-}
 
 /// The account store as the SASL exchanges see it. The provider implements it over
 /// `accounts::Accounts`; `proto` does not depend on the store.
@@ -167,35 +58,6 @@ pub trait Credentials {
     fn cram_md5(&self, user: &str, challenge: &[u8], digest_hex: &str) -> bool;
     /// The account a TLS client certificate identity maps to, if any.
     fn external(&self, cert_identity: &str) -> Option<String>;
-}
-
-/// What an exchange needs from the session; built by the caller for each `start`.
-#[derive(Clone, Copy)]
-pub struct SaslContext<'a> {
-    /// Our host name, in the CRAM-MD5 challenge.
-    pub hostname: &'a str,
-    /// TLS is active on the connection.
-    pub tls: bool,
-    /// PLAIN, LOGIN and CRAM-MD5 may run without TLS.
-    pub allow_plaintext: bool,
-    /// CRAM-MD5 only inside TLS (unless `allow_plaintext`).
-    pub cram_md5_requires_tls: bool,
-    /// Fresh random bytes for this exchange (at least 16): the SCRAM server nonce is their
-    /// base64, the CRAM-MD5 challenge number their first 8 bytes.
-    pub random: &'a [u8],
-    /// The current time, seconds since the Unix epoch (CRAM-MD5 challenge).
-    pub unix_time: u64,
-    /// A server secret (stable across restarts) from which fake SCRAM salts are derived.
-    pub secret: &'a [u8],
-    /// The iteration count shown to unknown SCRAM users; set it to the store's default.
-    pub fake_iterations: u32,
-    /// The `tls-exporter` channel binding (RFC 9266: 32 bytes of the exporter with label
-    /// `EXPORTER-Channel-Binding` and an empty context), when TLS 1.3 is active.
-    pub tls_exporter: Option<&'a [u8]>,
-    /// The identity of the verified TLS client certificate, for EXTERNAL.
-    pub peer_identity: Option<&'a str>,
-    /// SCRAM-SHA-256-PLUS is offered in this session (a client's `y` flag is then a downgrade).
-    pub plus_offered: bool,
 }
 
 /// The outcome of one exchange step.
@@ -500,23 +362,16 @@ impl SaslExchange {
         let (Ok(cbind), Ok(proof)) = (B64.decode(c), B64.decode(proof)) else {
             return SaslStep::Failure(malformed());
         };
-        let auth_message = format!(
-            "{},{},{without_proof}",
-            fin.client_first_bare, fin.server_first
-        );
-        let signature = hmac_sha256(&fin.secrets.stored_key, auth_message.as_bytes());
-        let proof_ok = proof.len() == 32 && {
-            let mut client_key = [0u8; 32];
-            for (k, (p, s)) in client_key.iter_mut().zip(proof.iter().zip(signature)) {
-                *k = p ^ s;
-            }
-            constant_time_eq(&Sha256::digest(client_key), &fin.secrets.stored_key)
-        };
+        let auth_message =
+            scram::auth_message(&fin.client_first_bare, &fin.server_first, without_proof);
+        let proof_ok = fin
+            .secrets
+            .verify_client_proof(auth_message.as_bytes(), &proof);
         let cbind_ok = constant_time_eq(&cbind, &fin.cbind_input);
         if !(fin.known && proof_ok && cbind_ok && r == fin.nonce) {
             return SaslStep::Failure(bad_credentials());
         }
-        let v = hmac_sha256(&fin.secrets.server_key, auth_message.as_bytes());
+        let v = fin.secrets.server_signature(auth_message.as_bytes());
         let server_final = format!("v={}", B64.encode(v));
         success(fin.user.clone(), Some(B64.encode(server_final)))
     }
@@ -592,11 +447,11 @@ impl ClientFirst {
         };
         let authzid = match authzid {
             "" => None,
-            a => Some(decode_saslname(a.strip_prefix("a=")?)?),
+            a => Some(scram::decode_saslname(a.strip_prefix("a=")?)?),
         };
         // No mandatory extensions are defined: `m=` must fail (RFC 5802 §5.1).
         let mut attrs = bare.split(',');
-        let user = decode_saslname(attrs.next()?.strip_prefix("n=")?)?;
+        let user = scram::decode_saslname(attrs.next()?.strip_prefix("n=")?)?;
         let nonce = attrs.next()?.strip_prefix("r=")?;
         if user.is_empty() || nonce.is_empty() || !nonce.bytes().all(|b| (0x21..=0x7e).contains(&b))
         {
@@ -619,35 +474,15 @@ fn valid_cb_name(t: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
 }
 
-/// RFC 5802 `saslname`: `=2C` is `,` and `=3D` is `=`; any other `=` or a bare `,` is invalid.
-fn decode_saslname(s: &str) -> Option<String> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find(['=', ',']) {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        if tail.starts_with("=2C") {
-            out.push(',');
-        } else if tail.starts_with("=3D") {
-            out.push('=');
-        } else {
-            return None;
-        }
-        rest = &tail[3..];
-    }
-    out.push_str(rest);
-    Some(out)
-}
-
 /// A deterministic verifier for an unknown user: a salt derived from the server secret and
 /// the name (the same on every attempt, as a real one would be), and keys no password hits.
 fn fake_secrets(fake: &FakeKey, user: &str) -> ScramSecrets {
-    let salt = hmac_sha256(&fake.secret, format!("fake-salt\0{user}").as_bytes());
+    let salt = scram::hmac_sha256(&fake.secret, format!("fake-salt\0{user}").as_bytes());
     ScramSecrets {
         salt: salt[..16].to_vec(),
         iterations: fake.iterations,
-        stored_key: hmac_sha256(&fake.secret, format!("fake-stored\0{user}").as_bytes()),
-        server_key: hmac_sha256(&fake.secret, format!("fake-server\0{user}").as_bytes()),
+        stored_key: scram::hmac_sha256(&fake.secret, format!("fake-stored\0{user}").as_bytes()),
+        server_key: scram::hmac_sha256(&fake.secret, format!("fake-server\0{user}").as_bytes()),
     }
 }
 
@@ -658,28 +493,14 @@ fn verify_password(creds: &dyn Credentials, user: &str, password: &[u8], fake: &
         Some(s) => (s, true),
         None => (fake_secrets(fake, user), false),
     };
-    let mut salted = [0u8; 32];
-    pbkdf2::pbkdf2_hmac::<Sha256>(password, &secrets.salt, secrets.iterations, &mut salted);
-    let client_key = hmac_sha256(&salted, b"Client Key");
-    let matches = constant_time_eq(&Sha256::digest(client_key), &secrets.stored_key);
-    matches && known
-}
-
-fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
-    mac.update(data);
-    mac.finalize().into_bytes().into()
-}
-
-/// Equality whose running time depends only on the lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    secrets.verify_password(password) && known
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::cram_md5::CramMd5Key;
+    use super::super::scram::ClientKeys;
     use super::*;
-    use md5::Md5;
 
     /// One account, "user" with password "pencil" (RFC 7677's example) and the salt and count
     /// of that example; CRAM-MD5 knows "tim"/"tanstaaftanstaaf" (RFC 2195's); certificate
@@ -690,14 +511,7 @@ mod tests {
 
     fn rfc7677_secrets() -> ScramSecrets {
         let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
-        let mut salted = [0u8; 32];
-        pbkdf2::pbkdf2_hmac::<Sha256>(b"pencil", &salt, 4096, &mut salted);
-        ScramSecrets {
-            salt,
-            iterations: 4096,
-            stored_key: Sha256::digest(hmac_sha256(&salted, b"Client Key")).into(),
-            server_key: hmac_sha256(&salted, b"Server Key"),
-        }
+        ScramSecrets::derive(b"pencil", &salt, 4096)
     }
 
     impl Credentials for Store {
@@ -705,15 +519,8 @@ mod tests {
             (user == "user").then(rfc7677_secrets)
         }
         fn cram_md5(&self, user: &str, challenge: &[u8], digest_hex: &str) -> bool {
-            let mut mac = Hmac::<Md5>::new_from_slice(b"tanstaaftanstaaf").unwrap();
-            mac.update(challenge);
-            let want: String = mac
-                .finalize()
-                .into_bytes()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            self.cram_enabled && user == "tim" && digest_hex.eq_ignore_ascii_case(&want)
+            let key = CramMd5Key::from_password("tanstaaftanstaaf");
+            self.cram_enabled && user == "tim" && key.verify(challenge, digest_hex)
         }
         fn external(&self, cert_identity: &str) -> Option<String> {
             (cert_identity == "CN=gw.customer.example").then(|| "user".to_string())
@@ -822,20 +629,17 @@ mod tests {
         assert_eq!(unb64(&v), "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
     }
 
-    /// A client computing the proof the RFC 5802 way, for runs with our own nonces.
+    /// A client computing the proof with any `c=` bytes (the client machine sends only `biws`),
+    /// for runs with our own nonces.
     fn scram_client_final(server_first: &str, bare: &str, cbind: &[u8], password: &str) -> String {
         let sf = unb64(server_first);
         let mut attrs = sf.split(',');
         let r = attrs.next().unwrap();
         let salt = B64.decode(&attrs.next().unwrap()[2..]).unwrap();
         let i: u32 = attrs.next().unwrap()[2..].parse().unwrap();
-        let mut salted = [0u8; 32];
-        pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), &salt, i, &mut salted);
-        let client_key = hmac_sha256(&salted, b"Client Key");
-        let stored = Sha256::digest(client_key);
+        let keys = ClientKeys::derive(password.as_bytes(), &salt, i);
         let without = format!("c={},{r}", B64.encode(cbind));
-        let sig = hmac_sha256(&stored, format!("{bare},{sf},{without}").as_bytes());
-        let proof: Vec<u8> = client_key.iter().zip(sig).map(|(k, s)| k ^ s).collect();
+        let proof = keys.client_proof(scram::auth_message(bare, &sf, &without).as_bytes());
         b64(&format!("{without},p={}", B64.encode(proof)))
     }
 
