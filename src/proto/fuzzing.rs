@@ -169,24 +169,7 @@ struct FuzzCreds;
 
 impl Credentials for FuzzCreds {
     fn scram(&self, user: &str) -> Option<ScramSecrets> {
-        use hmac::Mac;
-        use sha2::{Digest, Sha256};
-        if user != "user" {
-            return None;
-        }
-        let mut salted = [0u8; 32];
-        pbkdf2::pbkdf2_hmac::<Sha256>(b"pencil", b"salt", 16, &mut salted);
-        let hmac = |data: &[u8]| -> [u8; 32] {
-            let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&salted).expect("any key");
-            mac.update(data);
-            mac.finalize().into_bytes().into()
-        };
-        Some(ScramSecrets {
-            salt: b"salt".to_vec(),
-            iterations: 16,
-            stored_key: Sha256::digest(hmac(b"Client Key")).into(),
-            server_key: hmac(b"Server Key"),
-        })
+        (user == "user").then(|| ScramSecrets::derive(b"pencil", b"salt", 16))
     }
     fn cram_md5(&self, user: &str, _challenge: &[u8], digest_hex: &str) -> bool {
         user == "user" && digest_hex == "00000000000000000000000000000000"

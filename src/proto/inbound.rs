@@ -1775,32 +1775,11 @@ mod tests {
     struct Creds;
 
     fn test_secrets() -> sasl::ScramSecrets {
-        use sha2::{Digest, Sha256};
-        let mut salted = [0u8; 32];
-        pbkdf2::pbkdf2_hmac::<Sha256>(b"pencil", b"salt", 16, &mut salted);
-        let hmac = |key: &[u8], data: &[u8]| -> [u8; 32] {
-            use hmac::Mac;
-            let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).unwrap();
-            mac.update(data);
-            mac.finalize().into_bytes().into()
-        };
-        sasl::ScramSecrets {
-            salt: b"salt".to_vec(),
-            iterations: 16,
-            stored_key: Sha256::digest(hmac(&salted, b"Client Key")).into(),
-            server_key: hmac(&salted, b"Server Key"),
-        }
+        sasl::ScramSecrets::derive(b"pencil", b"salt", 16)
     }
 
     fn cram_digest(challenge: &[u8]) -> String {
-        use hmac::Mac;
-        let mut mac = hmac::Hmac::<md5::Md5>::new_from_slice(b"pencil").unwrap();
-        mac.update(challenge);
-        mac.finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        sasl::CramMd5Key::from_password("pencil").digest_hex(challenge)
     }
 
     impl Credentials for Creds {

@@ -41,13 +41,7 @@ impl DomainCounters {
 /// The SASL machine checks credentials against this snapshot's verifiers (never plaintext).
 impl Credentials for Hosted {
     fn scram(&self, user: &str) -> Option<ScramSecrets> {
-        let v = self.accounts.account(user)?.scram();
-        Some(ScramSecrets {
-            salt: v.salt().to_vec(),
-            iterations: v.iterations(),
-            stored_key: *v.stored_key(),
-            server_key: *v.server_key(),
-        })
+        Some(self.accounts.account(user)?.scram().secrets().clone())
     }
 
     fn cram_md5(&self, user: &str, challenge: &[u8], digest_hex: &str) -> bool {
