@@ -419,3 +419,50 @@ fn any_sender_round_trips_and_defaults_to_own() {
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(!text.contains("any_sender"), "{text}");
 }
+
+/// `sudo turnpike account add` must not take the file away from the service user: a rewrite
+/// keeps the file's owner and group (mode 0600), and a new file takes the data dir's owner.
+#[test]
+fn save_keeps_the_owner_of_the_file() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED save_keeps_the_owner_of_the_file: needs root to chown the test file");
+        return;
+    }
+    let (uid, gid) = (65534, 65534);
+    let owner = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid())
+    };
+    let dir = Scratch::new("acct-owner");
+    let path = dir.path("accounts.toml");
+    let mut accounts = Accounts::default();
+    accounts
+        .add("tim", domains(&["example.com"]), "secret", true)
+        .unwrap();
+    accounts.save(&path).unwrap();
+    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    accounts
+        .add("bob", domains(&["bob.example"]), "secret2", true)
+        .unwrap();
+    accounts.save(&path).unwrap();
+    assert_eq!(owner(&path), (uid, gid), "the rewrite changed the owner");
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(Accounts::load(&path).unwrap().len(), 2);
+
+    // A first file in a data dir that belongs to the service user is the service user's.
+    let data = dir.path("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(uid), Some(gid)).unwrap();
+    let fresh = data.join("accounts.toml");
+    accounts.save(&fresh).unwrap();
+    assert_eq!(
+        owner(&fresh),
+        (uid, gid),
+        "a new file should take the dir's owner"
+    );
+    assert_eq!(mode(&fresh), 0o600);
+    assert_eq!(dir.entries(), ["accounts.toml", "data"]);
+}

@@ -29,11 +29,14 @@
 //! why the file is 0600 and why CRAM-MD5 can be turned off per account.
 //!
 //! The file is written atomically (temp file, fsync, rename, fsync of the directory) with mode
-//! 0600, so a crash leaves either the old file or the new one, never a torn one.
+//! 0600, so a crash leaves either the old file or the new one, never a torn one. The rewrite
+//! keeps the owner and group of the file it replaces (a first file takes the data dir's), so a
+//! `turnpike account` run as root leaves the file readable by the service user. Where the owner
+//! cannot be kept, the save fails and the old file stays.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -261,7 +264,10 @@ struct RawScram {
     server_key: String,
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old or the new content.
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new content. The new
+/// file has mode 0600 and the owner and group of the file it replaces (or, for a first file, of
+/// the directory), so that an administrator running `turnpike account` as root does not take
+/// the file away from the service user.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AccountsError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -278,23 +284,73 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AccountsError> {
     let fail = |what, e| AccountsError::io(path, what, e);
 
     fs::create_dir_all(dir).map_err(|e| fail("cannot create the directory", e))?;
+    let owner = Owner::wanted(path, dir);
     let written = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
+        .map_err(|e| ("cannot write the file", e))
         .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
+            owner
+                .apply(&f)
+                .map_err(|e| ("cannot give the file its owner back", e))?;
+            f.write_all(bytes)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| ("cannot write the file", e))
         });
-    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
+    let renamed =
+        written.and_then(|()| fs::rename(&tmp, path).map_err(|e| ("cannot write the file", e)));
+    if let Err((what, e)) = renamed {
         let _ = fs::remove_file(&tmp);
-        return Err(fail("cannot write the file", e));
+        return Err(fail(what, e));
     }
     // The rename is durable only once the directory entry is on disk.
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| fail("cannot sync the directory", e))
+}
+
+/// Who the rewritten file belongs to.
+enum Owner {
+    /// The file it replaces: this owner is kept, or the save fails and the old file stays.
+    Kept(u32, u32),
+    /// A first file takes the directory's owner where we may give it (we are root); where we
+    /// may not, it stays ours.
+    Inherited(u32, u32),
+    /// Nothing to go by (the metadata could not be read): the file stays ours.
+    Ours,
+}
+
+impl Owner {
+    fn wanted(path: &Path, dir: &Path) -> Owner {
+        match (fs::metadata(path), fs::metadata(dir)) {
+            (Ok(m), _) => Owner::Kept(m.uid(), m.gid()),
+            (Err(e), Ok(d)) if e.kind() == io::ErrorKind::NotFound => {
+                Owner::Inherited(d.uid(), d.gid())
+            }
+            _ => Owner::Ours,
+        }
+    }
+
+    fn apply(&self, file: &File) -> io::Result<()> {
+        let (uid, gid, must) = match *self {
+            Owner::Kept(uid, gid) => (uid, gid, true),
+            Owner::Inherited(uid, gid) => (uid, gid, false),
+            Owner::Ours => return Ok(()),
+        };
+        let now = file.metadata()?;
+        if (now.uid(), now.gid()) == (uid, gid) {
+            return Ok(());
+        }
+        match std::os::unix::fs::fchown(file, Some(uid), Some(gid)) {
+            Err(e) if !must => {
+                tracing::debug!(error = %e, "a new accounts file keeps our owner");
+                Ok(())
+            }
+            other => other,
+        }
+    }
 }
 
 #[cfg(test)]
