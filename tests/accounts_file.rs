@@ -2,49 +2,15 @@
 //! one-owner-per-domain rule, and the RFC 7677 / RFC 2195 examples.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use turnpike::accounts::{Accounts, AccountsErrorKind, CramMd5Key, ScramVerifier};
 use turnpike::types::DomainName;
 
-/// A unique scratch directory under the system temp dir, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "turnpike-test-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn entries(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::Scratch;
 
 fn domains(list: &[&str]) -> Vec<DomainName> {
     list.iter().map(|d| DomainName::parse(d).unwrap()).collect()
@@ -59,7 +25,7 @@ const RFC2195_DIGEST: &str = "b913a602c7eda7a495b4e6e7334d3890";
 
 #[test]
 fn missing_file_is_empty() {
-    let dir = Scratch::new("acct-missing");
+    let dir = Scratch::new();
     let accounts = Accounts::load(&dir.path("accounts.toml")).unwrap();
     assert!(accounts.is_empty());
     assert_eq!(accounts.hosted_domains().count(), 0);
@@ -67,7 +33,7 @@ fn missing_file_is_empty() {
 
 #[test]
 fn round_trip_through_disk() {
-    let dir = Scratch::new("acct-roundtrip");
+    let dir = Scratch::new();
     let path = dir.path("accounts.toml");
     let mut accounts = Accounts::default();
     accounts
@@ -114,7 +80,7 @@ fn round_trip_through_disk() {
 
 #[test]
 fn save_is_atomic_and_private() {
-    let dir = Scratch::new("acct-atomic");
+    let dir = Scratch::new();
     let path = dir.path("accounts.toml");
     // A pre-existing, world-readable file is replaced, not rewritten in place.
     std::fs::write(&path, "").unwrap();
@@ -141,7 +107,7 @@ fn save_is_atomic_and_private() {
 
 #[test]
 fn save_creates_the_data_dir() {
-    let dir = Scratch::new("acct-mkdir");
+    let dir = Scratch::new();
     let path = dir.path("data/accounts.toml");
     let mut accounts = Accounts::default();
     accounts
@@ -153,7 +119,7 @@ fn save_creates_the_data_dir() {
 
 #[test]
 fn save_failure_names_the_file() {
-    let dir = Scratch::new("acct-savefail");
+    let dir = Scratch::new();
     std::fs::write(dir.path("plainfile"), "").unwrap();
     let path = dir.path("plainfile/accounts.toml");
     let err = Accounts::default().save(&path).unwrap_err();
@@ -251,7 +217,7 @@ fn add_and_remove_refusals_name_the_account() {
 
 #[test]
 fn load_errors_name_the_file_and_account() {
-    let dir = Scratch::new("acct-loaderr");
+    let dir = Scratch::new();
     let path = dir.path("accounts.toml");
     let mut good = Accounts::default();
     good.add("alice", domains(&["shared.example"]), "pw", true)
@@ -395,7 +361,7 @@ fn cram_md5_key_is_dovecot_compatible() {
 
 #[test]
 fn any_sender_round_trips_and_defaults_to_own() {
-    let dir = Scratch::new("acct-senders");
+    let dir = Scratch::new();
     let path = dir.path("accounts.toml");
     let mut accounts = Accounts::default();
     accounts
@@ -435,7 +401,7 @@ fn save_keeps_the_owner_of_the_file() {
         let m = std::fs::metadata(p).unwrap();
         (m.uid(), m.gid())
     };
-    let dir = Scratch::new("acct-owner");
+    let dir = Scratch::new();
     let path = dir.path("accounts.toml");
     let mut accounts = Accounts::default();
     accounts

@@ -395,6 +395,42 @@ fn unique_temp_dir() -> PathBuf {
     panic!("no free temp dir name")
 }
 
+/// A scratch directory of its own for a test (see [`unique_temp_dir`]), removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A fresh, empty directory.
+    pub fn new() -> Scratch {
+        Scratch(unique_temp_dir())
+    }
+
+    /// `name` inside it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The names of its entries, sorted.
+    pub fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(&self.0)
+            .expect("readable scratch dir")
+            .map(|e| {
+                e.expect("readable entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 fn merged_config(extra: &str) -> String {
     let mut base: toml::Table = BASE_CONFIG.parse().expect("base config is TOML");
     let extra: toml::Table = extra
