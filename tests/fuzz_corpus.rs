@@ -53,3 +53,13 @@ fn inbound_corpus() {
 fn reversed_corpus() {
     replay("reversed", fuzzing::reversed);
 }
+
+#[test]
+fn sasl_corpus() {
+    replay("sasl", fuzzing::sasl);
+}
+
+#[test]
+fn accounts_corpus() {
+    replay("accounts", turnpike::accounts::fuzzing::parse);
+}

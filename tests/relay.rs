@@ -212,7 +212,9 @@ fn converse(
     }
     w!().write_all(b"220 sink.test ESMTP\r\n")?;
     let (mut from, mut rcpts) = (String::new(), Vec::new());
-    let require_auth = policy("?auth") == "required";
+    let require_auth = matches!(policy("?auth").as_str(), "required" | "login");
+    // "login": a smarthost that knows LOGIN but not PLAIN.
+    let login_only = policy("?auth") == "login";
     let starttls = policy("?starttls") == "broken";
     let mut authed = false;
     let mut line = String::new();
@@ -229,6 +231,26 @@ fn converse(
             // A broken TLS stack: agrees, then speaks no TLS at all.
             w!().write_all(b"220 2.0.0 go ahead\r\nthis is not a TLS record\r\n")?;
             return Ok(());
+        } else if login_only && upper.starts_with("AUTH PLAIN") {
+            "504 5.5.4 Unrecognized authentication type".into()
+        } else if upper.trim_end() == "AUTH LOGIN" {
+            // User name, then password, each prompted and sent base64.
+            let mut answers = Vec::new();
+            for prompt in ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6"] {
+                w!().write_all(format!("{prompt}\r\n").as_bytes())?;
+                let mut l = String::new();
+                if r.read_line(&mut l)? == 0 {
+                    return Ok(());
+                }
+                answers.push(l.trim().to_string());
+            }
+            // "relay" and "s3cret".
+            if answers == ["cmVsYXk=", "czNjcmV0"] {
+                authed = true;
+                "235 2.7.0 Authentication successful".into()
+            } else {
+                "535 5.7.8 Authentication credentials invalid".into()
+            }
         } else if upper.starts_with("AUTH PLAIN ") {
             // "\0relay\0s3cret" in base64.
             if line[11..].trim() == "AHJlbGF5AHMzY3JldA==" {
@@ -927,6 +949,46 @@ fn smarthost_auth_plain() {
     server.restart();
     wait_until("delivery after AUTH", 20, &server, || {
         sink.got().len() == 1 && queue_entry(&server.queue_json(), "auth.example").is_none()
+    });
+}
+
+/// A smarthost that answers 504 to AUTH PLAIN and knows LOGIN: the relay falls back to LOGIN
+/// (user name, then password) and delivers.
+#[test]
+fn smarthost_auth_login_fallback() {
+    let policy: Policy = Arc::new(|a: &str| {
+        if a == "?auth" {
+            "login".into()
+        } else {
+            "250 2.1.5 Ok".into()
+        }
+    });
+    let sink = Sink::start(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        policy,
+        Arc::new(|| {}),
+    );
+    let mut server = TestServer::start("", &[ACME]);
+    let pw = server.data_dir().join("relay-password");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let config = format!(
+        "{}\n[relay]\nsmarthost = \"{}\"\nsmarthost_tls = \"none\"\nusername = \"relay\"\n\
+         password_file = \"{}\"\nfirst_retry = \"1s\"\n",
+        std::fs::read_to_string(server.config_path()).unwrap(),
+        sink.addr,
+        pw.display()
+    );
+    std::fs::write(server.config_path(), config).unwrap();
+    seed(
+        &mut server,
+        &[(
+            "boss@acme.example",
+            &["x@login.example"],
+            b"Subject: a\r\n\r\na\r\n",
+        )],
+    );
+    wait_until("delivery after AUTH LOGIN", 20, &server, || {
+        sink.got().len() == 1 && queue_entry(&server.queue_json(), "login.example").is_none()
     });
 }
 

@@ -9,6 +9,7 @@
 //! - [`store`]: [`Accounts`], the in-memory set the server consults, and its invariants.
 //! - [`file`]: the TOML format and the atomic rewrite.
 //! - [`error`]: [`AccountsError`], naming the file and the account.
+//! - [`fuzzing`]: the body of the accounts-file fuzz target.
 //!
 //! Invariants:
 //!
@@ -21,6 +22,7 @@
 
 pub mod error;
 pub mod file;
+pub mod fuzzing;
 pub mod name;
 pub mod store;
 pub mod verifier;

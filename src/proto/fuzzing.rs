@@ -15,7 +15,10 @@ use crate::proto::inbound::{
 };
 use crate::proto::reply::Reply;
 use crate::proto::reversed::{self, Outgoing, Reversed, ReversedConfig};
-use crate::proto::sasl::{Credentials, ScramSecrets};
+use crate::proto::sasl::{
+    ClientCredentials, ClientError, ClientStep, Credentials, Mechanism, SaslClient, SaslContext,
+    SaslExchange, SaslStep, ScramSecrets,
+};
 use crate::proto::stuff;
 use crate::proto::throttle::Refusal;
 use crate::types::{Envelope, Mailbox, MessageId, Notify, Recipient, Ret};
@@ -583,6 +586,152 @@ fn check_commands(out: &[u8]) {
     }
 }
 
+/// Runs one SASL exchange on `data`. The first byte picks the side (bit 0: the client), the
+/// mechanism (bits 1-3), the grammar pass (bit 4: the target base64-encodes each line, so the
+/// fuzzer works on the decoded grammars) and the session (bits 5-7). The rest is lines split
+/// at LF: the client's responses for the provider's exchange (the first line, when not empty,
+/// is the initial response), or the server's replies for the client (first byte of a line: the
+/// code, the rest: the text, in which `%N` stands for the client's nonce).
+///
+/// Provider side: every challenge is base64, every success names the one account (with a
+/// server-final exactly for SCRAM), every failure is a permanent 501/504/535/538 with an
+/// enhanced status, and once the exchange is over every further line is a 501.
+/// Client side: it never writes a line with CR or LF, it never authenticates with SCRAM (no
+/// input can forge the server signature without the verifier), and once it is over every
+/// further reply is out of place.
+pub fn sasl(data: &[u8]) {
+    let flags = data.first().copied().unwrap_or(0);
+    let lines: Vec<&[u8]> = data
+        .get(1..)
+        .unwrap_or(&[])
+        .split(|&b| b == b'\n')
+        .collect();
+    if flags & 1 == 0 {
+        sasl_server(flags, &lines);
+    } else {
+        sasl_client(flags, &lines);
+    }
+}
+
+fn sasl_server(flags: u8, lines: &[&[u8]]) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mech = Mechanism::ALL[usize::from(flags >> 1 & 7) % Mechanism::ALL.len()];
+    let tls = flags & 0x20 != 0;
+    let ctx = SaslContext {
+        hostname: "mx.example",
+        tls,
+        allow_plaintext: flags & 0x40 != 0,
+        cram_md5_requires_tls: flags & 0xc0 == 0xc0,
+        random: &[9; 32],
+        unix_time: 1_700_000_000,
+        secret: b"fuzz secret",
+        fake_iterations: 16,
+        tls_exporter: tls.then_some(&[0xab; 32][..]),
+        peer_identity: tls.then_some("CN=gw"),
+        plus_offered: flags & 0x80 != 0,
+    };
+    let lines: Vec<String> = lines
+        .iter()
+        .map(|l| match flags & 0x10 {
+            0 => String::from_utf8_lossy(l).into_owned(),
+            _ => b64.encode(l),
+        })
+        .collect();
+    let (first, rest) = lines
+        .split_first()
+        .map_or((None, &[][..]), |(f, r)| (Some(f), r));
+    let initial = first.map(String::as_str).filter(|l| !l.is_empty());
+    let (mut ex, mut step) = SaslExchange::start(mech, initial, &ctx, &FuzzCreds);
+    if let Err(refusal) = mech.check(&ctx) {
+        assert_eq!(step, SaslStep::Failure(refusal));
+    }
+    let mut over = false;
+    for line in rest {
+        match &step {
+            SaslStep::Challenge(payload) => {
+                assert!(!over, "a challenge after the end");
+                assert!(b64.decode(payload).is_ok(), "challenge {payload:?}");
+            }
+            SaslStep::Success {
+                account,
+                server_final,
+            } => {
+                assert!(!over, "a success after the end");
+                assert_eq!(account, "user");
+                let scram = matches!(mech, Mechanism::ScramSha256 | Mechanism::ScramSha256Plus);
+                assert_eq!(server_final.is_some(), scram);
+                if let Some(v) = server_final {
+                    assert!(b64.decode(v).expect("base64").starts_with(b"v="));
+                }
+                over = true;
+            }
+            SaslStep::Failure(reply) => {
+                assert!([501, 504, 535, 538].contains(&reply.code), "{reply:?}");
+                assert!(reply.is_permanent() && reply.status.is_some(), "{reply:?}");
+                if over {
+                    assert_eq!(reply.code, 501);
+                }
+                over = true;
+            }
+        }
+        step = ex.step(line, &FuzzCreds);
+    }
+}
+
+fn sasl_client(flags: u8, lines: &[&[u8]]) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    const MECHANISMS: [Mechanism; 6] = [
+        Mechanism::Plain,
+        Mechanism::Login,
+        Mechanism::CramMd5,
+        Mechanism::ScramSha256,
+        Mechanism::External,
+        Mechanism::ScramSha256Plus,
+    ];
+    const CODES: [u16; 8] = [334, 334, 334, 235, 504, 535, 538, 250];
+    let mech = MECHANISMS[usize::from(flags >> 1 & 7) % MECHANISMS.len()];
+    let mechanisms = match flags & 0x20 {
+        0 => vec![mech],
+        _ => vec![mech, Mechanism::Login],
+    };
+    let nonce = "fuzzNonce";
+    let creds = ClientCredentials {
+        user: "user",
+        password: "pencil",
+        nonce,
+    };
+    let (mut client, first) = SaslClient::start(&mechanisms, creds);
+    assert!(first.starts_with("AUTH ") && !first.contains(['\r', '\n']));
+    let mut over = false;
+    for line in lines {
+        let code = line.first().map_or(334, |&b| CODES[usize::from(b % 8)]);
+        let raw = String::from_utf8_lossy(line.get(1..).unwrap_or(&[])).replace("%N", nonce);
+        let text = match flags & 0x10 {
+            0 => raw,
+            _ => b64.encode(raw),
+        };
+        let step = client.handle_reply(code, &text);
+        if over {
+            assert_eq!(step, ClientStep::Failed(ClientError::Unexpected(code)));
+            continue;
+        }
+        match step {
+            ClientStep::Send(line) => assert!(!line.contains(['\r', '\n']), "{line:?}"),
+            ClientStep::Authenticated => {
+                assert_ne!(
+                    client.mechanism(),
+                    Mechanism::ScramSha256,
+                    "SCRAM authenticated without the server's proof"
+                );
+                over = true;
+            }
+            ClientStep::Refused | ClientStep::Cancel(_) | ClientStep::Failed(_) => over = true,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,6 +751,7 @@ mod tests {
             data(input);
             inbound(input);
             reversed(input);
+            sasl(input);
         }
     }
 }

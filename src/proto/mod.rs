@@ -13,7 +13,8 @@
 //! - [`data`]: the resumable end-of-DATA scanner and unstuffer, with smuggling detection.
 //! - [`stuff`]: the outbound dot-stuffer, the inverse of [`data`].
 //! - [`trace`]: the `Received:` header (RFC 5321 §4.4, RFC 3848).
-//! - [`sasl`]: the provider's side of the SMTP AUTH mechanisms (RFC 4954, RFC 4422).
+//! - [`sasl`]: both ends of the SMTP AUTH mechanisms (RFC 4954, RFC 4422): policy, the
+//!   provider's exchanges, the one client exchange, the SCRAM and CRAM-MD5 math.
 //! - [`throttle`]: the failed-login throttle, per address and per account.
 //! - [`inbound`]: the server state machine (MX and ODMR modes) that drives all of the above.
 //! - [`reversed`]: the client machine the provider runs after ATRN (RFC 2645 §5.3).
