@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod accounts;
+pub mod bench;
 pub mod config;
 pub mod control;
 pub mod customer;

@@ -215,6 +215,141 @@ enum BenchAction {
         #[arg(long, value_enum, default_value_t = MechArg::Plain)]
         mechanism: MechArg,
     },
+    /// Inbound SMTP load against any server: msgs/s, MB/s, errors by reply code, latency
+    /// percentiles (connect to greeting, end of data to reply).
+    Mx(Box<MxArgs>),
+    /// An SMTP server that answers 250 to every message and stores nothing: the ceiling a load
+    /// generator reaches on this host.
+    Sink(SinkArgs),
+}
+
+/// `--json`, `--plot` and the timeline interval, shared by the load generators.
+#[derive(clap::Args)]
+struct OutputArgs {
+    /// Write the report as JSON (schema in docs/benchmarks.md).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw throughput over time and latency percentiles into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Timeline interval (e.g. 1s, 250ms).
+    #[arg(long, default_value = "1s", value_parser = parse_bench_duration)]
+    interval: std::time::Duration,
+}
+
+/// `turnpike bench mx`.
+#[derive(clap::Args)]
+struct MxArgs {
+    /// The SMTP server, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:2525", value_name = "HOST:PORT")]
+    target: String,
+    /// Parallel SMTP sessions.
+    #[arg(long, default_value_t = 10)]
+    sessions: usize,
+    /// Messages to send (default 10000 unless --duration is given).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Send for this long (e.g. 30s, 2m) instead of a message count.
+    #[arg(long, value_parser = parse_bench_duration)]
+    duration: Option<std::time::Duration>,
+    /// Open loop: start this many messages per second, whether or not the server keeps up.
+    /// Without it: closed loop, each session sends as fast as the replies come.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Message size (e.g. 4096, 4KiB, 1MB), headers included.
+    #[arg(long, default_value = "4KiB", conflicts_with = "size_dist")]
+    size: String,
+    /// A size distribution instead of one size: `real` (1 KB to 10 MB, docs/benchmarks.md).
+    #[arg(long, value_name = "real")]
+    size_dist: Option<String>,
+    /// The recipient, LOCAL@DOMAIN.
+    #[arg(long, default_value = "user@example.com")]
+    to: String,
+    /// The sender (MAIL FROM and From:).
+    #[arg(long, default_value = "sender@client.test")]
+    from: String,
+    /// Recipients per message (LOCAL0@, LOCAL1@, ... when more than one).
+    #[arg(long, default_value_t = 1)]
+    recipients: usize,
+    /// Spread recipients over this many domains: d0.DOMAIN .. d<N-1>.DOMAIN (1: DOMAIN).
+    #[arg(long, default_value_t = 1)]
+    domains: usize,
+    /// Messages per connection; 1 = a new connection per message, 0 = no limit.
+    #[arg(long, default_value_t = 1)]
+    per_connection: u64,
+    /// Pipeline MAIL and RCPT (RFC 2920) when the server offers PIPELINING.
+    #[arg(long)]
+    pipelining: bool,
+    /// Send BDAT (RFC 3030) when the server offers CHUNKING; with --pipelining, many messages
+    /// travel in flight on each connection.
+    #[arg(long)]
+    chunking: bool,
+    /// TLS: none, starttls or implicit.
+    #[arg(long, value_enum, default_value_t = BenchTls::None)]
+    tls: BenchTls,
+    /// Verify the server's certificate against this CA or self-signed certificate (default:
+    /// any certificate is accepted, as between MX hosts).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The name in SNI and, with --ca, the name the certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Our EHLO name.
+    #[arg(long, default_value = "bench.localhost")]
+    helo: String,
+    /// Connect timeout and the bound on every reply.
+    #[arg(long, default_value = "60s", value_parser = parse_bench_duration)]
+    timeout: std::time::Duration,
+    /// Sample this server process's CPU and RSS from /proc during the run.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Seed for sizes and schedules.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The run id in every message's X-Bench-Id header (default: random).
+    #[arg(long)]
+    run_id: Option<String>,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// `turnpike bench sink`.
+#[derive(clap::Args)]
+struct SinkArgs {
+    /// Where to listen; port 0 picks a free port (the address is printed first).
+    #[arg(long, default_value = "127.0.0.1:2626")]
+    listen: std::net::SocketAddr,
+    /// Core threads, each with its own listener.
+    #[arg(long, default_value_t = 1)]
+    cores: usize,
+    /// I/O driver.
+    #[arg(long, value_enum, default_value_t = IoArg::Auto)]
+    io: IoArg,
+    /// Stop after this many accepted messages.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Stop after this long (otherwise at SIGINT/SIGTERM).
+    #[arg(long, value_parser = parse_bench_duration)]
+    duration: Option<std::time::Duration>,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchTls {
+    None,
+    Starttls,
+    Implicit,
+}
+
+/// Durations for the bench options: `250ms`, or whole `s`/`m`/`h` as in the configuration.
+fn parse_bench_duration(s: &str) -> Result<std::time::Duration, String> {
+    if let Some(ms) = s.trim().strip_suffix("ms") {
+        if let Ok(n) = ms.trim().parse::<u64>() {
+            return Ok(std::time::Duration::from_millis(n));
+        }
+    }
+    config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 30s or 250ms"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -424,6 +559,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             )??;
             print!("{}", report.render());
         }
+        Command::Bench {
+            action: BenchAction::Mx(args),
+        } => bench_mx(*args)?,
+        Command::Bench {
+            action: BenchAction::Sink(args),
+        } => bench_sink(args)?,
         Command::Pull(_) => unreachable!("dispatched in main"),
         Command::Queue { json, action } => {
             let now = std::time::SystemTime::now()
@@ -482,6 +623,132 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn bench_mx(a: MxArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use std::net::ToSocketAddrs;
+    use turnpike::bench::{message::SizeDist, mx};
+    let target = a
+        .target
+        .to_socket_addrs()
+        .map_err(|e| format!("--target {}: {e}", a.target))?
+        .next()
+        .ok_or_else(|| format!("--target {}: no address", a.target))?;
+    let sizes = match &a.size_dist {
+        Some(d) => SizeDist::parse(d),
+        None => SizeDist::parse(&a.size).filter(|d| *d != SizeDist::Real),
+    }
+    .ok_or("--size/--size-dist: expected a size up to 10MB (4096, 4KiB, 1MB) or `real`")?;
+    let mailbox = |what: &str, s: &str| {
+        s.rsplit_once('@')
+            .filter(|(l, d)| !l.is_empty() && DomainName::parse(d).is_ok())
+            .map(|(l, d)| turnpike::types::Mailbox {
+                local: l.to_string(),
+                domain: d.to_ascii_lowercase(),
+            })
+            .ok_or_else(|| format!("{what} {s}: expected LOCAL@DOMAIN"))
+    };
+    let to = mailbox("--to", &a.to)?;
+    let sender = mailbox("--from", &a.from)?;
+    let name = rustls::pki_types::ServerName::try_from(a.server_name.clone())
+        .map_err(|e| format!("--server-name: {e}"))?;
+    let tls_config = || -> Result<_, Box<dyn std::error::Error>> {
+        Ok(match &a.ca {
+            Some(ca) => turnpike::tls::client_config_trusting(ca)?,
+            None => turnpike::relay::tls::unverified(),
+        })
+    };
+    let tls = match a.tls {
+        BenchTls::None => mx::Tls::None,
+        BenchTls::Starttls => mx::Tls::StartTls(tls_config()?, name),
+        BenchTls::Implicit => mx::Tls::Implicit(tls_config()?, name),
+    };
+    if a.recipients == 0 || a.domains == 0 || a.sessions == 0 {
+        return Err("--sessions, --recipients and --domains must be at least 1".into());
+    }
+    let messages = match (a.messages, a.duration) {
+        (None, None) => Some(10_000),
+        (m, _) => m,
+    };
+    let client = mx::ClientConfig {
+        target,
+        sessions: a.sessions,
+        per_connection: a.per_connection,
+        pipelining: a.pipelining,
+        chunking: a.chunking,
+        tls,
+        helo: a.helo.clone(),
+        timeout: a.timeout,
+    };
+    let recipients = mx::Recipients {
+        local: to.local.clone(),
+        domain: to.domain.clone(),
+        per_message: a.recipients,
+        domains: a.domains,
+    };
+    let run_id = a.run_id.clone().unwrap_or_else(turnpike::bench::new_run_id);
+    let (duration, rate, seed) = (a.duration, a.rate, a.seed);
+    let report = turnpike::bench::run_mx(
+        client,
+        move |start| {
+            mx::MxLoad::new(
+                start, messages, duration, rate, sizes, recipients, sender, run_id, seed,
+            )
+        },
+        a.output.interval,
+        a.server_pid,
+    )?;
+    write_outputs(&report, &a.output)
+}
+
+fn bench_sink(a: SinkArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use turnpike::bench::sink;
+    let io = match a.io {
+        IoArg::Uring => turnpike::runtime::io::IoKind::Uring,
+        IoArg::Epoll => turnpike::runtime::io::IoKind::Epoll,
+        IoArg::Auto => {
+            turnpike::runtime::io::IoKind::detect().unwrap_or(turnpike::runtime::io::IoKind::Epoll)
+        }
+    };
+    let opts = sink::SinkOptions {
+        listen: a.listen,
+        cores: a.cores.max(1),
+        io,
+        messages: a.messages,
+        duration: a.duration,
+        interval: a.output.interval,
+    };
+    let (addr, listeners) = sink::bind(&opts).map_err(|e| format!("--listen {}: {e}", a.listen))?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "bench sink listening on {addr} ({} core(s), {})",
+            opts.cores,
+            io.name()
+        )?;
+        out.flush()?;
+    }
+    let report = sink::run(&opts, listeners)?;
+    write_outputs(&report, &a.output)
+}
+
+/// Prints the summary and writes `--json` and `--plot`.
+fn write_outputs(
+    report: &turnpike::bench::report::Report,
+    out: &OutputArgs,
+) -> Result<(), Box<dyn std::error::Error>> {
+    print!("{}", report.render());
+    if let Some(path) = &out.json {
+        report
+            .write_json(path)
+            .map_err(|e| format!("--json {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &out.plot {
+        turnpike::bench::plot::write_svg(report, path)?;
     }
     Ok(())
 }
