@@ -156,6 +156,20 @@ pub fn run(opts: &SinkOptions, listeners: Vec<std::net::TcpListener>) -> std::io
     }
     let end = Instant::now();
     let elapsed = end.duration_since(start).as_secs_f64();
+    // The last, partial interval.
+    let (m, b) = (
+        counters.messages.load(Ordering::Relaxed),
+        counters.bytes.load(Ordering::Relaxed),
+    );
+    if m > last.0 || points.is_empty() {
+        points.push(Point {
+            t_s: elapsed,
+            phase: "sink".into(),
+            messages: m - last.0,
+            bytes: b - last.1,
+            delivered: 0,
+        });
+    }
     let ns = |a: &AtomicU64| match a.load(Ordering::Relaxed) {
         0 => None,
         n => Some((n - 1) as f64 / 1e9),
