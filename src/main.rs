@@ -221,6 +221,10 @@ enum BenchAction {
     /// An SMTP server that answers 250 to every message and stores nothing: the ceiling a load
     /// generator reaches on this host.
     Sink(SinkArgs),
+    /// A provider's day compressed into minutes: senders, customers on their schedules
+    /// (AUTH, upload, ATRN, a mix of 250/4xx/5xx, linger), every message checked delivered
+    /// exactly once; exits 1 if the check fails.
+    Day(Box<DayArgs>),
 }
 
 /// `--json`, `--plot` and the timeline interval, shared by the load generators.
@@ -313,6 +317,80 @@ struct MxArgs {
     output: OutputArgs,
 }
 
+/// `turnpike bench day`.
+#[derive(clap::Args)]
+struct DayArgs {
+    /// Customers (accounts bench-day-NNN made in the running server's data directory).
+    #[arg(long, default_value_t = 20)]
+    customers: usize,
+    /// Instead: the accounts to use, one per line `NAME PASSWORD DOMAIN[,DOMAIN...] [linger]`
+    /// (needs --mx and --odmr).
+    #[arg(long, value_name = "FILE", requires_all = ["mx", "odmr"])]
+    accounts: Option<PathBuf>,
+    /// The provider's MX (default: from <data-dir>/listening).
+    #[arg(long, value_name = "HOST:PORT")]
+    mx: Option<std::net::SocketAddr>,
+    /// The provider's ODMR listener (default: from <data-dir>/listening).
+    #[arg(long, value_name = "HOST:PORT")]
+    odmr: Option<std::net::SocketAddr>,
+    /// Parallel sending SMTP sessions.
+    #[arg(long, default_value_t = 8)]
+    senders: usize,
+    /// Messages per sending connection.
+    #[arg(long, default_value_t = 10)]
+    per_connection: u64,
+    /// Mean inbound messages per second at midday (night 0.3x, morning 2x, evening 0.6x).
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Length of the day, real time (four phases of a quarter each), then the sweep.
+    #[arg(long, default_value = "2m", value_parser = parse_bench_duration)]
+    duration: std::time::Duration,
+    /// Simulated seconds per real second: customers connect every 1-15 simulated minutes.
+    #[arg(long, default_value_t = 60.0)]
+    time_scale: f64,
+    /// Message size, or `real` for the realistic mix.
+    #[arg(long, default_value = "real")]
+    size_dist: String,
+    /// The customers' answers during the day, CODE=WEIGHT,...
+    #[arg(long, default_value = "250=90,451=7,554=3")]
+    reply_mix: String,
+    /// Share of the customers that upload outgoing mail before ATRN (0 to 1).
+    #[arg(long, default_value_t = 0.2)]
+    submitters: f64,
+    /// Share of the made accounts that linger (push); with --accounts, the file says.
+    #[arg(long, default_value_t = 0.2)]
+    linger: f64,
+    /// A lingering customer leaves after this long without mail.
+    #[arg(long, default_value = "3s", value_parser = parse_bench_duration)]
+    linger_idle: std::time::Duration,
+    /// Customer TLS: none or starttls (trusting --ca, default <data-dir>/tls/cert.pem).
+    #[arg(long, value_enum, default_value_t = TlsArg::None)]
+    tls: TlsArg,
+    /// CA or certificate to trust for --tls starttls.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The name the provider's certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Customer SASL mechanism.
+    #[arg(long, value_enum, default_value_t = MechArg::CramMd5)]
+    mechanism: MechArg,
+    /// Bound on the sweep after the day.
+    #[arg(long, default_value = "2m", value_parser = parse_bench_duration)]
+    sweep_timeout: std::time::Duration,
+    /// The server process to sample (default: the holder of <data-dir>/lock).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The run id in every X-Bench-Id (default: random).
+    #[arg(long)]
+    run_id: Option<String>,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
 /// `turnpike bench sink`.
 #[derive(clap::Args)]
 struct SinkArgs {
@@ -384,15 +462,20 @@ enum QueueAction {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The load generators run many sessions: their per-session lines would drown the report.
+    let default_level = match cli.command {
+        Command::Bench { .. } => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TURNPIKE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     // The customer's command has its own configuration (and exit codes); the provider's
     // configuration is never read for it.
     if let Command::Pull(args) = cli.command {
@@ -565,6 +648,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Bench {
             action: BenchAction::Sink(args),
         } => bench_sink(args)?,
+        Command::Bench {
+            action: BenchAction::Day(args),
+        } => bench_day(*args, &data_dir, config.odmr.linger_keepalive)?,
         Command::Pull(_) => unreachable!("dispatched in main"),
         Command::Queue { json, action } => {
             let now = std::time::SystemTime::now()
@@ -734,6 +820,92 @@ fn bench_sink(a: SinkArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let report = sink::run(&opts, listeners)?;
     write_outputs(&report, &a.output)
+}
+
+fn bench_day(
+    mut a: DayArgs,
+    data_dir: &std::path::Path,
+    keepalive: std::time::Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use turnpike::bench::{day, message::SizeDist};
+    let (mx, odmr, accounts, pid) = match &a.accounts {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("--accounts {}: {e}", file.display()))?;
+            let accounts = day::parse_accounts(&text)
+                .map_err(|e| format!("--accounts {}: {e}", file.display()))?;
+            let (mx, odmr) = (
+                a.mx.ok_or("--mx is required")?,
+                a.odmr.ok_or("--odmr is required")?,
+            );
+            (mx, odmr, accounts, None)
+        }
+        None => {
+            let local = day::prepare_local(data_dir, a.customers.max(1), a.linger)?;
+            // A lingering customer must leave (idle timeout) before the provider's NOOP.
+            if a.linger > 0.0 && a.linger_idle >= keepalive {
+                a.linger_idle = keepalive / 2;
+                eprintln!(
+                    "bench day: --linger-idle lowered to {:?}, under the server's \
+                     odmr.linger_keepalive ({keepalive:?})",
+                    a.linger_idle
+                );
+            }
+            (
+                a.mx.unwrap_or(local.mx),
+                a.odmr.unwrap_or(local.odmr),
+                local.accounts,
+                local.pid,
+            )
+        }
+    };
+    let tls = match a.tls {
+        TlsArg::None => session::Tls::None,
+        TlsArg::Starttls => {
+            let ca =
+                a.ca.clone()
+                    .unwrap_or_else(|| data_dir.join("tls/cert.pem"));
+            session::Tls::StartTls {
+                config: turnpike::tls::client_config_trusting(&ca)?,
+                server_name: rustls::pki_types::ServerName::try_from(a.server_name.clone())
+                    .map_err(|e| format!("--server-name: {e}"))?,
+            }
+        }
+    };
+    let run_id = a.run_id.clone().unwrap_or_else(turnpike::bench::new_run_id);
+    let opts = day::DayOptions {
+        mx,
+        odmr,
+        accounts,
+        senders: a.senders.max(1),
+        per_connection: a.per_connection,
+        rate: a.rate,
+        duration: a.duration,
+        time_scale: a.time_scale,
+        sizes: SizeDist::parse(&a.size_dist)
+            .ok_or("--size-dist: expected a size up to 10MB or `real`")?,
+        mix: day::ReplyMix::parse(&a.reply_mix).map_err(|e| format!("--reply-mix: {e}"))?,
+        submitters: a.submitters,
+        linger_idle: a.linger_idle,
+        tls,
+        mechanism: match a.mechanism {
+            MechArg::Plain => session::Mechanism::Plain,
+            MechArg::CramMd5 => session::Mechanism::CramMd5,
+        },
+        sweep_timeout: a.sweep_timeout,
+        seed: a.seed,
+        work_dir: std::env::temp_dir().join(format!("turnpike-bench-day-{run_id}")),
+        run_id,
+        interval: a.output.interval,
+        server_pid: a.server_pid.or(pid),
+        data_dir: a.accounts.is_none().then(|| data_dir.to_path_buf()),
+    };
+    let report = day::run(opts)?;
+    write_outputs(&report, &a.output)?;
+    match &report.verification {
+        Some(v) if v.ok => Ok(()),
+        _ => Err("verification FAILED (see the report)".into()),
+    }
 }
 
 /// Prints the summary and writes `--json` and `--plot`.

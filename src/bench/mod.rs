@@ -21,6 +21,8 @@
 //! - [`procstat`]: the server's CPU and RSS from /proc.
 //! - [`rng`]: the seeded generator behind sizes, arrivals and schedules.
 
+pub mod day;
+pub mod ledger;
 pub mod message;
 pub mod mx;
 pub mod plot;

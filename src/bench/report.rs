@@ -257,6 +257,8 @@ pub struct Verification {
     /// Sent with the connection lost before the MX's reply: delivery is allowed once or
     /// not at all.
     pub uncertain: u64,
+    /// Bench messages of other runs (left over in the hold), taken and not judged.
+    pub foreign: u64,
 }
 
 impl Report {
