@@ -305,8 +305,13 @@ pub struct Limits {
     pub max_errors: u32,
     /// Most Received: headers before a message is refused as looping.
     pub max_hops: u32,
-    /// Longest wait for the peer's next bytes.
+    /// Longest wait for a complete command line (counted from the end of the previous
+    /// command, so bytes that trickle in do not extend it), and the slack of a data transfer.
     pub idle_timeout: Duration,
+    /// Least average rate of a DATA or BDAT transfer, in bytes per second (0: none): each byte
+    /// received extends the transfer's deadline (`idle_timeout` after it started) by
+    /// 1/rate seconds, as Postfix's `smtpd_min_data_rate` does.
+    pub min_data_rate: u32,
     /// Longest whole session.
     pub session_timeout: Duration,
     /// Simultaneous connections from one IP address.
@@ -337,6 +342,19 @@ pub struct OdmrSettings {
     /// How often a lingering session sends NOOP, well inside the customer's idle timeout
     /// (RFC 5321: at least 5 minutes).
     pub linger_keepalive: Duration,
+    /// Failed-login throttle (on the submission ports too): the delay after the first
+    /// failure, doubled per failure up to `auth_max_delay`; zero: no delays.
+    pub auth_failure_delay: Duration,
+    /// The longest such delay.
+    pub auth_max_delay: Duration,
+    /// The most an account's failures from every address together delay a login, so that
+    /// guessing from elsewhere never locks its owner out.
+    pub auth_account_max_delay: Duration,
+    /// Failures for one account from one client address before that address gets `454
+    /// 4.7.0` for it (15 minutes).
+    pub auth_failures_per_client: u32,
+    /// Failures from one address, any account, before it gets `421 4.7.0` (15 minutes).
+    pub auth_failures_per_address: u32,
 }
 
 impl Default for OdmrSettings {
@@ -347,6 +365,11 @@ impl Default for OdmrSettings {
             min_atrn_interval: Duration::ZERO,
             linger_max: Duration::from_secs(3600),
             linger_keepalive: Duration::from_secs(60),
+            auth_failure_delay: Duration::from_millis(500),
+            auth_max_delay: Duration::from_secs(8),
+            auth_account_max_delay: Duration::from_secs(2),
+            auth_failures_per_client: 10,
+            auth_failures_per_address: 30,
         }
     }
 }
@@ -467,6 +490,7 @@ impl Default for Limits {
             max_errors: 10,
             max_hops: 50,
             idle_timeout: Duration::from_secs(5 * 60),
+            min_data_rate: 500,
             session_timeout: Duration::from_secs(30 * 60),
             max_connections_per_ip: 20,
             trusted_networks: Network::loopback(),
@@ -652,6 +676,11 @@ const ODMR_KEYS: &[&str] = &[
     "min_atrn_interval",
     "linger_max",
     "linger_keepalive",
+    "auth_failure_delay",
+    "auth_max_delay",
+    "auth_account_max_delay",
+    "auth_failures_per_client",
+    "auth_failures_per_address",
 ];
 const SERVER_KEYS: &[&str] = &["hostname", "data_dir", "cores", "io"];
 const LISTEN_KEYS: &[&str] = &[
@@ -671,6 +700,7 @@ const LIMITS_KEYS: &[&str] = &[
     "max_errors",
     "max_hops",
     "idle_timeout",
+    "min_data_rate",
     "session_timeout",
     "max_connections_per_ip",
     "max_connections",
@@ -727,6 +757,30 @@ impl Parser<'_> {
             }
             if let Some(v) = t.get("linger_keepalive") {
                 config.odmr.linger_keepalive = self.duration("odmr.linger_keepalive", v)?;
+            }
+            let o = &mut config.odmr;
+            let delays = [
+                ("auth_failure_delay", &mut o.auth_failure_delay),
+                ("auth_max_delay", &mut o.auth_max_delay),
+                ("auth_account_max_delay", &mut o.auth_account_max_delay),
+            ];
+            for (name, field) in delays {
+                if let Some(v) = t.get(name) {
+                    *field = self.duration_or_zero(&format!("odmr.{name}"), v)?;
+                }
+            }
+            let counts = [
+                ("auth_failures_per_client", &mut o.auth_failures_per_client),
+                (
+                    "auth_failures_per_address",
+                    &mut o.auth_failures_per_address,
+                ),
+            ];
+            for (name, field) in counts {
+                if let Some(v) = t.get(name) {
+                    let key = format!("odmr.{name}");
+                    *field = self.integer(&key, v, 1, i64::from(u32::MAX))? as u32;
+                }
             }
         }
         if let Some(t) = self.section(top, "submission")? {
@@ -836,6 +890,9 @@ impl Parser<'_> {
         }
         if let Some(v) = t.get("idle_timeout") {
             l.idle_timeout = self.duration("limits.idle_timeout", v)?;
+        }
+        if let Some(v) = t.get("min_data_rate") {
+            l.min_data_rate = self.integer("limits.min_data_rate", v, 0, u32_max)? as u32;
         }
         if let Some(v) = t.get("session_timeout") {
             l.session_timeout = self.duration("limits.session_timeout", v)?;
@@ -1059,7 +1116,7 @@ impl Parser<'_> {
 
     /// A duration where zero is meaningful ("off").
     fn duration_or_zero(&self, key: &str, v: &Value) -> Result<Duration, ConfigError> {
-        let expected = "a duration like \"5m\" (units s, m, h, d)";
+        let expected = "a duration like \"5m\" (units ms, s, m, h, d)";
         v.as_str()
             .and_then(parse_duration)
             .ok_or_else(|| self.invalid(key, expected, v))
@@ -1157,13 +1214,14 @@ fn describe(v: &Value) -> String {
     }
 }
 
-/// Parses `"300s"`, `"5m"`, `"2h"`, `"30d"`. No fractions, no compound forms.
+/// Parses `"500ms"`, `"300s"`, `"5m"`, `"2h"`, `"30d"`. No fractions, no compound forms.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let digits = s.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = s.split_at(digits);
     let n: u64 = number.parse().ok()?;
     let scale = match unit.trim_start() {
+        "ms" => return Some(Duration::from_millis(n)),
         "s" => 1,
         "m" => 60,
         "h" => 60 * 60,
@@ -1282,6 +1340,34 @@ mod tests {
                 "{input:?}"
             );
         }
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0ms"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("5mss"), None);
+    }
+
+    #[test]
+    fn throttle_and_data_rate_keys() {
+        let c = Config::parse(
+            "[odmr]\nauth_failure_delay = \"250ms\"\nauth_max_delay = \"0s\"\n\
+             auth_account_max_delay = \"1s\"\nauth_failures_per_client = 4\n\
+             auth_failures_per_address = 40\n[limits]\nmin_data_rate = 0\n",
+            Path::new("turnpike.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.odmr.auth_failure_delay, Duration::from_millis(250));
+        assert_eq!(c.odmr.auth_max_delay, Duration::ZERO);
+        assert_eq!(c.odmr.auth_account_max_delay, Duration::from_secs(1));
+        assert_eq!(
+            (
+                c.odmr.auth_failures_per_client,
+                c.odmr.auth_failures_per_address
+            ),
+            (4, 40)
+        );
+        assert_eq!(c.limits.min_data_rate, 0);
+        let d = Config::default();
+        assert_eq!(d.limits.min_data_rate, 500);
+        assert_eq!(d.odmr.auth_failures_per_client, 10);
     }
 
     #[test]
@@ -1319,7 +1405,8 @@ mod tests {
                 "turnpike.toml: limits.max_msg_size: unknown key (expected one of: \
                  max_message_size, max_recipients, max_line_length, \
                  max_commands_without_progress, max_errors, max_hops, idle_timeout, \
-                 session_timeout, max_connections_per_ip, max_connections, trusted_networks)",
+                 min_data_rate, session_timeout, max_connections_per_ip, max_connections, \
+                 trusted_networks)",
             ),
             (
                 "[limits]\ntrusted_networks = [\"10.0.0.0/8\", \"10.1.0.0/33\"]",
@@ -1386,7 +1473,7 @@ mod tests {
             (
                 "[limits]\nidle_timeout = 300",
                 "turnpike.toml: limits.idle_timeout: expected a duration like \"5m\" \
-                 (units s, m, h, d), got 300",
+                 (units ms, s, m, h, d), got 300",
             ),
             (
                 "[limits]\nsession_timeout = \"0m\"",

@@ -540,10 +540,32 @@ pub struct SmtpClient {
 impl SmtpClient {
     /// Connects to `addr`. Does not read the greeting: call `expect(220)`.
     pub fn connect(addr: SocketAddr) -> SmtpClient {
+        SmtpClient::connect_with_timeout(addr, IO_TIMEOUT)
+    }
+
+    /// [`connect`](Self::connect) with another read/write timeout, for transfers so large
+    /// that a reply may take longer than [`IO_TIMEOUT`].
+    pub fn connect_with_timeout(addr: SocketAddr, timeout: Duration) -> SmtpClient {
         let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
             .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-        stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        SmtpClient::over(stream, timeout)
+    }
+
+    /// Connects to `addr` from the loopback address `source` (127.0.0.2 and so on are all
+    /// loopback on Linux): a second client address for tests about per-address limits.
+    pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> SmtpClient {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&SocketAddr::new(source, 0).into())
+            .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+        sock.connect_timeout(&addr.into(), IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"));
+        SmtpClient::over(sock.into(), IO_TIMEOUT)
+    }
+
+    fn over(stream: TcpStream, timeout: Duration) -> SmtpClient {
+        stream.set_read_timeout(Some(timeout)).expect("timeout");
+        stream.set_write_timeout(Some(timeout)).expect("timeout");
         let _ = stream.set_nodelay(true);
         let writer = stream.try_clone().expect("clone stream");
         SmtpClient {
@@ -592,6 +614,24 @@ impl SmtpClient {
             }
         }
         Ok((code.expect("at least one line"), text.join("\n")))
+    }
+
+    /// [`read_reply`](Self::read_reply) waiting at most `wait` for its first byte (then the
+    /// usual timeout): `WouldBlock`/`TimedOut` when nothing came.
+    pub fn read_reply_within(&mut self, wait: Duration) -> io::Result<(u16, String)> {
+        if self.reader.buffer().is_empty() {
+            let usual = self.reader.get_ref().read_timeout()?;
+            self.reader.get_ref().set_read_timeout(Some(wait))?;
+            let peek = self.reader.fill_buf().map(|b| b.len());
+            self.reader.get_ref().set_read_timeout(usual)?;
+            if peek? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
+            }
+        }
+        self.read_reply()
     }
 
     /// Reads one reply and asserts its code; returns its text.
@@ -782,6 +822,48 @@ pub fn tcp_relay(target: Arc<Mutex<Option<SocketAddr>>>) -> SocketAddr {
         }
     });
     addr
+}
+
+/// The resident set size (`VmRSS`) of process `pid`, in bytes.
+pub fn vm_rss(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("VmRSS line");
+    kb * 1024
+}
+
+/// Samples a process's RSS every 10 ms on a thread of its own until [`RssSampler::stop`].
+pub struct RssSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: thread::JoinHandle<(u64, u32)>,
+}
+
+impl RssSampler {
+    /// Starts sampling `pid`.
+    pub fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let (mut max, mut samples) = (0u64, 0u32);
+            while !flag.load(Ordering::Relaxed) {
+                max = max.max(vm_rss(pid));
+                samples += 1;
+                thread::sleep(Duration::from_millis(10));
+            }
+            (max.max(vm_rss(pid)), samples + 1)
+        });
+        RssSampler { stop, thread }
+    }
+
+    /// Stops sampling; returns the largest RSS seen and the number of samples.
+    pub fn stop(self) -> (u64, u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("RSS sampler thread")
+    }
 }
 
 #[cfg(test)]
