@@ -860,7 +860,7 @@ async fn run_day(opts: DayOptions) -> Result<Report, DayError> {
     let mut r = Report::new("day", started_ms);
     r.settings = settings(&day.opts);
     let rec = Rc::try_unwrap(day.rec).map_err(|_| DayError::Setup("tasks still running".into()))?;
-    let (mut phases, timeline) = rec.into_inner().finish(end);
+    let (mut phases, timeline, latency_us) = rec.into_inner().finish(end);
     if let Some(s) = sampler {
         let server = s.finish(elapsed);
         for p in &mut phases {
@@ -875,6 +875,7 @@ async fn run_day(opts: DayOptions) -> Result<Report, DayError> {
     r.elapsed_s = elapsed;
     r.phases = phases;
     r.timeline = timeline;
+    r.latency_us = latency_us;
     r.verification = Some(day.ledger.into_inner().verify());
     let cpu = report::process_cpu_s() - cpu0;
     r.client = Cpu {

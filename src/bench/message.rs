@@ -183,7 +183,7 @@ pub enum SizeDist {
 }
 
 /// `--size-dist real`: (share in percent, smallest, largest octets). Within a band sizes are
-/// log-uniform. Mean about 130 KB, median about 8 KB; documented in docs/benchmarks.md.
+/// log-uniform. Mean about 140 KB, median about 8 KB; documented in docs/benchmarks.md.
 pub const REAL_MIX: &[(f64, u64, u64)] = &[
     (35.0, 1_000, 4_000),
     (30.0, 4_000, 16_000),

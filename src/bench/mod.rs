@@ -74,7 +74,7 @@ pub fn run_mx(
     let rec = Rc::try_unwrap(rec)
         .map_err(|_| std::io::Error::other("sessions still running"))?
         .into_inner();
-    let (mut phases, timeline) = rec.finish(end);
+    let (mut phases, timeline, latency_us) = rec.finish(end);
     let elapsed = end.duration_since(start).as_secs_f64();
     let mut r = Report::new("mx", started_ms);
     r.elapsed_s = elapsed;
@@ -92,6 +92,7 @@ pub fn run_mx(
     }
     r.phases = phases;
     r.timeline = timeline;
+    r.latency_us = latency_us;
     let cpu = report::process_cpu_s() - cpu0;
     r.client = Cpu {
         cpu_s: cpu,

@@ -106,21 +106,16 @@ fn latencies(
     report: &Report,
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
 ) -> Result<(), PlotError> {
-    let mut lines: Vec<(String, [f64; 5])> = Vec::new();
-    for phase in &report.phases {
-        for (name, p) in &phase.latency_us {
-            if p.count == 0 {
-                continue;
-            }
-            let label = if report.phases.len() > 1 {
-                format!("{}: {name}", phase.name)
-            } else {
-                name.clone()
-            };
+    // Over the whole run: one line per latency, whatever the number of phases.
+    let lines: Vec<(String, [f64; 5])> = report
+        .latency_us
+        .iter()
+        .filter(|(_, p)| p.count > 0)
+        .map(|(name, p)| {
             let v = [p.p50, p.p90, p.p99, p.p999, p.max].map(|x| x.max(1) as f64);
-            lines.push((label, v));
-        }
-    }
+            (name.clone(), v)
+        })
+        .collect();
     let y_max = lines.iter().flat_map(|l| l.1).fold(10.0, f64::max) * 2.0;
     let mut chart = ChartBuilder::on(area)
         .caption(
@@ -143,7 +138,8 @@ fn latencies(
                 String::new()
             }
         })
-        .y_desc("us")
+        .y_label_formatter(&|v| duration_label(*v))
+        .y_desc("latency")
         .draw()
         .map_err(err)?;
     for (i, (label, v)) in lines.into_iter().enumerate() {
@@ -169,6 +165,17 @@ fn latencies(
         .border_style(BLACK)
         .draw()
         .map_err(err)
+}
+
+/// `250us`, `12ms`, `3s` for an axis label in microseconds.
+fn duration_label(us: f64) -> String {
+    if us >= 1e6 {
+        format!("{}s", us / 1e6)
+    } else if us >= 1e3 {
+        format!("{}ms", us / 1e3)
+    } else {
+        format!("{us}us")
+    }
 }
 
 #[cfg(test)]
@@ -204,9 +211,9 @@ mod tests {
             max: 3000,
             mean: 150.0,
         };
-        phase
-            .latency_us
+        r.latency_us
             .insert(report::latency::END_OF_DATA_TO_REPLY.into(), p);
+        phase.messages = 10;
         r.phases.push(phase);
         let path = std::env::temp_dir().join(format!("tp-plot-{}.svg", std::process::id()));
         write_svg(&r, &path).unwrap();

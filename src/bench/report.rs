@@ -49,6 +49,8 @@ pub struct Report {
     pub phases: Vec<Phase>,
     /// Throughput over time.
     pub timeline: Timeline,
+    /// Latency percentiles over all phases, by name.
+    pub latency_us: BTreeMap<String, Percentiles>,
     /// CPU used by the bench process itself.
     pub client: Cpu,
     /// The sampled server process, if any.
@@ -272,6 +274,7 @@ impl Report {
             settings: BTreeMap::new(),
             phases: Vec::new(),
             timeline: Timeline::default(),
+            latency_us: BTreeMap::new(),
             client: Cpu::default(),
             server: None,
             verification: None,

@@ -242,6 +242,7 @@ async fn session(mut conn: Conn, c: &Counters) {
     let mut input: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut pos = 0;
     let mut n = 0u64;
+    let mut chunked = 0u64;
     loop {
         pos += m.handle_input(&input[pos..], &AcceptAll);
         let mut acted = false;
@@ -249,10 +250,14 @@ async fn session(mut conn: Conn, c: &Counters) {
         while let Some(action) = m.poll_action() {
             acted = true;
             match action {
+                // Only with a chunk size configured (not here); counted all the same.
+                Action::StoreChunk(chunk) => chunked += chunk.len() as u64,
+                Action::DiscardChunks => chunked = 0,
                 Action::Deliver(msg) => {
                     n += 1;
+                    let bytes = std::mem::take(&mut chunked) + msg.body.len() as u64;
                     c.messages.fetch_add(1, Ordering::Relaxed);
-                    c.bytes.fetch_add(msg.body.len() as u64, Ordering::Relaxed);
+                    c.bytes.fetch_add(bytes, Ordering::Relaxed);
                     c.last_message_ns
                         .fetch_max(c.since_start(), Ordering::Relaxed);
                     m.stored(Ok(format!("sink.{n}")));
@@ -261,8 +266,8 @@ async fn session(mut conn: Conn, c: &Counters) {
                 Action::StartTls | Action::Close => close = true,
             }
         }
-        count_codes(m.output(), c);
         if close || m.is_closed() {
+            count_codes(m.output(), c);
             let _ = conn.flush_buffer(m.output()).await;
             conn.close().await;
             return;
@@ -277,6 +282,8 @@ async fn session(mut conn: Conn, c: &Counters) {
             input.drain(..pos);
             pos = 0;
         }
+        // Counted once, as the replies leave.
+        count_codes(m.output(), c);
         if conn.flush_buffer(m.output()).await.is_err() {
             return;
         }

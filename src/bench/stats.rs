@@ -122,8 +122,19 @@ impl Recorder {
         report::record(h, d);
     }
 
-    /// The phases and the timeline, the last phase ending at `end`.
-    pub fn finish(mut self, end: Instant) -> (Vec<Phase>, Timeline) {
+    /// The phases, the timeline and the latency percentiles over the whole run, the last
+    /// phase ending at `end`.
+    pub fn finish(mut self, end: Instant) -> (Vec<Phase>, Timeline, BTreeMap<String, Percentiles>) {
+        let mut overall: BTreeMap<&'static str, Histogram<u64>> = BTreeMap::new();
+        for acc in &self.phases {
+            for (name, h) in &acc.hist {
+                let _ = overall.entry(name).or_insert_with(report::histogram).add(h);
+            }
+        }
+        let overall = overall
+            .iter()
+            .map(|(name, h)| ((*name).to_string(), Percentiles::of(h)))
+            .collect();
         let end_s = end.duration_since(self.start).as_secs_f64();
         let ends: Vec<f64> = self
             .phases
@@ -188,6 +199,7 @@ impl Recorder {
                 interval_s: step,
                 points,
             },
+            overall,
         )
     }
 }
@@ -210,7 +222,8 @@ mod tests {
         r.begin_phase("b", t0 + Duration::from_secs(1));
         r.delivered(50, t0 + Duration::from_millis(1200));
         r.phase().drain_s = 0.5;
-        let (phases, tl) = r.finish(t0 + Duration::from_secs(2));
+        let (phases, tl, overall) = r.finish(t0 + Duration::from_secs(2));
+        assert_eq!(overall["end_of_data_to_reply"].count, 1);
         assert_eq!(phases.len(), 2);
         assert_eq!(phases[0].messages, 2);
         assert!((phases[0].msgs_per_s - 2.0).abs() < 1e-6);
