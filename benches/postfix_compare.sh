@@ -136,6 +136,7 @@ hostname = "mx.bench"
 [listen]
 mx = ["127.0.0.1:0"]
 odmr = ["127.0.0.1:0"]
+odmrs = ["127.0.0.1:0"]
 submission = ["127.0.0.1:0"]
 submissions = ["127.0.0.1:0"]
 metrics = ["127.0.0.1:0"]
@@ -148,8 +149,10 @@ EOC
   for d in $PF_DOMAINS; do args+=(--domain "$d"); done
   echo bench-password | tp account add bench "${args[@]}" --password-stdin \
     || die "turnpike account add failed"
+  # Not through tp(): $! must be turnpike's own pid, not a subshell's.
   # shellcheck disable=SC2086 # TURNPIKE_ARGS is a list of words on purpose
-  tp serve $TURNPIKE_ARGS >"$WORK/turnpike.out" 2>"$WORK/turnpike.err" &
+  "$TURNPIKE_BIN" --data-dir "$TP_DATA" --config "$WORK/turnpike.toml" serve $TURNPIKE_ARGS \
+    >"$WORK/turnpike.out" 2>"$WORK/turnpike.err" &
   TP_PID=$!
   TP_MX=
   for _ in $(seq 100); do
