@@ -300,7 +300,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             server::serve(config, choice, cores)?;
         }
         Command::Account { action } => {
-            std::fs::create_dir_all(&data_dir)?;
+            turnpike::spool::private_dir(&data_dir)?;
             let path = data_dir.join("accounts.toml");
             let mut accounts = Accounts::load(&path)?;
             match action {

@@ -33,7 +33,7 @@ use std::rc::{Rc, Weak};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
-use super::file::{remove_durably, sync_dir, IoKind, SegmentFile};
+use super::file::{private_dir, remove_durably, sync_dir, IoKind, SegmentFile};
 use super::reader::read_msg_record;
 use super::reclaim::{Ledger, LivePart};
 use super::record::{self, encode_segment_header, Encoded, Outcome, Part, SEGMENT_HEADER_LEN};
@@ -250,10 +250,14 @@ impl JournalHandle {
         }
         let dir = journal_dir(&cfg.data_dir, cfg.core);
         let d = dir.clone();
-        tokio::task::spawn_blocking(move || std::fs::create_dir_all(&d))
-            .await
-            .map_err(|e| Error::io("create journal dir", None, std::io::Error::other(e)))?
-            .map_err(|e| Error::io("create journal dir", Some(dir.clone()), e))?;
+        tokio::task::spawn_blocking(move || {
+            // Both levels: an older install may have left `journal/` open to everyone.
+            private_dir(d.parent().expect("core dir has a parent"))?;
+            private_dir(&d)
+        })
+        .await
+        .map_err(|e| Error::io("create journal dir", None, std::io::Error::other(e)))?
+        .map_err(|e| Error::io("create journal dir", Some(dir.clone()), e))?;
         let (ledger, next_seq, tail) = recovered.into_writer_parts();
         if let Some(tail) = tail {
             // Cut the possibly torn (or merely preallocated) tail off, so that later

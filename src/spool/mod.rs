@@ -64,7 +64,7 @@ mod record;
 mod recovery;
 
 pub use error::Error;
-pub use file::{IoKind, SegmentFile};
+pub use file::{private_dir, IoKind, SegmentFile, DIR_MODE, FILE_MODE};
 pub use index::{DomainIndex, DomainStats, HeldPart};
 pub use journal::{
     journal_dir, segment_path, JournalConfig, JournalHandle, JournalStats, Location, ReclaimReport,

@@ -79,7 +79,16 @@ impl TestServer {
     /// `(account, domains)` through `turnpike account add`, starts the server and waits for its
     /// `listening` file. Panics with the server's logs if any step fails.
     pub fn start(config_extra: &str, accounts: &[(&str, &[&str])]) -> TestServer {
-        let data_dir = unique_temp_dir();
+        Self::start_in(unique_temp_dir(), config_extra, accounts)
+    }
+
+    /// [`start`](Self::start) with a data directory the test chose (an empty directory, for
+    /// example on a small tmpfs); it is removed on drop like the default one.
+    pub fn start_in(
+        data_dir: PathBuf,
+        config_extra: &str,
+        accounts: &[(&str, &[&str])],
+    ) -> TestServer {
         let config_path = data_dir.join("turnpike.toml");
         fs::write(&config_path, merged_config(config_extra)).expect("write test config");
         let mut server = TestServer {
@@ -472,6 +481,97 @@ pub fn require_program(name: &str) -> bool {
         debian_package(name)
     );
     false
+}
+
+/// True when the test runs as root. Otherwise prints a SKIP line naming `what` needs root,
+/// and returns false, except under `CI=true` (the CI runs as root), where it fails.
+pub fn require_root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    skip_or_fail(&format!("{what} needs root"));
+    false
+}
+
+/// Prints a visible SKIP line for the current test, or panics under `CI=true`.
+pub fn skip_or_fail(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why}, and CI=true does not allow skipping");
+    }
+    let test = thread::current().name().unwrap_or("?").to_string();
+    let _ = writeln!(io::stderr(), "SKIP: {test}: {why}");
+}
+
+/// A tmpfs of a fixed size mounted on a fresh temporary directory, unmounted (lazily, so a
+/// process still holding files there cannot keep it) and removed on drop.
+pub struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a `size_mib` MiB tmpfs, or prints SKIP (fails under `CI=true`) and returns
+    /// `None` where mounting is not permitted.
+    pub fn mount(size_mib: u64) -> Option<Tmpfs> {
+        let dir = unique_temp_dir();
+        let out = run_bounded(
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size_mib}m,mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(&dir),
+            None,
+            CLI_TIMEOUT,
+        );
+        if !out.status.success() {
+            let _ = fs::remove_dir(&dir);
+            skip_or_fail(&format!(
+                "cannot mount a tmpfs ({})",
+                output_text(&out).trim()
+            ));
+            return None;
+        }
+        Some(Tmpfs { dir })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A fresh empty directory inside the mount.
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let d = self.dir.join(name);
+        fs::create_dir(&d).expect("create dir on tmpfs");
+        d
+    }
+
+    /// Bytes free for unprivileged files on the mount (statvfs `f_bavail`).
+    pub fn free_bytes(&self) -> u64 {
+        let c = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+        unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            assert_eq!(libc::statvfs(c.as_ptr(), &mut st), 0, "statvfs");
+            st.f_bavail as u64 * st.f_frsize as u64
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_dir(&self.dir);
+    }
 }
 
 /// The Debian package that installs the program `name`, for the SKIP hint.
