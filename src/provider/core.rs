@@ -28,6 +28,12 @@ use super::hosted::{CounterTable, Hosted};
 use super::report;
 use crate::proto::reply::EnhancedStatus;
 
+/// How often journals short of disk space are reclaimed.
+const SPACE_RECLAIM: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a DONE may wait for the disk before its part leaves the index anyway.
+const DONE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Work one core sends another.
 pub enum MeshMsg {
     /// A committed message part for a domain this core shards: index it.
@@ -142,6 +148,8 @@ pub enum Query {
     Summary,
     /// The held parts of one domain (only its shard core answers with data).
     Domain(DomainName),
+    /// The state of this core's journal writers (disk full, poisoned).
+    Storage,
 }
 
 /// A core's answer to a [`Query`].
@@ -150,6 +158,8 @@ pub enum QueryAnswer {
     Summary(Vec<(DomainName, spool::DomainStats)>),
     /// The parts of one domain.
     Domain(Vec<spool::HeldPart>),
+    /// This core's journal writers.
+    Storage(Vec<spool::JournalStatus>),
 }
 
 /// State shared by all cores, read-only after start.
@@ -292,6 +302,11 @@ impl Core {
         }
     }
 
+    /// This core's journal writer and the ones it adopted.
+    pub fn journals(&self) -> impl Iterator<Item = &spool::JournalHandle> {
+        std::iter::once(&self.journal).chain(self.adopted.values())
+    }
+
     /// `domains` grouped by the core that shards each one.
     pub fn by_shard(
         &self,
@@ -368,14 +383,30 @@ impl Core {
                 Ok(id.to_string())
             }
             Err(e) => {
-                tracing::error!(%id, %peer, error = %e, "journal append failed; answering 451");
-                Err(Reply::with_status(
-                    451,
-                    (4, 3, 0),
-                    "Temporary storage failure, try again later",
-                ))
+                let reply = storage_reply(&e);
+                if e.is_no_space() {
+                    self.metrics.borrow_mut().store_mut().storage_refused += 1;
+                    tracing::warn!(%id, %peer, error = %e, "disk full; message refused with 452");
+                } else {
+                    tracing::error!(%id, %peer, error = %e, "journal append failed; answering 451");
+                }
+                Err(reply)
             }
         }
+    }
+
+    /// The refusal for new mail while this core's journal cannot take it (the disk is full,
+    /// or the writer is poisoned), checked at RCPT so the client learns it before DATA.
+    pub fn storage_refusal(&self) -> Option<Reply> {
+        let err = if self.journal.is_poisoned() {
+            spool::Error::Poisoned
+        } else if self.journal.short_of_space() {
+            self.metrics.borrow_mut().store_mut().storage_refused += 1;
+            spool::Error::NoSpace { op: "RCPT" }
+        } else {
+            return None;
+        };
+        Some(storage_reply(&err))
     }
 
     /// Stores a message this server wrote itself (a delivery report) through the same durable
@@ -512,7 +543,12 @@ impl Core {
                         .deferred += 1;
                 }
                 MeshMsg::Metrics(reply) => {
-                    let _ = reply.send((self.metrics.borrow().snapshot(), self.domain_gauges()));
+                    let mut snapshot = self.metrics.borrow().snapshot();
+                    for j in self.journals() {
+                        snapshot.store.journals_short += u64::from(j.short_of_space());
+                        snapshot.store.journals_poisoned += u64::from(j.is_poisoned());
+                    }
+                    let _ = reply.send((snapshot, self.domain_gauges()));
                 }
                 MeshMsg::Retire {
                     id,
@@ -546,6 +582,9 @@ impl Core {
                     let answer = match q {
                         Query::Summary => QueryAnswer::Summary(idx.all_stats()),
                         Query::Domain(d) => QueryAnswer::Domain(idx.parts(&d).cloned().collect()),
+                        Query::Storage => {
+                            QueryAnswer::Storage(self.journals().map(|j| j.status()).collect())
+                        }
                     };
                     let _ = reply.send(answer);
                 }
@@ -645,24 +684,35 @@ impl Core {
             tracing::error!(%id, core = self.index, "DONE routed to a core without its journal");
             return;
         };
-        match journal.append_done(id, &domain, outcome).await {
-            Ok(_) => {
-                let shard = self.shard_of(&domain);
-                self.shared.mesh.send(
-                    shard,
-                    MeshMsg::Retire {
-                        id,
-                        domain,
-                        outcome,
-                        ack,
-                    },
-                );
+        let shard = self.shard_of(&domain);
+        let retire = |ack| MeshMsg::Retire {
+            id,
+            domain: domain.clone(),
+            outcome,
+            ack,
+        };
+        let mut ack = Some(ack);
+        let durable = journal.append_done(id, &domain, outcome);
+        tokio::pin!(durable);
+        let res = tokio::select! {
+            r = &mut durable => r,
+            _ = tokio::time::sleep(DONE_PATIENCE) => {
+                // The DONE waits for disk space. The customer has the message: take the part
+                // out of the index now, so the next ATRN does not send it again.
+                tracing::warn!(%id, %domain, "DONE waits for disk space; the part leaves the index now");
+                self.shared.mesh.send(shard, retire(ack.take().flatten()));
+                durable.await
             }
-            // The part stays held and is offered again at the next ATRN: a duplicate at
+        };
+        if let Err(e) = &res {
+            // The part is finished in this process (never offered again until a restart),
+            // but its record is not on disk: after a restart it is held again, a duplicate at
             // worst, never a loss.
-            Err(e) => {
-                tracing::error!(%id, %domain, error = %e, "could not record DONE; part stays held")
-            }
+            self.metrics.borrow_mut().store_mut().dones_unrecorded += 1;
+            tracing::error!(%id, %domain, error = %e, "could not record DONE; the part leaves the index but stays on disk and will be offered again after a restart");
+        }
+        if let Some(ack) = ack {
+            self.shared.mesh.send(shard, retire(ack));
         }
     }
 
@@ -724,9 +774,19 @@ impl Core {
     pub async fn run_maintenance(self: Rc<Self>, every: std::time::Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While a journal is short of space, deleting what deliveries finished is what brings
+        // new mail back: reclaim every second then, not at the slow pace.
+        let mut space_tick = tokio::time::interval(SPACE_RECLAIM);
+        space_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = space_tick.tick() => {
+                    if self.journals().any(|j| j.short_of_space()) {
+                        self.reclaim_journals().await;
+                    }
+                    continue;
+                }
                 _ = self.stopped() => return,
             }
             let now = SystemTime::now()
@@ -739,34 +799,39 @@ impl Core {
                     .mesh
                     .send(self.writer_of(part.id), MeshMsg::Expire(part));
             }
-            let journals = std::iter::once(&self.journal).chain(self.adopted.values());
-            for journal in journals {
-                match journal.reclaim().await {
-                    Ok(report) => {
-                        if !report.deleted.is_empty() || report.compacted.is_some() {
-                            tracing::info!(
-                                core = self.index,
-                                deleted = report.deleted.len(),
-                                compacted = ?report.compacted,
-                                moved = report.relocated.len(),
-                                "journal space reclaimed"
-                            );
-                        }
-                        for moved in report.relocated {
-                            for domain in moved.domains {
-                                let shard = self.shard_of(&domain);
-                                let msg = MeshMsg::Relocated {
-                                    id: moved.id,
-                                    domain,
-                                    location: moved.location,
-                                };
-                                self.shared.mesh.send(shard, msg);
-                            }
+            self.reclaim_journals().await;
+        }
+    }
+
+    /// Deletes dead segments and compacts, in this core's journals; tells the shard cores
+    /// where compaction moved their parts.
+    async fn reclaim_journals(&self) {
+        for journal in self.journals() {
+            match journal.reclaim().await {
+                Ok(report) => {
+                    if !report.deleted.is_empty() || report.compacted.is_some() {
+                        tracing::info!(
+                            core = self.index,
+                            deleted = report.deleted.len(),
+                            compacted = ?report.compacted,
+                            moved = report.relocated.len(),
+                            "journal space reclaimed"
+                        );
+                    }
+                    for moved in report.relocated {
+                        for domain in moved.domains {
+                            let shard = self.shard_of(&domain);
+                            let msg = MeshMsg::Relocated {
+                                id: moved.id,
+                                domain,
+                                location: moved.location,
+                            };
+                            self.shared.mesh.send(shard, msg);
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(core = self.index, error = %e, "journal reclaim failed")
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!(core = self.index, error = %e, "journal reclaim failed")
                 }
             }
         }
@@ -814,8 +879,25 @@ fn single_recipient(incoming: &Incoming) -> Option<&Mailbox> {
     }
 }
 
+/// The SMTP reply for a journal append that failed: a full disk is `452 4.3.1` (RFC 3463:
+/// mail system full), anything else `451 4.3.0`.
+pub fn storage_reply(e: &spool::Error) -> Reply {
+    if e.is_no_space() {
+        Reply::with_status(
+            452,
+            (4, 3, 1),
+            "Insufficient system storage, try again later",
+        )
+    } else {
+        Reply::with_status(451, (4, 3, 0), "Temporary storage failure, try again later")
+    }
+}
+
 impl Directory for Core {
     fn check_rcpt(&self, rcpt: &Mailbox, declared_size: Option<u64>) -> RcptVerdict {
+        if let Some(refusal) = self.storage_refusal() {
+            return RcptVerdict::Reject(refusal);
+        }
         let Ok(domain) = DomainName::parse(&rcpt.domain) else {
             return RcptVerdict::Reject(relay_refused(&rcpt.domain));
         };
@@ -864,6 +946,9 @@ impl Directory for Core {
         accepted: usize,
         declared_size: Option<u64>,
     ) -> RcptVerdict {
+        if let Some(refusal) = self.storage_refusal() {
+            return RcptVerdict::Reject(refusal);
+        }
         super::submit::check_rcpt(self, account, rcpt, accepted, declared_size)
     }
 }

@@ -263,7 +263,8 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         })?;
         metrics_addrs.push(listener.local_addr()?);
         let mesh = mesh.clone();
-        crate::metrics::serve_http(listener, move || scrape(&mesh, io))?;
+        let dir = data_dir.clone();
+        crate::metrics::serve_http(listener, move || scrape(&mesh, io, &dir))?;
     }
     let mut bound: Vec<(&str, SocketAddr)> = listeners
         .bound
@@ -410,7 +411,7 @@ fn bind_all(config: &Config, cores: usize) -> io::Result<Bound> {
 }
 
 /// Asks every core for its metrics, merges them, renders the Prometheus text.
-fn scrape(mesh: &Mesh<MeshMsg>, io: IoKind) -> String {
+fn scrape(mesh: &Mesh<MeshMsg>, io: IoKind, data_dir: &Path) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     for core in 0..mesh.cores() {
         mesh.send(core, MeshMsg::Metrics(tx.clone()));
@@ -424,6 +425,7 @@ fn scrape(mesh: &Mesh<MeshMsg>, io: IoKind) -> String {
         }
     }
     gauges.sort_by(|a, b| a.domain.cmp(&b.domain));
+    merged.store.free_bytes = spool::free_bytes(data_dir).ok();
     let info = crate::metrics::ServerInfo {
         version: env!("CARGO_PKG_VERSION"),
         io_driver: io.name(),

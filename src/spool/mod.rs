@@ -58,18 +58,20 @@ mod error;
 mod file;
 mod index;
 mod journal;
+mod pins;
 mod reader;
 mod reclaim;
 mod record;
 mod recovery;
 
 pub use error::Error;
-pub use file::{private_dir, IoKind, SegmentFile, DIR_MODE, FILE_MODE};
+pub use file::{free_bytes, private_dir, IoKind, SegmentFile, DIR_MODE, FILE_MODE};
 pub use index::{DomainIndex, DomainStats, HeldPart};
 pub use journal::{
-    journal_dir, segment_path, JournalConfig, JournalHandle, JournalStats, Location, ReclaimReport,
-    Relocated, DEFAULT_SEGMENT_SIZE,
+    journal_dir, segment_path, JournalConfig, JournalHandle, JournalStats, JournalStatus, Location,
+    ReclaimReport, Relocated, DEFAULT_SEGMENT_SIZE,
 };
+pub use pins::SegmentPins;
 pub use reader::{BodyStream, Reader};
 pub use record::{parts_of, MsgMeta, Outcome, Part};
 pub use recovery::{recover, Damage, DirRecovery, Recovered, SegmentSummary};

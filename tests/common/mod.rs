@@ -12,6 +12,8 @@
 //! driver (`--io`) so the same tests run under both drivers.
 #![allow(dead_code)] // Each test binary uses a different subset of the harness.
 
+pub mod customer;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -157,6 +159,19 @@ impl TestServer {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// The Prometheus text of the server's metrics listener (`GET /metrics`).
+    pub fn metrics(&self) -> String {
+        let mut http = TcpStream::connect_timeout(&self.addr("metrics"), IO_TIMEOUT)
+            .expect("connect to the metrics listener");
+        http.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("metrics request");
+        let mut text = String::new();
+        http.read_to_string(&mut text).expect("metrics response");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text
     }
 
     /// The first listener address of `service` (`mx`, `odmr`, `submission`, `submissions`).
@@ -735,6 +750,13 @@ fn bad_reply(line: &str, why: &str) -> io::Error {
         io::ErrorKind::InvalidData,
         format!("malformed reply line {line:?}: {why}"),
     )
+}
+
+/// The value of the unlabelled sample `name` in Prometheus text, if present.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Sum of `f(x)` over the entries of a JSON array (0 for a missing or non-array value).
