@@ -1,6 +1,6 @@
 //! The local control socket (`<data>/control.sock`) and the `turnpike queue` views.
 //!
-//! Protocol: the client writes one line (`summary`, `domain <name>` or `reload`), the server
+//! Protocol: the client writes one line (`summary`, `domain <name>`, `reclaim`, `reload`, ...), the server
 //! answers with one JSON document and closes. The server side runs on its own thread and asks
 //! the cores over the mesh, so it never touches a core's state directly. When no server is
 //! running, `turnpike queue` builds the same views by reading the journal (recovery is
@@ -268,6 +268,14 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>, data_dir: &Path) -> io::Resu
             _ => Vec::new(),
         };
         serde_json::to_string(&listing_from(&domain, parts))?
+    } else if line == "reclaim" {
+        let (mut deleted, mut compacted, mut moved) = (0, 0, 0);
+        for (d, c, m) in ask_all(mesh, MeshMsg::Reclaim) {
+            deleted += d;
+            compacted += c;
+            moved += m;
+        }
+        format!("{{\"deleted\":{deleted},\"compacted\":{compacted},\"moved\":{moved}}}")
     } else if line == "reload" {
         // The main thread owns reloads; SIGHUP is how it is told.
         // SAFETY: sending a signal to our own process.

@@ -28,6 +28,9 @@ use super::hosted::{CounterTable, Hosted};
 use super::report;
 use crate::proto::reply::EnhancedStatus;
 
+/// How long reclaim waits for the shard cores to apply relocations.
+const RELOCATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How often journals short of disk space are reclaimed.
 const SPACE_RECLAIM: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -63,6 +66,8 @@ pub enum MeshMsg {
         domain: DomainName,
         /// The new copy.
         location: spool::Location,
+        /// Dropped once the index points at the copy: then the old segment may go.
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
     },
     /// To a shard core: lease these domains (all on this shard) for ATRN session `session`
     /// and return their held parts; all or nothing.
@@ -124,6 +129,9 @@ pub enum MeshMsg {
     Metrics(std::sync::mpsc::Sender<(metrics::Snapshot, Vec<metrics::DomainGauge>)>),
     /// A snapshot of the queue for the control socket.
     Query(Query, std::sync::mpsc::Sender<QueryAnswer>),
+    /// The operator asks for reclaim now: delete dead segments and compact, in this core's
+    /// journals; answered with (segments deleted, segments compacted, messages moved).
+    Reclaim(std::sync::mpsc::Sender<(usize, usize, usize)>),
     /// New hosted-domain snapshot after a reload.
     Reload(Arc<Hosted>),
     /// An operator's request to this core's outbound relay.
@@ -187,6 +195,8 @@ pub struct Shared {
     pub sessions: std::sync::atomic::AtomicU64,
     /// Per-account submission counts for the `[submission]` rate limits (all cores).
     pub submit_rates: std::sync::Mutex<super::submit::Rates>,
+    /// Segments that sessions read from: the journals delete none of them.
+    pub pins: Arc<spool::SegmentPins>,
 }
 
 impl Shared {
@@ -240,6 +250,8 @@ pub struct Core {
     leases: RefCell<HashMap<DomainName, u64>>,
     /// Lingering sessions: where newly held parts of their leased domains go.
     pushes: RefCell<HashMap<u64, tokio::sync::mpsc::UnboundedSender<spool::HeldPart>>>,
+    /// Per ATRN session: the segments its parts are in, pinned until its leases end.
+    lease_pins: RefCell<HashMap<u64, Vec<spool::PinGuard>>>,
     /// Failed-login throttle for sessions on this core.
     pub throttle: RefCell<crate::proto::throttle::Throttle>,
     /// This core's counters and latency histograms.
@@ -277,6 +289,7 @@ impl Core {
             next_seq: Cell::new(u64::from_le_bytes(seed) >> 16),
             leases: RefCell::new(HashMap::new()),
             pushes: RefCell::new(HashMap::new()),
+            lease_pins: RefCell::new(HashMap::new()),
             expiring: RefCell::new(Default::default()),
             metrics: RefCell::new(metrics::CoreMetrics::new()),
             throttle: RefCell::new(crate::proto::throttle::Throttle::new(Default::default())),
@@ -462,8 +475,11 @@ impl Core {
                         .or_insert_with(|| self.shared.counters.counters(&part.domain));
                     c.add(part.bytes);
                     let session = self.leases.borrow().get(&part.domain).copied();
-                    if let Some(push) = session.and_then(|s| self.pushes.borrow().get(&s).cloned())
+                    if let Some((s, push)) =
+                        session.and_then(|s| Some((s, self.pushes.borrow().get(&s).cloned()?)))
                     {
+                        let pin = self.shared.pins.hold([&part.location]);
+                        self.lease_pins.borrow_mut().entry(s).or_default().push(pin);
                         let _ = push.send(part.clone());
                     }
                     if crate::relay::is_outbound(&self, &part.domain) {
@@ -487,10 +503,12 @@ impl Core {
                     id,
                     domain,
                     location,
+                    ack,
                 } => {
                     self.index_shard
                         .borrow_mut()
                         .relocate(id, &domain, location);
+                    drop(ack);
                 }
                 MeshMsg::Lease {
                     session,
@@ -506,6 +524,7 @@ impl Core {
                 }
                 MeshMsg::Release { session, domains } => {
                     self.pushes.borrow_mut().remove(&session);
+                    self.lease_pins.borrow_mut().remove(&session);
                     let mut leases = self.leases.borrow_mut();
                     for d in domains {
                         if leases.get(&d) == Some(&session) {
@@ -598,6 +617,12 @@ impl Core {
                     self.relay.rescan();
                 }
                 MeshMsg::Relay(cmd) => crate::relay::handle(&self, cmd),
+                MeshMsg::Reclaim(reply) => {
+                    let core = self.clone();
+                    tokio::task::spawn_local(async move {
+                        let _ = reply.send(core.reclaim_journals().await);
+                    });
+                }
                 MeshMsg::Shutdown => {
                     self.stopping.set(true);
                     self.shutdown.notify_waiters();
@@ -668,8 +693,19 @@ impl Core {
         let mut granted = Vec::with_capacity(domains.len());
         for d in domains {
             leases.insert(d.clone(), session);
-            granted.push((d.clone(), index.parts(d).cloned().collect()));
+            granted.push((d.clone(), index.parts(d).cloned().collect::<Vec<_>>()));
         }
+        // In the same step as the locations are handed out: compaction may move these
+        // messages during the session, but the segments it reads stay until it ends.
+        let locations = granted
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|p| &p.location));
+        let pin = self.shared.pins.hold(locations);
+        self.lease_pins
+            .borrow_mut()
+            .entry(session)
+            .or_default()
+            .push(pin);
         LeaseAnswer::Granted(granted)
     }
 
@@ -804,11 +840,15 @@ impl Core {
     }
 
     /// Deletes dead segments and compacts, in this core's journals; tells the shard cores
-    /// where compaction moved their parts.
-    async fn reclaim_journals(&self) {
+    /// where compaction moved their parts. Returns (deleted, compacted, moved).
+    async fn reclaim_journals(&self) -> (usize, usize, usize) {
+        let mut totals = (0, 0, 0);
         for journal in self.journals() {
             match journal.reclaim().await {
                 Ok(report) => {
+                    totals.0 += report.deleted.len();
+                    totals.1 += usize::from(report.compacted.is_some());
+                    totals.2 += report.relocated.len();
                     if !report.deleted.is_empty() || report.compacted.is_some() {
                         tracing::info!(
                             core = self.index,
@@ -818,16 +858,31 @@ impl Core {
                             "journal space reclaimed"
                         );
                     }
+                    let mut applied = Vec::new();
                     for moved in report.relocated {
                         for domain in moved.domains {
                             let shard = self.shard_of(&domain);
+                            let (ack, done) = tokio::sync::oneshot::channel();
+                            applied.push(done);
                             let msg = MeshMsg::Relocated {
                                 id: moved.id,
                                 domain,
                                 location: moved.location,
+                                ack: Some(ack),
                             };
                             self.shared.mesh.send(shard, msg);
                         }
+                    }
+                    // The compacted segment is deleted by a later reclaim, and only once every
+                    // shard hands out the new locations (sessions that got the old ones hold
+                    // pins on it).
+                    let all = async {
+                        for done in applied {
+                            let _ = done.await;
+                        }
+                    };
+                    if tokio::time::timeout(RELOCATE_TIMEOUT, all).await.is_err() {
+                        tracing::warn!(core = self.index, "shards slow to apply relocations");
                     }
                 }
                 Err(e) => {
@@ -835,6 +890,7 @@ impl Core {
                 }
             }
         }
+        totals
     }
 
     /// Resolves when this core was told to stop.

@@ -157,6 +157,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         last_atrn: Default::default(),
         sessions: Default::default(),
         submit_rates: Default::default(),
+        pins: Default::default(),
     });
 
     // Split recovered parts by shard core, and the writers' state by core.
@@ -179,6 +180,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         let mut journal_cfg = spool::JournalConfig::new(&data_dir, index as u16, io);
         journal_cfg.segment_size = shared.config.spool.segment_size;
         journal_cfg.compact_below = shared.config.spool.compact_live_ratio;
+        journal_cfg.pins = Some(shared.pins.clone());
         let writer_state = recovered.take_dir(index as u16);
         // Journals of cores that no longer run (fewer cores than last time) are adopted by
         // core `n % cores`, which appends their DONE/EXPIRE records from now on.

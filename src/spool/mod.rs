@@ -48,8 +48,9 @@
 //! [`JournalHandle::open`], then [`JournalHandle::append_message`] /
 //! [`JournalHandle::append_done`] / [`JournalHandle::append_expire`] from sessions,
 //! [`JournalHandle::reclaim`] on a timer (forward [`ReclaimReport::relocated`] to the shard
-//! cores, which call [`DomainIndex::relocate`]), and a [`Reader`] to stream bodies during a
-//! reversal. [`IoKind`] picks io_uring or the blocking-pool fallback for all file I/O.
+//! cores, which call [`DomainIndex::relocate`], and wait until they did before the next
+//! reclaim), and a [`Reader`] to stream bodies during a reversal. Whoever hands out
+//! locations to a session pins their segments in [`SegmentPins`] for the session's life. [`IoKind`] picks io_uring or the blocking-pool fallback for all file I/O.
 //!
 //! Not done here: adopting journal directories of cores that no longer exist (fewer cores
 //! after a restart), and `O_DIRECT` reads for cold queues.
@@ -71,7 +72,7 @@ pub use journal::{
     journal_dir, segment_path, JournalConfig, JournalHandle, JournalStats, JournalStatus, Location,
     ReclaimReport, Relocated, DEFAULT_SEGMENT_SIZE,
 };
-pub use pins::SegmentPins;
+pub use pins::{PinGuard, SegmentPins};
 pub use reader::{BodyStream, Reader};
 pub use record::{parts_of, MsgMeta, Outcome, Part};
 pub use recovery::{recover, Damage, DirRecovery, Recovered, SegmentSummary};

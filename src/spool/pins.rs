@@ -12,11 +12,11 @@
 //! location in it is handed out after its last pin is gone). The table is the one piece of
 //! cross-core state here: a mutex touched once per session start and end and once per reclaim,
 //! never per message.
-//!
-//! [`Location`]: super::Location
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use super::Location;
 
 /// Pin counts per segment (`(core, seq)`), shared by every core of a server.
 #[derive(Debug, Default)]
@@ -65,6 +65,37 @@ impl SegmentPins {
     }
 }
 
+/// Pins held until dropped: see [`SegmentPins::hold`].
+#[derive(Debug)]
+pub struct PinGuard {
+    pins: Arc<SegmentPins>,
+    segments: Vec<(u16, u64)>,
+}
+
+impl SegmentPins {
+    /// Pins the segments of `locations` (each once) until the guard is dropped.
+    pub fn hold<'a>(
+        self: &Arc<Self>,
+        locations: impl IntoIterator<Item = &'a Location>,
+    ) -> PinGuard {
+        let mut segments: Vec<(u16, u64)> =
+            locations.into_iter().map(|l| (l.core, l.seq)).collect();
+        segments.sort_unstable();
+        segments.dedup();
+        self.pin(&segments);
+        PinGuard {
+            pins: Arc::clone(self),
+            segments,
+        }
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        self.pins.unpin(&self.segments);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +113,25 @@ mod tests {
         p.unpin(&[(0, 1), (0, 1)]);
         assert!(p.pinned(0).is_empty());
         assert_eq!(p.pinned(1), vec![1]);
+    }
+
+    #[test]
+    fn a_guard_pins_each_segment_once_until_dropped() {
+        let p = Arc::new(SegmentPins::new());
+        let at = |seq| Location {
+            core: 2,
+            seq,
+            offset: 32,
+            len: 10,
+            body_offset: 40,
+            body_len: 2,
+            body_crc: 0,
+        };
+        let g = p.hold(&[at(5), at(5), at(6)]);
+        let mut v = p.pinned(2);
+        v.sort();
+        assert_eq!(v, vec![5, 6]);
+        drop(g);
+        assert!(p.pinned(2).is_empty());
     }
 }

@@ -249,11 +249,12 @@ impl Ledger {
         gone.into_iter().collect()
     }
 
-    /// The oldest segment, when it is worth compacting: not current, some live data, and live
-    /// bytes below `ratio` of its record bytes.
+    /// The oldest segment with live data, when it is worth compacting: not current, and live
+    /// bytes below `ratio` of its record bytes. Dead segments before it are skipped (one that
+    /// a reader pins stays a while).
     pub(crate) fn compaction_candidate(&self, current: Option<u64>, ratio: f64) -> Option<u64> {
-        let (seq, s) = self.segments.iter().next()?;
-        if Some(*seq) == current || s.live_parts == 0 {
+        let (seq, s) = self.segments.iter().find(|(_, s)| s.live_parts > 0)?;
+        if Some(*seq) == current {
             return None;
         }
         let used = s.written.saturating_sub(SEGMENT_HEADER_LEN);
