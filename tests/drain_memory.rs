@@ -9,15 +9,12 @@
 
 mod common;
 
-use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{password_for, queue_entry, TestServer};
+use common::{password_for, queue_entry, vm_rss, RssSampler, TestServer};
 use turnpike::customer::session::{self, Mechanism, SessionConfig, Sink, Tls};
 use turnpike::proto::inbound::Incoming;
 use turnpike::proto::reply::Reply;
@@ -87,17 +84,6 @@ fn hold(server: &TestServer, body: &[u8]) {
     let _ = r.read_to_end(&mut Vec::new());
 }
 
-fn vm_rss(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("VmRSS line");
-    kb * 1024
-}
-
 /// Takes every message, keeps only counts and checks the body's tail against the payload.
 struct CheckingSink<'a> {
     payload: &'a [u8],
@@ -143,19 +129,7 @@ fn draining_a_50mb_message_keeps_server_rss_flat() {
     assert_eq!(held_again, 1, "the held message survives the restart");
     thread::sleep(Duration::from_millis(200));
     let baseline = vm_rss(pid);
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let (mut max, mut samples) = (0u64, 0u32);
-            while !stop.load(Ordering::Relaxed) {
-                max = max.max(vm_rss(pid));
-                samples += 1;
-                thread::sleep(Duration::from_millis(10));
-            }
-            (max.max(vm_rss(pid)), samples)
-        })
-    };
+    let sampler = RssSampler::start(pid);
 
     let cfg = SessionConfig {
         provider: server.addr("odmr"),
@@ -181,8 +155,7 @@ fn draining_a_50mb_message_keeps_server_rss_flat() {
     )
     .expect("runtime");
     let drain_time = drain_started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let (max_rss, samples) = sampler.join().expect("sampler");
+    let (max_rss, samples) = sampler.stop();
     let received = result.unwrap_or_else(|e| panic!("drain failed: {e}\n{}", server.logs()));
 
     assert_eq!(sink.messages, 1, "one message drained");

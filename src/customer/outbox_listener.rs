@@ -164,6 +164,8 @@ async fn serve(
                     };
                     machine.stored(result);
                 }
+                // Bodies come whole: this listener leaves `body_chunk` off.
+                Action::StoreChunk(_) | Action::DiscardChunks => {}
                 Action::StartTls => {
                     // Not offered (tls_available is false), so the machine never asks.
                     machine.timed_out();

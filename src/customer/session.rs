@@ -809,6 +809,8 @@ impl Client {
                         }
                         machine.stored(result.map(|()| id));
                     }
+                    // Bodies come whole: this listener leaves `body_chunk` off.
+                    Action::StoreChunk(_) | Action::DiscardChunks => {}
                     Action::StartTls => {
                         return Err(SessionError::Protocol(
                             "provider asked for STARTTLS after ATRN".into(),

@@ -19,7 +19,9 @@
 //! such a message only need to be bounded, not meaningful.
 //!
 //! Size: `size` counts every unstuffed octet, including those past the limit; appending stops
-//! at the limit so a huge message costs only the limit in memory.
+//! at the limit, and stops altogether after `discard_body` (a message already refused), while
+//! the scan goes on to the real end. The caller may take the appended bytes out of `out` at any
+//! time (that is how bodies stream): the intake keeps its own count, never `out.len()`.
 //!
 //! Loop guard: `Received:` header fields are counted in the header section, which ends at the
 //! first empty line (RFC 5322 §2.1). Only lines beginning exactly `Received:` (any case) count;
@@ -96,6 +98,8 @@ pub struct DataScanner {
     limit: u64,
     outcome: DataOutcome,
     headers: HeaderCounter,
+    /// Append nothing more (the message is refused already); scanning goes on.
+    discard: bool,
 }
 
 impl DataScanner {
@@ -106,7 +110,14 @@ impl DataScanner {
             limit,
             outcome: DataOutcome::default(),
             headers: HeaderCounter::default(),
+            discard: false,
         }
+    }
+
+    /// From now on appends nothing (sizes and violations are still recorded): for a message
+    /// whose refusal is already decided.
+    pub fn discard_body(&mut self) {
+        self.discard = true;
     }
 
     /// Scans `input`, appending unstuffed body bytes to `out`. After `Finished`, further calls
@@ -214,7 +225,9 @@ impl DataScanner {
 
     fn emit(&mut self, out: &mut Vec<u8>, bytes: &[u8]) {
         self.headers.track(bytes);
-        append_limited(out, bytes, &mut self.outcome, self.limit);
+        let limit = if self.discard { 0 } else { self.limit };
+        append_limited(out, bytes, &mut self.outcome, limit);
+        self.outcome.oversize = self.outcome.size > self.limit;
     }
 }
 
@@ -229,6 +242,8 @@ pub struct ChunkAccumulator {
     prev_cr: bool,
     /// The last two octets of the body so far.
     tail: [u8; 2],
+    /// Append nothing more (the message is refused already); checking goes on.
+    discard: bool,
 }
 
 impl ChunkAccumulator {
@@ -240,7 +255,14 @@ impl ChunkAccumulator {
             headers: HeaderCounter::default(),
             prev_cr: false,
             tail: [0; 2],
+            discard: false,
         }
+    }
+
+    /// From now on appends nothing (sizes and violations are still recorded): for a message
+    /// whose refusal is already decided.
+    pub fn discard_body(&mut self) {
+        self.discard = true;
     }
 
     /// Appends one piece of chunk data (chunks may be split anywhere).
@@ -268,7 +290,13 @@ impl ChunkAccumulator {
             [self.tail[1], last]
         };
         self.headers.track(bytes);
-        append_limited(out, bytes, &mut self.outcome, self.limit);
+        self.append(out, bytes);
+    }
+
+    fn append(&mut self, out: &mut Vec<u8>, bytes: &[u8]) {
+        let limit = if self.discard { 0 } else { self.limit };
+        append_limited(out, bytes, &mut self.outcome, limit);
+        self.outcome.oversize = self.outcome.size > self.limit;
     }
 
     /// Ends the body: a trailing lone CR is bare, and a non-empty body that does not end in
@@ -279,7 +307,7 @@ impl ChunkAccumulator {
             self.prev_cr = false;
         }
         if self.outcome.size > 0 && self.tail != *b"\r\n" {
-            append_limited(out, b"\r\n", &mut self.outcome, self.limit);
+            self.append(out, b"\r\n");
             self.tail = *b"\r\n";
         }
         self.outcome()
@@ -564,6 +592,57 @@ mod tests {
             scan_every_way(b"\r\nReceived: a\r\n.\r\n", 100).2.received,
             0
         );
+    }
+
+    #[test]
+    fn body_taken_out_between_feeds_adds_up_and_discard_keeps_counting() {
+        // A streaming caller empties `out` after every feed: the pieces must add up to the
+        // whole body at every split, since the scanner counts on its own, not on `out.len()`.
+        let input = b"Received: a\r\n\r\n..one\r\ntwo\r\n\r\n.\r\n";
+        let (whole, _, want) = scan_every_way(input, 1 << 20);
+        for cut in 0..=input.len() {
+            let mut s = DataScanner::new(1 << 20);
+            let (mut out, mut streamed) = (Vec::new(), Vec::new());
+            for piece in [&input[..cut], &input[cut..]] {
+                let _ = s.feed(piece, &mut out);
+                streamed.append(&mut out);
+            }
+            assert_eq!(
+                (streamed.as_slice(), s.outcome()),
+                (whole.as_slice(), want),
+                "cut {cut}"
+            );
+        }
+        // After discard_body nothing more is appended, but size, limit and flags go on.
+        for cut in 0..=input.len() {
+            let mut s = DataScanner::new(12);
+            let mut out = Vec::new();
+            let _ = s.feed(&input[..cut], &mut out);
+            let kept = out.len();
+            s.discard_body();
+            let p = s.feed(&input[cut..], &mut out);
+            assert_eq!(out.len(), kept, "cut {cut}");
+            assert_eq!(
+                p,
+                Progress::Finished {
+                    consumed: input.len() - cut
+                }
+            );
+            let o = s.outcome();
+            assert_eq!(
+                (o.size, o.oversize, o.received),
+                (want.size, true, 1),
+                "cut {cut}"
+            );
+        }
+        let mut acc = ChunkAccumulator::new(100);
+        let mut out = Vec::new();
+        acc.push(b"ab\r\n", &mut out);
+        acc.discard_body();
+        acc.push(b"c\nd", &mut out);
+        let o = acc.finish(&mut out);
+        assert_eq!(out, b"ab\r\n");
+        assert_eq!((o.size, o.bare_lf, o.oversize), (9, true, false));
     }
 
     fn accumulate(chunks: &[&[u8]], limit: u64) -> (Vec<u8>, DataOutcome) {

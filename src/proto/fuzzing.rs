@@ -198,7 +198,10 @@ impl Credentials for FuzzCreds {
 
 /// Drives an [`Inbound`] machine with `data` as the client's input, in pieces whose size is
 /// taken from the first byte, obeying every action like a real driver: once as the MX, once
-/// as the ODMR listener and once as a submission listener.
+/// as the ODMR listener and once as a submission listener. Bodies stream in chunks whose size
+/// comes from the second byte (or come whole when it is even); the chunks plus the delivered
+/// tail must form one canonical body within the limit, and no chunk may outlive its
+/// transaction.
 pub fn inbound(data: &[u8]) {
     inbound_in(data, Mode::Mx);
     inbound_in(data, Mode::Odmr);
@@ -211,8 +214,13 @@ fn inbound_in(data: &[u8], mode: Mode) {
         max_recipients: 5,
         max_line_length: 128,
         tls_available: true,
+        body_chunk: data
+            .get(1)
+            .filter(|b| *b % 2 == 1)
+            .map(|b| usize::from(b / 2 % 64) + 1),
         ..InboundConfig::new("mx.example")
     };
+    let chunk = cfg.body_chunk;
     let piece = data.first().map_or(1, |&b| usize::from(b % 32) + 1);
     let context = |tls: bool| SessionContext {
         random: [9; 32],
@@ -236,8 +244,11 @@ fn inbound_in(data: &[u8], mode: Mode) {
     let mut buf = Vec::new();
     let mut output = Vec::new();
     let mut deliveries = 0u64;
-    for chunk in data.chunks(piece) {
-        buf.extend_from_slice(chunk);
+    // The body chunks of the transaction in progress, as a driver would have stored them.
+    let mut stored: Vec<u8> = Vec::new();
+    let mut streaming = false;
+    for input in data.chunks(piece) {
+        buf.extend_from_slice(input);
         loop {
             let n = m.handle_odmr_input(&buf, &AcceptAll, &FuzzCreds);
             assert!(n <= buf.len());
@@ -285,7 +296,26 @@ fn inbound_in(data: &[u8], mode: Mode) {
             while let Some(action) = m.poll_action() {
                 acted = true;
                 match action {
-                    Action::Deliver(incoming) => {
+                    Action::StoreChunk(bytes) => {
+                        let c = chunk.expect("chunks only when configured");
+                        assert!(bytes.len() >= c && bytes.len() <= c + piece, "chunk size");
+                        stored.extend_from_slice(&bytes);
+                        streaming = true;
+                        assert!(stored.len() <= 2048, "chunks past the size limit");
+                        m.recycle(bytes);
+                    }
+                    Action::DiscardChunks => {
+                        assert!(streaming, "discard without chunks");
+                        stored.clear();
+                        streaming = false;
+                    }
+                    Action::Deliver(mut incoming) => {
+                        if let Some(c) = chunk {
+                            assert!(incoming.body.len() <= c + piece, "tail bigger than a chunk");
+                        }
+                        stored.append(&mut incoming.body);
+                        incoming.body = std::mem::take(&mut stored);
+                        streaming = false;
                         assert_canonical(&incoming.body);
                         assert!(incoming.body.len() <= 2048);
                         assert!(!incoming.envelope.recipients.is_empty());
@@ -300,7 +330,10 @@ fn inbound_in(data: &[u8], mode: Mode) {
                         m.tls_started();
                         m.set_context(context(true));
                     }
-                    Action::Close => assert!(m.is_closed()),
+                    Action::Close => {
+                        assert!(m.is_closed());
+                        assert!(!streaming, "chunks left behind at Close");
+                    }
                 }
                 output.append(m.output());
             }

@@ -16,15 +16,24 @@
 //!    input that arrived after a point where the machine must wait for the driver; present
 //!    them again (with more appended) on the next call.
 //! 3. Call [`Inbound::poll_action`] until it returns `None` and obey each action:
-//!    - [`Action::Deliver`]: store the message durably, then call [`Inbound::stored`] with the
-//!      queue id or an error reply. Until then the machine consumes no input, so nothing the
-//!      client pipelined after the message is answered before the message is (RFC 5321 §4.1.4:
-//!      a 250 after DATA means we own the message).
+//!    - [`Action::StoreChunk`] (only with [`InboundConfig::body_chunk`] set): append these body
+//!      bytes to the message being received; the first chunk of a transaction starts it. If
+//!      they cannot be stored, call [`Inbound::abandon_body`] with the reply to give at its
+//!      end. Hand the buffer back with [`Inbound::recycle`] once written (optional).
+//!    - [`Action::DiscardChunks`]: the message whose chunks were handed out will not be
+//!      delivered (refused as it came in, reset, or the session is closing): drop them.
+//!    - [`Action::Deliver`]: store the message durably (the chunks handed out so far, then
+//!      [`Incoming::body`]), then call [`Inbound::stored`] with the queue id or an error reply.
+//!      Until then the machine consumes no input, so nothing the client pipelined after the
+//!      message is answered before the message is (RFC 5321 §4.1.4: a 250 after DATA means we
+//!      own the message).
 //!    - [`Action::StartTls`]: flush the output (it ends with the 220), **discard every
 //!      buffered plaintext byte** (RFC 3207 §6, the STARTTLS injection class), run the handshake,
 //!      then call [`Inbound::tls_started`].
 //!    - [`Action::Close`]: flush the output and close the connection.
-//! 4. On an idle timeout, call [`Inbound::timed_out`] and go to step 1; it queues a Close.
+//! 4. On an idle timeout, call [`Inbound::timed_out`] (or [`Inbound::data_too_slow`] when
+//!    [`Inbound::is_reading_body`] and the transfer missed its minimum rate) and go to step 1;
+//!    it queues a Close.
 //!
 //! In ODMR mode ([`Inbound::new_odmr`]) the driver also:
 //!
@@ -116,6 +125,12 @@
 //!   with `550 5.5.2`, with a distinct text when a smuggled end-of-data was seen; the session
 //!   continues because the real end of data was honoured. Then `552 5.3.4` if over the size
 //!   limit, then `554 5.4.6` if it has `max_hops` or more `Received:` fields.
+//! - Those verdicts are taken as the bytes come in: from the first byte that decides one, the
+//!   rest of the message is read and dropped (nothing is buffered, chunks already handed out
+//!   are discarded). DATA still answers after its end; a BDAT chunk that decides a refusal is
+//!   answered with it at once, and the transaction is over (RFC 3030 §2). BDAT chunks the
+//!   client pipelined behind it are read and discarded up to its LAST one, each answered with
+//!   the same reply, which counts as one error, not one per chunk.
 //! - 8-bit content without BODY=8BITMIME is accepted (liberal, like every MTA); non-ASCII
 //!   addresses without SMTPUTF8 are `553 5.6.7`. Text lines over 1000 octets are not refused.
 //! - Errors: every 4xx/5xx reply counts. Once more than `max_errors` have been sent, `421
@@ -133,9 +148,9 @@
 //!
 //! - EHLO lists the MX's extensions (PIPELINING if configured, SIZE, 8BITMIME, SMTPUTF8,
 //!   ENHANCEDSTATUSCODES, CHUNKING, DSN), `AUTH` with the configured mechanisms usable now
-//!   ([`Mechanism::check`]: PLAIN, LOGIN and CRAM-MD5 only under TLS unless
-//!   `allow_plaintext_auth`; -PLUS only with exporter bytes; EXTERNAL only with a client
-//!   certificate), `ATRN`, and STARTTLS before TLS.
+//!   ([`Mechanism::check`]: PLAIN and LOGIN only under TLS unless `allow_plaintext_auth`;
+//!   CRAM-MD5 and SCRAM-SHA-256 also without TLS unless `cram_md5_requires_tls`; -PLUS only
+//!   with exporter bytes; EXTERNAL only with a client certificate), `ATRN`, and STARTTLS before TLS.
 //! - AUTH before EHLO, after a success, or inside a transaction: `503 5.5.1`. A mechanism not
 //!   configured: `504 5.5.4`; configured but needing TLS: `538 5.7.11`. The exchange's own
 //!   replies are those of [`crate::proto::sasl`]. `235 2.7.0` only after the throttle agreed.
@@ -197,6 +212,11 @@ pub struct InboundConfig {
     pub smtputf8: bool,
     /// Offer PIPELINING.
     pub pipelining: bool,
+    /// Stream bodies: once this many body bytes are buffered they go out as an
+    /// [`Action::StoreChunk`], so a session never holds more than about one chunk of a message.
+    /// A message that ends within one chunk comes whole in [`Incoming::body`]. `None` (the
+    /// default): the whole body comes in [`Incoming::body`].
+    pub body_chunk: Option<usize>,
 }
 
 impl InboundConfig {
@@ -217,6 +237,7 @@ impl InboundConfig {
             chunking: true,
             smtputf8: true,
             pipelining: true,
+            body_chunk: None,
         }
     }
 }
@@ -267,7 +288,15 @@ pub enum RcptVerdict {
 #[must_use]
 #[derive(Debug)]
 pub enum Action {
-    /// Store this message durably, then call [`Inbound::stored`].
+    /// The next bytes of the body being received (canonical CRLF, unstuffed, in order, without
+    /// our `Received:` field): append them to this transaction's message. The first chunk of a
+    /// transaction starts a new message; [`Action::Deliver`] completes it and
+    /// [`Action::DiscardChunks`] drops it.
+    StoreChunk(Vec<u8>),
+    /// Drop the chunks handed out for the current transaction: it ends without a delivery.
+    DiscardChunks,
+    /// Store this message durably (after the chunks handed out before it), then call
+    /// [`Inbound::stored`].
     Deliver(Incoming),
     /// Flush output, discard buffered plaintext, handshake, then call [`Inbound::tls_started`].
     StartTls,
@@ -280,7 +309,8 @@ pub enum Action {
 pub struct Incoming {
     /// The envelope with every accepted recipient.
     pub envelope: Envelope,
-    /// Canonical CRLF body, unstuffed, without our `Received:` field.
+    /// Canonical CRLF body, unstuffed, without our `Received:` field; with chunks handed out
+    /// ([`Action::StoreChunk`]), only the bytes that follow the last one.
     pub body: Vec<u8>,
     /// The EHLO/HELO name, for the `Received:` field.
     pub helo: String,
@@ -312,6 +342,9 @@ pub struct OdmrConfig {
     pub auth_mechanisms: Vec<Mechanism>,
     /// Allow PLAIN, LOGIN and CRAM-MD5 without TLS (RFC 4954 §4 wants this configurable).
     pub allow_plaintext_auth: bool,
+    /// Offer CRAM-MD5 only under TLS (it never sends the password, so by default it runs
+    /// without TLS too).
+    pub cram_md5_requires_tls: bool,
     /// Failed authentications per session; reaching it sends `421 4.7.0` and closes.
     pub max_auth_failures: u32,
     /// A stable server secret from which unknown users' fake SCRAM salts are derived.
@@ -327,6 +360,7 @@ impl OdmrConfig {
         OdmrConfig {
             auth_mechanisms: Mechanism::ALL.to_vec(),
             allow_plaintext_auth: false,
+            cram_md5_requires_tls: false,
             max_auth_failures: 3,
             auth_secret,
             scram_iterations: 4096,
@@ -339,6 +373,7 @@ impl std::fmt::Debug for OdmrConfig {
         f.debug_struct("OdmrConfig")
             .field("auth_mechanisms", &self.auth_mechanisms)
             .field("allow_plaintext_auth", &self.allow_plaintext_auth)
+            .field("cram_md5_requires_tls", &self.cram_md5_requires_tls)
             .field("max_auth_failures", &self.max_auth_failures)
             .field("scram_iterations", &self.scram_iterations)
             .finish_non_exhaustive()
@@ -450,9 +485,41 @@ struct Session {
 struct Transaction {
     envelope: Envelope,
     declared_size: Option<u64>,
+    /// The body bytes not yet handed out as a chunk.
     body: Vec<u8>,
     /// Set once a BDAT chunk has been accepted: the transaction is in BDAT mode.
     chunks: Option<ChunkAccumulator>,
+    /// The message will be refused whatever follows: its bytes are read and dropped.
+    doomed: bool,
+    /// The driver could not store a chunk ([`Inbound::abandon_body`]): the reply at the end.
+    store_failure: Option<Reply>,
+}
+
+impl Transaction {
+    fn new(envelope: Envelope, declared_size: Option<u64>) -> Self {
+        Transaction {
+            envelope,
+            declared_size,
+            body: Vec::new(),
+            chunks: None,
+            doomed: false,
+            store_failure: None,
+        }
+    }
+
+    /// How many of `available` input bytes to take in now: no more than fit in the current
+    /// chunk (the intake never grows the body by more than its input), at least one.
+    fn intake(&self, available: usize, chunk: Option<usize>) -> usize {
+        match chunk {
+            Some(c) if !self.doomed => available.min(c.saturating_sub(self.body.len()).max(1)),
+            _ => available,
+        }
+    }
+
+    /// The reply refusing this message as it stands, if its fate is already decided.
+    fn refusal(&self, outcome: &DataOutcome, max_hops: usize) -> Option<Reply> {
+        verdict(outcome, max_hops).or_else(|| self.store_failure.clone())
+    }
 }
 
 #[derive(Debug)]
@@ -472,6 +539,9 @@ enum Phase {
         size: u64,
         last: bool,
         refusal: Option<Reply>,
+        /// `refusal` repeats the failure of a BDAT transaction for a chunk the client had
+        /// pipelined behind the failed one: not counted as another error.
+        repeat: bool,
     },
     AwaitStored,
     AwaitTls,
@@ -518,6 +588,13 @@ pub struct Inbound {
     auth_attempts: u32,
     /// Failed authentications in this session.
     auth_failures: u32,
+    /// [`Action::StoreChunk`] went out for the current transaction.
+    streaming: bool,
+    /// A chunk buffer the driver gave back, for the next chunk.
+    spare: Vec<u8>,
+    /// The reply that failed a BDAT transaction before its LAST chunk: later BDAT chunks up to
+    /// the LAST one are discarded with it (RFC 3030 §2). Cleared by any other command.
+    bdat_failed: Option<Reply>,
 }
 
 impl Inbound {
@@ -541,6 +618,9 @@ impl Inbound {
             event: None,
             auth_attempts: 0,
             auth_failures: 0,
+            streaming: false,
+            spare: Vec::new(),
+            bdat_failed: None,
         };
         reply::greeting(&m.cfg.hostname).write_to(&mut m.out);
         m
@@ -610,30 +690,38 @@ impl Inbound {
                     *early = true;
                     break;
                 }
-                Phase::ReadingData { txn, scanner } => match scanner.feed(rest, &mut txn.body) {
-                    Progress::NeedMore => pos = input.len(),
-                    Progress::Finished { consumed } => {
-                        pos += consumed;
-                        self.end_of_data();
+                Phase::ReadingData { txn, scanner } => {
+                    let take = txn.intake(rest.len(), self.cfg.body_chunk);
+                    let progress = scanner.feed(&rest[..take], &mut txn.body);
+                    self.body_taken();
+                    match progress {
+                        Progress::NeedMore => pos += take,
+                        Progress::Finished { consumed } => {
+                            pos += consumed;
+                            self.end_of_data();
+                        }
                     }
-                },
+                }
                 Phase::ReadingBdat {
                     txn,
                     remaining,
                     refusal,
                     ..
                 } => {
-                    let n = rest
+                    let mut n = rest
                         .len()
                         .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                     if let (Some(txn), None) = (txn, refusal) {
+                        n = txn.intake(n, self.cfg.body_chunk);
                         if let Some(chunks) = txn.chunks.as_mut() {
                             chunks.push(&rest[..n], &mut txn.body);
                         }
                     }
                     *remaining -= n as u64;
                     pos += n;
-                    if *remaining == 0 {
+                    let done = *remaining == 0;
+                    self.body_taken();
+                    if done {
                         self.end_of_chunk();
                     }
                 }
@@ -661,6 +749,7 @@ impl Inbound {
                     }
                 },
             }
+            self.settle_chunks();
         }
         pos
     }
@@ -669,6 +758,36 @@ impl Inbound {
     #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// Gives a written [`Action::StoreChunk`] buffer back, so the next chunk needs no new
+    /// allocation. Optional.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        let Some(chunk) = self.cfg.body_chunk else {
+            return;
+        };
+        // A buffer far larger than a chunk is not worth keeping for the session's lifetime.
+        if buf.capacity() >= chunk && buf.capacity() <= chunk.saturating_mul(2) {
+            buf.clear();
+            self.spare = buf;
+        }
+    }
+
+    /// The driver could not store a chunk of the message being received (disk full, I/O
+    /// error) and has dropped what it had: the rest of the message is read and dropped, and
+    /// its end is answered with `reply` (unless the message is refused for its content).
+    /// Ignored outside a message.
+    pub fn abandon_body(&mut self, reply: Reply) {
+        let txn = match &mut self.phase {
+            Phase::AwaitRcpt(txn) | Phase::ReadingData { txn, .. } => txn,
+            Phase::ReadingBdat { txn: Some(txn), .. } => txn,
+            _ => return,
+        };
+        txn.store_failure.get_or_insert(reply);
+        txn.doomed = true;
+        txn.body = Vec::new();
+        // The driver dropped the chunks itself.
+        self.streaming = false;
     }
 
     /// The pending ODMR decision, if any. At most one is pending, and the machine consumes no
@@ -792,6 +911,29 @@ impl Inbound {
         self.close();
     }
 
+    /// True while a DATA or BDAT body is being read: the driver holds the transfer to the
+    /// minimum data rate then, and each command line to the idle timeout otherwise.
+    pub fn is_reading_body(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::ReadingData { .. } | Phase::ReadingBdat { .. }
+        )
+    }
+
+    /// A DATA or BDAT transfer fell below the minimum data rate: queues `421 4.4.2` and a
+    /// Close; nothing of the message is kept.
+    pub fn data_too_slow(&mut self) {
+        if self.is_closed() {
+            return;
+        }
+        let text = format!(
+            "{} Data transfer too slow, closing connection",
+            self.cfg.hostname
+        );
+        self.reply(Reply::with_status(421, (4, 4, 2), text));
+        self.close();
+    }
+
     /// True once the session has ended (a Close action has been queued).
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)
@@ -808,7 +950,82 @@ impl Inbound {
         // A decision still pending (say, a timeout during ATRN) is moot once closed.
         self.event = None;
         self.phase = Phase::Closed;
+        self.settle_chunks();
         self.actions.push_back(Action::Close);
+    }
+
+    /// True while a mail transaction (MAIL accepted, message not yet handed over) is open.
+    fn in_transaction(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::AwaitRcpt(_)
+                | Phase::ReadingData { .. }
+                | Phase::ReadingBdat { txn: Some(_), .. }
+        )
+    }
+
+    /// Chunks went out for a transaction that has ended without a delivery (refused, reset by
+    /// RSET/EHLO, closing): tell the driver to drop them, before anything of a next one.
+    fn settle_chunks(&mut self) {
+        if self.streaming && !self.in_transaction() {
+            self.streaming = false;
+            self.actions.push_back(Action::DiscardChunks);
+        }
+    }
+
+    /// After body bytes were taken in: a message whose refusal is already decided keeps
+    /// nothing more (and its chunks are dropped); a full chunk goes out to the driver.
+    fn body_taken(&mut self) {
+        let max_hops = self.cfg.max_hops;
+        let chunk = self.cfg.body_chunk;
+        let txn = match &mut self.phase {
+            Phase::ReadingData { txn, scanner } => {
+                if !txn.doomed && txn.refusal(&scanner.outcome(), max_hops).is_some() {
+                    txn.doomed = true;
+                }
+                if txn.doomed {
+                    scanner.discard_body();
+                }
+                txn
+            }
+            Phase::ReadingBdat {
+                txn: Some(txn),
+                refusal: None,
+                ..
+            } => {
+                let outcome = txn.chunks.as_ref().map(ChunkAccumulator::outcome);
+                if outcome.is_some_and(|o| !txn.doomed && txn.refusal(&o, max_hops).is_some()) {
+                    txn.doomed = true;
+                }
+                if txn.doomed {
+                    if let Some(chunks) = txn.chunks.as_mut() {
+                        chunks.discard_body();
+                    }
+                }
+                txn
+            }
+            _ => return,
+        };
+        if txn.doomed {
+            if txn.body.capacity() > 0 {
+                // Free the buffer at once: a refused message costs no memory from here on.
+                txn.body = Vec::new();
+            }
+            if mem::take(&mut self.streaming) {
+                self.actions.push_back(Action::DiscardChunks);
+            }
+            return;
+        }
+        let Some(chunk) = chunk.filter(|c| txn.body.len() >= *c) else {
+            return;
+        };
+        let next = match mem::take(&mut self.spare) {
+            b if b.capacity() >= chunk => b,
+            _ => Vec::with_capacity(chunk),
+        };
+        let full = mem::replace(&mut txn.body, next);
+        self.streaming = true;
+        self.actions.push_back(Action::StoreChunk(full));
     }
 
     /// Enforces the error and no-progress limits after a reply.
@@ -887,6 +1104,10 @@ impl Inbound {
             self.reply(Reply::with_status(554, (5, 5, 0), text));
             self.close();
             return;
+        }
+        if !matches!(cmd, Command::Bdat { .. }) {
+            // The chunks a client pipelined behind a failed BDAT end at its next command.
+            self.bdat_failed = None;
         }
         match cmd {
             Command::Ehlo(name) => self.ehlo(name, true),
@@ -1042,12 +1263,7 @@ impl Inbound {
             envid: params.envid,
             recipients: Vec::new(),
         };
-        self.phase = Phase::AwaitRcpt(Box::new(Transaction {
-            envelope,
-            declared_size: params.size,
-            body: Vec::new(),
-            chunks: None,
-        }));
+        self.phase = Phase::AwaitRcpt(Box::new(Transaction::new(envelope, params.size)));
         self.idle = 0;
         self.reply(Reply::with_status(250, (2, 1, 0), "Ok"));
     }
@@ -1126,6 +1342,25 @@ impl Inbound {
     }
 
     fn bdat(&mut self, size: u64, last: bool) {
+        if let (Some(failed), Phase::AwaitMail) = (&self.bdat_failed, &self.phase) {
+            // RFC 3030 §2: a chunk pipelined behind a failed one; read it and drop it.
+            let refusal = Some(failed.clone());
+            if last {
+                self.bdat_failed = None;
+            }
+            self.phase = Phase::ReadingBdat {
+                txn: None,
+                remaining: size,
+                size,
+                last,
+                refusal,
+                repeat: true,
+            };
+            if size == 0 {
+                self.end_of_chunk();
+            }
+            return;
+        }
         let refusal = match &self.phase {
             _ if self.auth.is_some() && self.session.account.is_none() => Some(auth_required()),
             Phase::AwaitHelo => Some(reply::bad_sequence("Send EHLO first")),
@@ -1154,6 +1389,7 @@ impl Inbound {
             size,
             last,
             refusal,
+            repeat: false,
         };
         if size == 0 {
             self.end_of_chunk();
@@ -1166,6 +1402,7 @@ impl Inbound {
             size,
             last,
             refusal,
+            repeat,
             ..
         } = mem::replace(&mut self.phase, Phase::AwaitMail)
         else {
@@ -1176,10 +1413,24 @@ impl Inbound {
                 Some(txn) => Phase::AwaitRcpt(txn),
                 None => self.idle_phase(),
             };
-            self.reply(r);
+            if repeat {
+                r.write_to(&mut self.out);
+            } else {
+                self.reply(r);
+            }
             return self.check_limits();
         }
         let Some(mut txn) = txn else { return };
+        let outcome = txn.chunks.as_ref().map(ChunkAccumulator::outcome);
+        let refused = outcome.and_then(|o| txn.refusal(&o, self.cfg.max_hops));
+        if let (false, Some(r)) = (last, refused) {
+            // Refused before its LAST chunk: say so now, the client need not send the rest
+            // (RFC 3030 §2). The transaction is over; chunks already pipelined are dropped.
+            self.phase = self.idle_phase();
+            self.bdat_failed = Some(r.clone());
+            self.reply(r);
+            return self.check_limits();
+        }
         if !last {
             self.phase = Phase::AwaitRcpt(txn);
             self.idle = 0;
@@ -1206,8 +1457,9 @@ impl Inbound {
     }
 
     fn end_of_message(&mut self, txn: Transaction, outcome: DataOutcome) {
-        if let Some(r) = verdict(&outcome, self.cfg.max_hops) {
+        if let Some(r) = txn.refusal(&outcome, self.cfg.max_hops) {
             self.phase = Phase::AwaitMail;
+            self.settle_chunks();
             self.reply(r);
             return self.check_limits();
         }
@@ -1219,6 +1471,8 @@ impl Inbound {
         };
         let Transaction { envelope, body, .. } = txn;
         self.phase = Phase::AwaitStored;
+        // The delivery completes the chunks handed out so far.
+        self.streaming = false;
         self.actions.push_back(Action::Deliver(Incoming {
             envelope,
             body,
@@ -1254,6 +1508,7 @@ impl Inbound {
             hostname: &self.cfg.hostname,
             tls: self.session.tls,
             allow_plaintext: odmr.allow_plaintext_auth,
+            cram_md5_requires_tls: odmr.cram_md5_requires_tls,
             random,
             unix_time: self.context.unix_time,
             secret: &odmr.auth_secret,
@@ -1591,10 +1846,16 @@ mod tests {
     /// A driver as the runtime implements it: a read buffer that keeps unconsumed bytes, every
     /// action obeyed, and input re-presented after each action. `flights` are the client's
     /// writes, each sent only once the previous one has been fully answered.
+    ///
+    /// With `body_chunk` set, the chunks are stored as a driver would and each delivery gets
+    /// them back in front of its body, so a run does not depend on the chunk size; the chunk
+    /// contract is asserted on the way (sizes, DiscardChunks only after chunks, none left over).
     fn drive(setup: &Setup, flights: &[Vec<&[u8]>]) -> Run {
         let mut m = setup.machine();
         let mut run = Run::default();
         let mut buf: Vec<u8> = Vec::new();
+        let chunk = setup.cfg.body_chunk;
+        let mut stored: Option<Vec<u8>> = None;
         let take_output = |m: &mut Inbound, run: &mut Run| {
             run.output.push_str(&String::from_utf8_lossy(m.output()));
             m.output().clear();
@@ -1627,7 +1888,30 @@ mod tests {
                     while let Some(action) = m.poll_action() {
                         acted = true;
                         match action {
-                            Action::Deliver(incoming) => {
+                            Action::StoreChunk(bytes) => {
+                                let c = chunk.expect("chunks only when configured");
+                                // A held-back CR and its follower may come out together.
+                                assert!(
+                                    (c..=c + 2).contains(&bytes.len()),
+                                    "chunk of {}",
+                                    bytes.len()
+                                );
+                                stored
+                                    .get_or_insert_with(Vec::new)
+                                    .extend_from_slice(&bytes);
+                                m.recycle(bytes);
+                            }
+                            Action::DiscardChunks => {
+                                assert!(stored.take().is_some(), "DiscardChunks without chunks");
+                            }
+                            Action::Deliver(mut incoming) => {
+                                if let Some(c) = chunk {
+                                    assert!(incoming.body.len() <= c + 2, "tail over a chunk");
+                                }
+                                if let Some(mut body) = stored.take() {
+                                    body.append(&mut incoming.body);
+                                    incoming.body = body;
+                                }
                                 let fail = incoming
                                     .envelope
                                     .recipients
@@ -1650,6 +1934,7 @@ mod tests {
                                 }
                             }
                             Action::Close => {
+                                assert!(stored.is_none(), "chunks left over at Close");
                                 run.closed = true;
                                 take_output(&mut m, &mut run);
                                 break 'flights;
@@ -1742,6 +2027,40 @@ mod tests {
         }
         let singles: Vec<Vec<&[u8]>> = t.flights.iter().map(|f| f.chunks(1).collect()).collect();
         assert_eq!(drive(cfg, &singles), run, "byte by byte:\n{script}");
+        if cfg.cfg.body_chunk.is_none() {
+            // Streaming bodies changes nothing the client or the store sees.
+            for chunk in [1, 3] {
+                let streamed = Setup {
+                    cfg: InboundConfig {
+                        body_chunk: Some(chunk),
+                        ..cfg.cfg.clone()
+                    },
+                    odmr: cfg.odmr.clone(),
+                    submission: cfg.submission,
+                };
+                assert_eq!(
+                    drive(&streamed, &whole),
+                    run,
+                    "chunks of {chunk}:\n{script}"
+                );
+                for (k, flight) in t.flights.iter().enumerate() {
+                    for cut in 0..=flight.len() {
+                        let mut split = whole.clone();
+                        split[k] = vec![&flight[..cut], &flight[cut..]];
+                        assert_eq!(
+                            drive(&streamed, &split),
+                            run,
+                            "chunks of {chunk}, flight {k} split at {cut}:\n{script}"
+                        );
+                    }
+                }
+                assert_eq!(
+                    drive(&streamed, &singles),
+                    run,
+                    "chunks of {chunk}, byte by byte"
+                );
+            }
+        }
         run
     }
 
@@ -1957,6 +2276,338 @@ mod tests {
              C: QUIT
              S: 502 5.5.1 CHUNKING not offered",
         );
+    }
+
+    /// What a streaming driver saw, action by action, with the input consumed at that point.
+    #[derive(Debug, Default)]
+    struct Streamed {
+        /// `("chunk" | "discard" | "deliver" | "close", bytes consumed so far, body bytes)`.
+        log: Vec<(&'static str, usize, usize)>,
+        /// The bodies delivered, chunks in front.
+        delivered: Vec<Vec<u8>>,
+        output: String,
+        /// The most body bytes the machine held at once (chunk being filled).
+        max_held: usize,
+        /// Bytes of chunks the driver held for the open transaction, at most.
+        max_stored: usize,
+    }
+
+    /// Feeds `input` in `piece`-sized reads to an MX machine with `cfg`, after an EHLO of its
+    /// own; `abandon_after` plays a driver whose disk fails after that many chunks.
+    fn stream(
+        cfg: &InboundConfig,
+        input: &[u8],
+        piece: usize,
+        abandon_after: Option<usize>,
+    ) -> Streamed {
+        let mut m = ehlo_sent(cfg);
+        let mut got = Streamed::default();
+        let (mut buf, mut consumed, mut stored, mut chunks) = (Vec::new(), 0, Vec::new(), 0);
+        // The client waits for the 354 after each DATA (a sync point): one flight each.
+        let mut flights = Vec::new();
+        let mut rest = input;
+        while let Some(at) = rest.windows(6).position(|w| w == b"DATA\r\n") {
+            flights.push(&rest[..at + 6]);
+            rest = &rest[at + 6..];
+        }
+        flights.push(rest);
+        for read in flights.iter().flat_map(|f| f.chunks(piece)) {
+            buf.extend_from_slice(read);
+            loop {
+                let n = m.handle_input(&buf, &Dir);
+                buf.drain(..n);
+                consumed += n;
+                got.max_held = got.max_held.max(held(&m));
+                let mut acted = false;
+                while let Some(a) = m.poll_action() {
+                    acted = true;
+                    match a {
+                        Action::StoreChunk(bytes) => {
+                            chunks += 1;
+                            got.log.push(("chunk", consumed, bytes.len()));
+                            if abandon_after.is_some_and(|k| chunks > k) {
+                                stored.clear();
+                                m.abandon_body(Reply::with_status(452, (4, 3, 1), "Disk full"));
+                            } else {
+                                stored.extend_from_slice(&bytes);
+                            }
+                            got.max_stored = got.max_stored.max(stored.len());
+                        }
+                        Action::DiscardChunks => {
+                            got.log.push(("discard", consumed, stored.len()));
+                            stored.clear();
+                        }
+                        Action::Deliver(mut inc) => {
+                            stored.append(&mut inc.body);
+                            got.log.push(("deliver", consumed, stored.len()));
+                            got.delivered.push(mem::take(&mut stored));
+                            m.stored(Ok("Q".into()));
+                        }
+                        Action::StartTls => unreachable!("not offered"),
+                        Action::Close => got.log.push(("close", consumed, stored.len())),
+                    }
+                }
+                got.output.push_str(&String::from_utf8_lossy(m.output()));
+                m.output().clear();
+                if !acted || buf.is_empty() {
+                    break;
+                }
+            }
+        }
+        got
+    }
+
+    /// A machine past the greeting and EHLO, its output cleared.
+    fn ehlo_sent(cfg: &InboundConfig) -> Inbound {
+        let mut m = Inbound::new(cfg.clone());
+        assert_eq!(m.handle_input(b"EHLO c\r\n", &Dir), 8);
+        m.output().clear();
+        m
+    }
+
+    /// Body bytes the machine holds right now.
+    fn held(m: &Inbound) -> usize {
+        match &m.phase {
+            Phase::AwaitRcpt(t) | Phase::ReadingData { txn: t, .. } => t.body.capacity(),
+            Phase::ReadingBdat { txn: Some(t), .. } => t.body.capacity(),
+            _ => 0,
+        }
+    }
+
+    fn streaming_cfg(limit: u64, chunk: usize) -> InboundConfig {
+        InboundConfig {
+            max_message_size: limit,
+            body_chunk: Some(chunk),
+            ..InboundConfig::new("mx.example")
+        }
+    }
+
+    /// `n` lines of 10 octets ("0123456:\r\n"-like, the first starting with a dot).
+    fn lines(n: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        for i in 0..n {
+            b.extend_from_slice(format!("{:08}\r\n", i).as_bytes());
+        }
+        b[0] = b'.';
+        b
+    }
+
+    #[test]
+    fn data_bodies_stream_in_chunks_that_add_up_to_the_message() {
+        let body = lines(300);
+        let mut input = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n".to_vec();
+        // Dot-stuff the first line, as a client must.
+        input.push(b'.');
+        input.extend_from_slice(&body);
+        input.extend_from_slice(b".\r\nQUIT\r\n");
+        for piece in [1, 7, 64, 1000, input.len()] {
+            let got = stream(&streaming_cfg(10_000, 256), &input, piece, None);
+            assert!(
+                got.delivered == [body.clone()],
+                "piece {piece}: {:?}",
+                got.log
+            );
+            let chunks = got.log.iter().filter(|l| l.0 == "chunk").count();
+            assert_eq!(chunks, body.len() / 256, "piece {piece}");
+            assert!(got.log.iter().all(|l| l.0 != "discard"));
+            assert!(
+                got.max_held <= 2 * 256,
+                "machine held {} bytes",
+                got.max_held
+            );
+            assert!(
+                got.output
+                    .ends_with("250 2.0.0 Ok queued as Q\r\n221 2.0.0 Bye\r\n"),
+                "{}",
+                got.output
+            );
+        }
+    }
+
+    #[test]
+    fn data_over_the_limit_is_dropped_as_it_arrives_and_the_session_goes_on() {
+        let mut input = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n".to_vec();
+        let head = input.len();
+        input.extend_from_slice(&lines(1000)[1..]);
+        let crossing = head + 2000;
+        input.extend_from_slice(
+            b".\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nDATA\r\nsmall\r\n.\r\n",
+        );
+        for piece in [1, 100, 4096] {
+            let got = stream(&streaming_cfg(2000, 256), &input, piece, None);
+            // The chunks stop at the limit and are dropped as soon as it is crossed, long
+            // before the end of the 10 kB message.
+            let discard = got
+                .log
+                .iter()
+                .find(|l| l.0 == "discard")
+                .expect("discarded");
+            assert!(
+                discard.1 <= crossing + piece,
+                "dropped at {} of {}",
+                discard.1,
+                input.len()
+            );
+            assert!(got.max_stored <= 2000);
+            assert!(
+                got.max_held <= 2 * 256,
+                "machine held {} bytes",
+                got.max_held
+            );
+            assert_eq!(got.delivered, [b"small\r\n".to_vec()]);
+            assert!(got
+                .output
+                .contains("552 5.3.4 Message size exceeds fixed limit\r\n"));
+        }
+    }
+
+    #[test]
+    fn a_bdat_chunk_over_the_limit_is_refused_at_once_and_the_rest_discarded() {
+        // The 552 comes right after the chunk that crossed the limit; the chunks pipelined
+        // behind it (up to LAST) are read and dropped with the same reply, and cost no
+        // error each: with max_errors 1 the session is still open for the next message.
+        let cfg = InboundConfig {
+            max_errors: 1,
+            ..streaming_cfg(2000, 256)
+        };
+        let mut input =
+            b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nBDAT 1500\r\n".to_vec();
+        input.extend_from_slice(&lines(150));
+        input.extend_from_slice(b"BDAT 1000\r\n");
+        input.extend_from_slice(&lines(100));
+        input.extend_from_slice(b"BDAT 3000\r\n");
+        input.extend_from_slice(&lines(300));
+        input.extend_from_slice(b"BDAT 4 LAST\r\nabcd");
+        input.extend_from_slice(
+            b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nBDAT 7 LAST\r\nsmall\r\n",
+        );
+        for piece in [1, 33, input.len()] {
+            let got = stream(&cfg, &input, piece, None);
+            let replies: Vec<&str> = got.output.lines().collect();
+            assert_eq!(
+                replies,
+                [
+                    "250 2.1.0 Ok",
+                    "250 2.1.5 Ok",
+                    "250 2.0.0 1500 octets received",
+                    "552 5.3.4 Message size exceeds fixed limit",
+                    "552 5.3.4 Message size exceeds fixed limit",
+                    "552 5.3.4 Message size exceeds fixed limit",
+                    "250 2.1.0 Ok",
+                    "250 2.1.5 Ok",
+                    "250 2.0.0 Ok queued as Q",
+                ],
+                "piece {piece}: {}",
+                got.output
+            );
+            assert_eq!(got.delivered, [b"small\r\n".to_vec()]);
+            assert_eq!(got.log.iter().filter(|l| l.0 == "discard").count(), 1);
+            assert!(got.max_stored <= 2000);
+        }
+    }
+
+    #[test]
+    fn a_failed_store_drops_the_rest_and_answers_the_drivers_reply() {
+        let mut input = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n".to_vec();
+        input.extend_from_slice(&lines(100)[1..]);
+        input.extend_from_slice(
+            b".\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nBDAT 600\r\n",
+        );
+        input.extend_from_slice(&lines(60));
+        input.extend_from_slice(b"BDAT 0 LAST\r\nRSET\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nDATA\r\nok\r\n.\r\n");
+        for piece in [1, 50, input.len()] {
+            let got = stream(&streaming_cfg(10_000, 128), &input, piece, Some(1));
+            let replies: Vec<&str> = got.output.lines().collect();
+            assert_eq!(
+                replies,
+                [
+                    "250 2.1.0 Ok",
+                    "250 2.1.5 Ok",
+                    "354 End data with <CR><LF>.<CR><LF>",
+                    "452 4.3.1 Disk full",
+                    "250 2.1.0 Ok",
+                    "250 2.1.5 Ok",
+                    "452 4.3.1 Disk full",
+                    "452 4.3.1 Disk full",
+                    "250 2.0.0 Ok",
+                    "250 2.1.0 Ok",
+                    "250 2.1.5 Ok",
+                    "354 End data with <CR><LF>.<CR><LF>",
+                    "250 2.0.0 Ok queued as Q",
+                ],
+                "piece {piece}: {}",
+                got.output
+            );
+            assert_eq!(got.delivered, [b"ok\r\n".to_vec()]);
+            // Every chunk after the failure was handed to a driver that had given up: none.
+            assert!(got.max_held <= 2 * 128);
+        }
+    }
+
+    #[test]
+    fn chunks_of_a_transaction_that_ends_undelivered_are_discarded_first() {
+        // RSET between BDAT chunks, then a new transaction: its chunks must not be appended
+        // to the old ones. And a session closing mid-DATA discards before it closes.
+        let mut input =
+            b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nBDAT 300\r\n".to_vec();
+        input.extend_from_slice(&lines(30));
+        input.extend_from_slice(
+            b"RSET\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nBDAT 300 LAST\r\n",
+        );
+        let second = lines(30);
+        input.extend_from_slice(&second);
+        input.extend_from_slice(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n");
+        input.extend_from_slice(&lines(30)[1..]);
+        input.extend_from_slice(b"QUIT\r\n");
+        for piece in [1, 64, input.len()] {
+            let got = stream(&streaming_cfg(10_000, 100), &input, piece, None);
+            assert!(
+                got.delivered == [second.clone()],
+                "piece {piece}: {:?}",
+                got.log
+            );
+            let kinds: Vec<&str> = got.log.iter().map(|l| l.0).collect();
+            assert_eq!(
+                kinds,
+                [
+                    "chunk", "chunk", "chunk", "discard", "chunk", "chunk", "chunk", "deliver",
+                    "chunk", "chunk", "chunk"
+                ],
+                "piece {piece}"
+            );
+            // The third message never ends; the idle timeout closes the session.
+            let mut m = ehlo_sent(&streaming_cfg(10_000, 100));
+            let head = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n";
+            assert_eq!(m.handle_input(head, &Dir), head.len());
+            let body = &lines(30)[1..];
+            let mut rest = body;
+            let mut last = Vec::new();
+            while !rest.is_empty() {
+                let n = m.handle_input(rest, &Dir);
+                rest = &rest[n..];
+                while let Some(a) = m.poll_action() {
+                    last.push(if matches!(a, Action::StoreChunk(_)) {
+                        "chunk"
+                    } else {
+                        "other"
+                    });
+                }
+            }
+            assert_eq!(last, ["chunk", "chunk"]);
+            m.timed_out();
+            while let Some(a) = m.poll_action() {
+                last.push(match a {
+                    Action::StoreChunk(_) => "chunk",
+                    Action::DiscardChunks => "discard",
+                    Action::Close => "close",
+                    _ => "other",
+                });
+            }
+            assert_eq!(
+                last.iter().rev().take(2).collect::<Vec<_>>(),
+                [&"close", &"discard"]
+            );
+        }
     }
 
     #[test]
@@ -2415,6 +3066,35 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_body_is_cut_off_and_nothing_is_delivered() {
+        for (start, body) in [
+            (&b"DATA\r\n"[..], &b"Subject: x\r\n\r\npart"[..]),
+            (&b"BDAT 100 LAST\r\n"[..], &b"Subject: x\r\n"[..]),
+        ] {
+            let mut m = Inbound::new(cfg());
+            assert_eq!(m.handle_input(b"EHLO c\r\n", &Dir), 8);
+            let input = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\n";
+            assert_eq!(m.handle_input(input, &Dir), input.len());
+            assert!(!m.is_reading_body());
+            assert_eq!(m.handle_input(start, &Dir), start.len());
+            assert!(m.is_reading_body());
+            assert_eq!(m.handle_input(body, &Dir), body.len());
+            assert!(m.is_reading_body());
+            m.output().clear();
+            m.data_too_slow();
+            assert_eq!(
+                String::from_utf8_lossy(m.output()),
+                "421 4.4.2 mx.example Data transfer too slow, closing connection\r\n"
+            );
+            assert!(matches!(m.poll_action(), Some(Action::Close)));
+            assert!(m.poll_action().is_none(), "no Deliver");
+            assert!(!m.is_reading_body());
+            m.data_too_slow();
+            assert!(m.poll_action().is_none());
+        }
+    }
+
+    #[test]
     fn deliver_holds_pipelined_input_until_stored() {
         let mut m = Inbound::new(cfg());
         let input = b"EHLO c\r\n";
@@ -2541,7 +3221,8 @@ mod tests {
             )
         };
         let plain = b64("\0user\0pencil");
-        // Plaintext mechanisms hidden and refused with 538; after STARTTLS all are offered.
+        // Mechanisms that send the password hidden and refused with 538 (CRAM-MD5 and SCRAM
+        // never do, so they are offered); after STARTTLS all are offered.
         let run = check_whole_in(
             &odmr_setup(false, false),
             &format!(
@@ -2549,7 +3230,7 @@ mod tests {
                  {ehlo}
                  C: AUTH PLAIN {plain}
                  S: 538 5.7.11 Encryption required for requested authentication mechanism
-                 C: AUTH CRAM-MD5
+                 C: AUTH LOGIN
                  S: 538 5.7.11 Encryption required for requested authentication mechanism
                  C: AUTH SCRAM-SHA-256-PLUS
                  S: 538 5.7.11 Encryption required for requested authentication mechanism
@@ -2560,8 +3241,23 @@ mod tests {
                  {ehlo_tls}
                  C: AUTH EXTERNAL =
                  S: 235 2.7.0 Authentication successful",
-                ehlo = ehlo("SCRAM-SHA-256"),
+                ehlo = ehlo("SCRAM-SHA-256 CRAM-MD5"),
                 ehlo_tls = ODMR_EHLO.replace("S: 220 mx.example ESMTP turnpike", ""),
+            ),
+        );
+        // cram_md5_requires_tls: CRAM-MD5 too is hidden and refused until STARTTLS.
+        let mut strict = odmr_setup(false, false);
+        if let Some((odmr, _)) = strict.odmr.as_mut() {
+            odmr.cram_md5_requires_tls = true;
+        }
+        check_whole_in(
+            &strict,
+            &format!(
+                "S: 220 mx.example ESMTP turnpike
+                 {ehlo}
+                 C: AUTH CRAM-MD5
+                 S: 538 5.7.11 Encryption required for requested authentication mechanism",
+                ehlo = ehlo("SCRAM-SHA-256"),
             ),
         );
         assert!(run.tls_started);
@@ -2880,14 +3576,7 @@ mod tests {
     #[test]
     fn odmr_auth_and_atrn_inside_a_transaction() {
         // MAIL is refused on the ODMR port for now, so the transaction is set up directly.
-        let txn = || {
-            Phase::AwaitRcpt(Box::new(Transaction {
-                envelope: Envelope::default(),
-                declared_size: None,
-                body: Vec::new(),
-                chunks: None,
-            }))
-        };
+        let txn = || Phase::AwaitRcpt(Box::new(Transaction::new(Envelope::default(), None)));
         let plain = b64("\0user\0pencil");
         let mut m = odmr_setup(true, false).machine();
         let _ = m.handle_odmr_input(b"EHLO c\r\n", &Dir, &Creds);
@@ -3137,7 +3826,7 @@ mod tests {
                  {ehlo_tls}
                  C: AUTH PLAIN {plain}
                  S: 235 2.7.0 Authentication successful",
-                ehlo = ehlo("SCRAM-SHA-256"),
+                ehlo = ehlo("SCRAM-SHA-256 CRAM-MD5"),
                 ehlo_tls = SUBMISSION_EHLO_TLS
                     .replace("S: 220 mx.example ESMTP turnpike", "")
                     .replace("EHLO laptop.example", "EHLO c"),

@@ -2472,6 +2472,9 @@ mod tests {
                                 c.stored(Ok(format!("Q{}", received.len())));
                             }
                             inbound::Action::StartTls => panic!("never asked for"),
+                            inbound::Action::StoreChunk(_) | inbound::Action::DiscardChunks => {
+                                panic!("bodies come whole without body_chunk")
+                            }
                             inbound::Action::Close => customer_closed = true,
                         }
                     }

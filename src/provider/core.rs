@@ -111,6 +111,30 @@ pub enum MeshMsg {
         /// Answered once the part left the index (dropped if the DONE could not be written).
         ack: Option<tokio::sync::oneshot::Sender<()>>,
     },
+    /// To the writer core of `id`: these recipients (envelope index, outcome) of the `domain`
+    /// part are finished and the others stay held; append its SETTLE, then narrow the part
+    /// on the shard core.
+    Settle {
+        /// The message.
+        id: MessageId,
+        /// The part.
+        domain: DomainName,
+        /// The finished recipients.
+        recipients: Vec<(u32, spool::Outcome)>,
+        /// Answered once the index follows (dropped if the SETTLE could not be written).
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    },
+    /// To the shard core: the part's SETTLE is durable; drop these recipients from it.
+    Settled {
+        /// The message.
+        id: MessageId,
+        /// The part.
+        domain: DomainName,
+        /// Envelope indices of the finished recipients.
+        indices: Vec<u32>,
+        /// Answered once the part is narrowed.
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    },
     /// To a shard core: an ATRN for these domains was answered with `result`.
     AtrnNoted {
         /// The domains asked for (this shard's).
@@ -278,6 +302,7 @@ impl Core {
         let mut seed = [0u8; 8];
         let _ = getrandom::fill(&mut seed);
         let reader = spool::Reader::new(shared.config.server.data_dir.clone(), shared.io);
+        let throttle = crate::proto::throttle::Throttle::new(throttle_config(&shared.config.odmr));
         Rc::new(Core {
             index,
             reader,
@@ -292,7 +317,7 @@ impl Core {
             lease_pins: RefCell::new(HashMap::new()),
             expiring: RefCell::new(Default::default()),
             metrics: RefCell::new(metrics::CoreMetrics::new()),
-            throttle: RefCell::new(crate::proto::throttle::Throttle::new(Default::default())),
+            throttle: RefCell::new(throttle),
             activity: RefCell::new(HashMap::new()),
             relay: Default::default(),
             shutdown: tokio::sync::Notify::new(),
@@ -359,6 +384,7 @@ impl Core {
             chunking: true,
             smtputf8: true,
             pipelining: true,
+            body_chunk: None,
         }
     }
 
@@ -542,6 +568,26 @@ impl Core {
                     tokio::task::spawn_local(async move {
                         core.append_done(id, domain, outcome, ack).await
                     });
+                }
+                MeshMsg::Settle {
+                    id,
+                    domain,
+                    recipients,
+                    ack,
+                } => {
+                    let core = self.clone();
+                    tokio::task::spawn_local(async move {
+                        core.append_settle(id, domain, recipients, ack).await
+                    });
+                }
+                MeshMsg::Settled {
+                    id,
+                    domain,
+                    indices,
+                    ack,
+                } => {
+                    let _ack = AckOnDrop(ack);
+                    self.index_shard.borrow_mut().settle(id, &domain, &indices);
                 }
                 MeshMsg::AtrnNoted {
                     domains,
@@ -752,6 +798,47 @@ impl Core {
         }
     }
 
+    /// Appends a SETTLE (on the writer core of `id`), then narrows the part on its shard.
+    async fn append_settle(
+        &self,
+        id: MessageId,
+        domain: DomainName,
+        recipients: Vec<(u32, spool::Outcome)>,
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        let Some(journal) = self.journal_of(id) else {
+            tracing::error!(%id, core = self.index, "SETTLE routed to a core without its journal");
+            return;
+        };
+        let shard = self.shard_of(&domain);
+        let settled = |ack| MeshMsg::Settled {
+            id,
+            domain: domain.clone(),
+            indices: recipients.iter().map(|(i, _)| *i).collect(),
+            ack,
+        };
+        let mut ack = Some(ack);
+        let durable = journal.append_settle(id, &domain, &recipients);
+        tokio::pin!(durable);
+        // As for a DONE: a SETTLE that waits for disk space, or fails, still narrows the part
+        // in this process, so the finished recipients are not sent again before a restart.
+        let res = tokio::select! {
+            r = &mut durable => r,
+            _ = tokio::time::sleep(DONE_PATIENCE) => {
+                tracing::warn!(%id, %domain, "SETTLE waits for disk space; the part is narrowed now");
+                self.shared.mesh.send(shard, settled(ack.take().flatten()));
+                durable.await
+            }
+        };
+        if let Err(e) = &res {
+            self.metrics.borrow_mut().store_mut().dones_unrecorded += 1;
+            tracing::error!(%id, %domain, error = %e, "could not record SETTLE; the recipients leave the index but stay on disk and will be offered again after a restart");
+        }
+        if let Some(ack) = ack {
+            self.shared.mesh.send(shard, settled(ack));
+        }
+    }
+
     /// Expires a part (on its writer core): EXPIRE record, report to the sender, DONE. Each
     /// step is durable before the next, so a crash in between resumes from the EXPIRE mark.
     async fn expire(&self, part: spool::HeldPart) {
@@ -899,6 +986,18 @@ impl Core {
             return;
         }
         self.shutdown.notified().await;
+    }
+}
+
+/// The failed-login throttle's limits from `[odmr]`.
+fn throttle_config(o: &crate::config::OdmrSettings) -> crate::proto::throttle::ThrottleConfig {
+    crate::proto::throttle::ThrottleConfig {
+        initial_delay: o.auth_failure_delay,
+        max_delay: o.auth_max_delay,
+        account_max_delay: o.auth_account_max_delay,
+        max_client_failures: o.auth_failures_per_client,
+        max_ip_failures: o.auth_failures_per_address,
+        ..Default::default()
     }
 }
 
