@@ -4,6 +4,7 @@
 //! - [`atrn`]: the ATRN decision: authorisation, leases, "is there mail".
 //! - [`core`]: what one core owns (journal writer, index shard, hosted snapshot).
 //! - [`hosted`]: the hosted-domain snapshot and quota counters.
+//! - [`instance`]: one server per data directory and per port (the lock, the port probe).
 //! - [`outcome`]: per-recipient outcomes of a delivery attempt, settled as DONE or SETTLE
 //!   (shared by the reversal and the relay).
 //! - [`report`]: RFC 3464 delivery reports (refusals, expiry).
@@ -14,6 +15,7 @@
 pub mod atrn;
 pub mod core;
 pub mod hosted;
+pub mod instance;
 pub(crate) mod outcome;
 pub mod report;
 pub mod reversal;
