@@ -62,6 +62,7 @@ mod reader;
 mod reclaim;
 mod record;
 mod recovery;
+mod stream;
 
 pub use error::Error;
 pub use file::{IoKind, SegmentFile};
@@ -73,6 +74,7 @@ pub use journal::{
 pub use reader::{BodyStream, Reader};
 pub use record::{parts_of, MsgMeta, Outcome, Part};
 pub use recovery::{recover, Damage, DirRecovery, Recovered, SegmentSummary};
+pub use stream::StreamAppend;
 
 #[cfg(test)]
 pub(crate) mod testutil {
