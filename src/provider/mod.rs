@@ -4,6 +4,7 @@
 //! - [`atrn`]: the ATRN decision: authorisation, leases, "is there mail".
 //! - [`core`]: what one core owns (journal writer, index shard, hosted snapshot).
 //! - [`hosted`]: the hosted-domain snapshot and quota counters.
+//! - [`ingest`]: one inbound message into the journal, whole or streamed while it arrives.
 //! - [`report`]: RFC 3464 delivery reports (refusals, expiry).
 //! - [`reversal`]: delivering held mail after ATRN.
 //! - [`session`]: the session driver for the MX, ODMR and submission listeners.
@@ -12,6 +13,7 @@
 pub mod atrn;
 pub mod core;
 pub mod hosted;
+pub mod ingest;
 pub mod report;
 pub mod reversal;
 pub mod server;

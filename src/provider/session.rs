@@ -8,8 +8,9 @@
 //! (so a pipelined batch gets its replies in one write, RFC 2920), then read with the idle
 //! timeout. The machine never sees a socket, the driver never parses SMTP.
 //!
-//! A 250 for a message is written only after [`Core::store`] returned, and that returns only
-//! after the journal's group commit fdatasync'ed the record. A 250 to ATRN is written only once
+//! Message bodies go to the journal through [`Ingest`]: small ones whole, big ones in chunks
+//! while they arrive. A 250 for a message is written only after [`Ingest::deliver`] returned,
+//! and that returns only after its record was fdatasync'ed. A 250 to ATRN is written only once
 //! the leases are held and the index said there is mail; the reversal then runs on this
 //! connection, outside the session time limit (it has its own per-reply timeouts).
 
@@ -24,6 +25,7 @@ use crate::runtime::conn::Conn;
 
 use super::atrn::{self, Leases, Verdict};
 use super::core::{Core, MeshMsg};
+use super::ingest::Ingest;
 use super::{reversal, submit};
 
 /// Bytes asked for per socket read. Small messages fit whole; big ones stream through.
@@ -117,6 +119,8 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
     };
     let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut pos = 0usize;
+    // The message being streamed to the journal; dropping it (the session ends) removes it.
+    let mut ingest = Ingest::default();
     loop {
         let used = match kind {
             Kind::Mx => machine.handle_input(&input[pos..], &**core),
@@ -130,15 +134,15 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
                 Action::Deliver(incoming) => {
                     let submitted = incoming.account.clone();
                     let rcpts = incoming.envelope.recipients.len();
-                    let result = core.store(incoming, peer).await;
+                    let result = ingest.deliver(core, incoming, peer).await;
                     if let (Some(account), Ok(id)) = (&submitted, &result) {
                         submit::record(core, account, rcpts);
                         tracing::info!(%peer, %account, %id, rcpts, "submitted");
                     }
                     machine.stored(result);
                 }
-                // Bodies come whole until the journal takes streamed messages.
-                Action::StoreChunk(_) | Action::DiscardChunks => {}
+                Action::StoreChunk(bytes) => ingest.chunk(core, &mut machine, bytes, peer).await,
+                Action::DiscardChunks => ingest.discard().await,
                 Action::StartTls => {
                     if let Err(e) = flush(core, conn, &mut machine, peer).await {
                         return End::Io(e);

@@ -350,6 +350,21 @@ impl JournalHandle {
         rx.await.unwrap_or(Err(Error::Closed))
     }
 
+    /// [`append_message`](Self::append_message) with the body in pieces, stored back to back
+    /// (our `Received:` field, then the message as received): no copy to join them.
+    pub async fn append_message_pieces(
+        &self,
+        id: MessageId,
+        received_at: u64,
+        envelope: &Envelope,
+        body: &[&[u8]],
+    ) -> Result<Location, Error> {
+        self.own(id)?;
+        let parts = record::parts_of(envelope);
+        let rx = self.enqueue_msg_pieces(id, received_at, envelope, &parts, body)?;
+        rx.await.unwrap_or(Err(Error::Closed))
+    }
+
     /// Appends a `DONE` record: the `domain` part of `id` is finished with `outcome`. Must be
     /// called on the writer of the core that wrote the message (`id.core()`); any other writer
     /// refuses it with [`Error::InvalidLocation`].
@@ -613,10 +628,21 @@ impl JournalHandle {
         parts: &[Part],
         body: &[u8],
     ) -> Result<oneshot::Receiver<Result<Location, Error>>, Error> {
+        self.enqueue_msg_pieces(id, received_at, envelope, parts, &[body])
+    }
+
+    fn enqueue_msg_pieces(
+        &self,
+        id: MessageId,
+        received_at: u64,
+        envelope: &Envelope,
+        parts: &[Part],
+        body: &[&[u8]],
+    ) -> Result<oneshot::Receiver<Result<Location, Error>>, Error> {
         let mut st = self.shared.state.borrow_mut();
         st.check()?;
         let start = st.buf.len();
-        let enc = record::encode_msg(&mut st.buf, id, received_at, envelope, parts, body)?;
+        let enc = record::encode_msg_pieces(&mut st.buf, id, received_at, envelope, parts, body)?;
         let live = parts
             .iter()
             .map(|p| LivePart {

@@ -172,6 +172,7 @@ pub(crate) struct Encoded {
 }
 
 /// Appends a `MSG` record to `out`. On error `out` is left as it was.
+#[cfg(test)]
 pub(crate) fn encode_msg(
     out: &mut Vec<u8>,
     id: MessageId,
