@@ -30,6 +30,11 @@
 //! server_key = "<base64 of 32 bytes>"
 //! ```
 //!
+//! A file with no account must say so: `no_accounts = true` at the top (what `turnpike account
+//! remove` writes when it removes the last one). A file that lists no account without it (an
+//! emptied or truncated file) is refused, so a reload keeps the accounts it had instead of
+//! refusing every recipient.
+//!
 //! `cram_md5` is Dovecot's 32-byte context in hex: the MD5 state words (little-endian) after
 //! absorbing `key ^ opad`, then those after absorbing `key ^ ipad`. Note that this key, unlike the
 //! SCRAM verifier, is enough to answer any CRAM-MD5 challenge and is unsalted: it protects the
@@ -376,7 +381,8 @@ pub struct Accounts {
 }
 
 impl Accounts {
-    /// Reads the accounts file. A missing file is an empty set of accounts (first run).
+    /// Reads the accounts file. A missing file is an empty set of accounts (first run); a file
+    /// that lists no account is refused unless it says `no_accounts = true`.
     pub fn load(path: &Path) -> Result<Accounts, AccountsError> {
         let text = match fs::read_to_string(path) {
             Ok(text) => text,
@@ -391,20 +397,32 @@ impl Accounts {
                 );
             }
         }
-        let raw: RawFile = toml::from_str(&text).map_err(|e| {
-            let (line, column) = e.span().map_or((0, 0), |s| line_column(&text, s.start));
-            let message = e.message().trim_end().to_owned();
+        Accounts::parse(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses the text of an accounts file (see the module docs for the format).
+    pub fn parse(text: &str) -> Result<Accounts, AccountsError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((0, 0), |s| line_column(text, s.start));
+            let at_end = e.span().is_some_and(|s| s.start >= text.trim_end().len());
             AccountsError::new(AccountsErrorKind::Syntax {
                 line,
                 column,
-                message,
+                message: syntax_message(e.message(), at_end),
             })
-            .in_file(path)
         })?;
+        match (raw.account.len(), raw.no_accounts) {
+            (0, false) => return Err(AccountsError::new(AccountsErrorKind::NoAccounts)),
+            (n @ 1.., true) => {
+                return Err(AccountsError::new(AccountsErrorKind::NotEmpty {
+                    accounts: n,
+                }))
+            }
+            _ => {}
+        }
         let mut accounts = Accounts::default();
         for raw in raw.account {
-            let account = Account::from_raw(raw).map_err(|e| e.in_file(path))?;
-            accounts.insert(account).map_err(|e| e.in_file(path))?;
+            accounts.insert(Account::from_raw(raw)?)?;
         }
         Ok(accounts)
     }
@@ -412,12 +430,18 @@ impl Accounts {
     /// Writes every account to `path` atomically, mode 0600: a temporary file in the same
     /// directory is written and fsynced, renamed over `path`, and the directory is fsynced.
     pub fn save(&self, path: &Path) -> Result<(), AccountsError> {
+        write_atomically(path, self.to_text().as_bytes())
+    }
+
+    /// The file's text, as [`save`](Self::save) writes it.
+    pub fn to_text(&self) -> String {
         let mut text = String::from(FILE_HEADER);
         let raw = RawFile {
+            no_accounts: self.by_name.is_empty(),
             account: self.by_name.values().map(Account::to_raw).collect(),
         };
         text.push_str(&toml::to_string(&raw).expect("accounts serialize to TOML"));
-        write_atomically(path, text.as_bytes())
+        text
     }
 
     /// Adds an account with verifiers for `password`; CRAM-MD5 only when `cram_md5` is true.
@@ -742,8 +766,30 @@ const FILE_HEADER: &str = "\
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    /// Says that an empty list is meant (see the module docs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    no_accounts: bool,
     #[serde(default)]
     account: Vec<RawAccount>,
+}
+
+/// The TOML parser's description of a syntax error, on one line and never empty; `at_end`:
+/// the error is where the file ends, which usually means it was cut short.
+fn syntax_message(parser: &str, at_end: bool) -> String {
+    let lines: Vec<&str> = parser
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut message = if lines.is_empty() {
+        "expected a value".to_string()
+    } else {
+        lines.join("; ")
+    };
+    if at_end {
+        message.push_str(" (the file ends here: it looks truncated)");
+    }
+    message
 }
 
 #[derive(Serialize, Deserialize)]
@@ -846,6 +892,13 @@ pub enum AccountsErrorKind {
     },
     /// The account would own no domain.
     NoDomains,
+    /// The file lists no account and does not say `no_accounts = true`.
+    NoAccounts,
+    /// The file says `no_accounts = true` but lists accounts.
+    NotEmpty {
+        /// How many it lists.
+        accounts: usize,
+    },
     /// An account with this name exists already.
     DuplicateAccount,
     /// The domain already belongs to another account.
@@ -943,6 +996,14 @@ impl fmt::Display for AccountsError {
             AccountsErrorKind::Name(e) => e.fmt(f),
             AccountsErrorKind::Domain { domain, error } => write!(f, "domain {domain:?}: {error}"),
             AccountsErrorKind::NoDomains => f.write_str("an account needs at least one domain"),
+            AccountsErrorKind::NoAccounts => f.write_str(
+                "the file lists no account; if no account is meant, say so with \
+                 `no_accounts = true` at the top (an emptied or truncated file is refused)",
+            ),
+            AccountsErrorKind::NotEmpty { accounts } => write!(
+                f,
+                "the file says `no_accounts = true` but lists {accounts} account(s)"
+            ),
             AccountsErrorKind::DuplicateAccount => f.write_str("an account of that name exists"),
             AccountsErrorKind::DomainTaken { domain, owner } => {
                 write!(
@@ -1455,5 +1516,77 @@ mod tests {
             a.account_for_cert(&fp).is_none(),
             "removing the account unpins"
         );
+    }
+
+    #[test]
+    fn a_file_without_accounts_must_say_so() {
+        let empty = Accounts::default();
+        let text = empty.to_text();
+        assert!(text.contains("no_accounts = true"), "{text}");
+        assert_eq!(Accounts::parse(&text).unwrap(), empty);
+        for bad in [
+            "",
+            "\n",
+            "# only a comment\n",
+            FILE_HEADER,
+            "no_accounts = false\n",
+        ] {
+            let err = Accounts::parse(bad).unwrap_err();
+            assert!(
+                matches!(err.kind(), AccountsErrorKind::NoAccounts),
+                "{bad:?}: {err}"
+            );
+            assert!(err.to_string().contains("no_accounts = true"), "{err}");
+        }
+        let both = format!("no_accounts = true\n{}", two_accounts().to_text());
+        let err = Accounts::parse(&both).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the file says `no_accounts = true` but lists 2 account(s)"
+        );
+    }
+
+    /// Cut at every byte: a prefix is a valid file with fewer accounts, or an error that names
+    /// a line and column and says what is wrong (never an empty reason).
+    #[test]
+    fn a_truncated_file_is_refused_with_a_reason() {
+        let full = two_accounts();
+        let text = full.to_text();
+        assert_eq!(Accounts::parse(&text).unwrap(), full);
+        let mut refused = 0;
+        for cut in (0..text.len()).filter(|c| text.is_char_boundary(*c)) {
+            match Accounts::parse(&text[..cut]) {
+                Ok(a) => assert!(
+                    a.len() < full.len() || text[cut..].trim().is_empty(),
+                    "cut at {cut}: {:?}",
+                    &text[cut..]
+                ),
+                Err(e) => {
+                    refused += 1;
+                    let shown = e.to_string();
+                    if let AccountsErrorKind::Syntax {
+                        line,
+                        column,
+                        message,
+                    } = e.kind()
+                    {
+                        assert!(*line >= 1 && *column >= 1, "cut at {cut}: {shown}");
+                        assert!(!message.trim().is_empty(), "cut at {cut}: {shown}");
+                        assert!(!message.contains('\n'), "cut at {cut}: {shown}");
+                    }
+                    assert!(!shown.trim_end().ends_with(':'), "cut at {cut}: {shown}");
+                }
+            }
+        }
+        assert!(refused > text.len() / 2);
+        // The case reported: `name =` and then the end of the file.
+        let cut = text.find("name = ").unwrap() + "name =".len();
+        let e = Accounts::parse(&text[..cut]).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with("line ") && shown.contains("expected a value"),
+            "{shown}"
+        );
+        assert!(shown.contains("truncated"), "{shown}");
     }
 }

@@ -27,6 +27,7 @@
 //! [listen]                           # each is one address or a list; [] disables the service
 //! mx = ["127.0.0.1:2525"]
 //! odmr = ["127.0.0.1:3366"]
+//! odmrs = ["127.0.0.1:3367"]         # ODMR over implicit TLS (fetchmail's `ssl`)
 //! submission = ["127.0.0.1:2587"]     # STARTTLS
 //! submissions = ["127.0.0.1:2465"]    # implicit TLS
 //! metrics = ["127.0.0.1:9366"]
@@ -46,6 +47,7 @@
 //! session_timeout = "30m"
 //! max_connections_per_ip = 20
 //! max_connections = 10000
+//! trusted_networks = ["127.0.0.0/8", "::1"]  # exempt from max_connections_per_ip
 //!
 //! [spool]
 //! segment_size = "64MiB"
@@ -78,7 +80,7 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
-use crate::types::DomainName;
+use crate::types::{DomainName, Network};
 
 /// The whole configuration, as typed values. `Config::default()` is the zero-config setup.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -252,7 +254,7 @@ pub struct ListenSettings {
     /// ODMR, where customers authenticate and send ATRN (port 366 in production).
     pub odmr: Vec<SocketAddr>,
     /// ODMR over implicit TLS (TLS from the first byte: fetchmail's `--ssl`, service
-    /// `odmrs`). No port is registered for it; off by default.
+    /// `odmrs`). No port is registered for it; 127.0.0.1:3367 by default.
     pub odmrs: Vec<SocketAddr>,
     /// Message submission with STARTTLS (port 587 in production).
     pub submission: Vec<SocketAddr>,
@@ -303,22 +305,35 @@ pub struct Limits {
     pub max_errors: u32,
     /// Most Received: headers before a message is refused as looping.
     pub max_hops: u32,
-    /// Longest wait for the peer's next bytes.
+    /// Longest wait for a complete command line (counted from the end of the previous
+    /// command, so bytes that trickle in do not extend it), and the slack of a data transfer.
     pub idle_timeout: Duration,
+    /// Least average rate of a DATA or BDAT transfer, in bytes per second (0: none): each byte
+    /// received extends the transfer's deadline (`idle_timeout` after it started) by
+    /// 1/rate seconds, as Postfix's `smtpd_min_data_rate` does.
+    pub min_data_rate: u32,
     /// Longest whole session.
     pub session_timeout: Duration,
     /// Simultaneous connections from one IP address.
     pub max_connections_per_ip: u32,
     /// Simultaneous connections in total.
     pub max_connections: u32,
+    /// Client networks exempt from `max_connections_per_ip` (Postfix exempts `$mynetworks`
+    /// the same way): the provider's own relays, monitoring and load generators. Loopback by
+    /// default. `max_connections` still applies to them.
+    pub trusted_networks: Vec<Network>,
 }
 
 /// `[odmr]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OdmrSettings {
-    /// Offer PLAIN, LOGIN and CRAM-MD5 on a connection without TLS (RFC 4954 §4 wants it
-    /// configurable; off by default: credentials only inside TLS).
+    /// Offer PLAIN and LOGIN, which send the password itself, on a connection without TLS
+    /// (RFC 4954 §4 wants it configurable; off by default: passwords only inside TLS).
     pub allow_plaintext_auth: bool,
+    /// Offer CRAM-MD5 only inside TLS. Off by default: CRAM-MD5 never puts the password on
+    /// the wire, RFC 2645 makes it a MUST, and fetchmail's ODMR mode has nothing else and no
+    /// STARTTLS (Dovecot and Exim offer it without TLS too).
+    pub cram_md5_requires_tls: bool,
     /// The shortest interval between two ATRN requests of one account; more often is
     /// answered `450 4.7.0` (RFC 2645 §5.2.1 allows it). Zero turns the limit off.
     pub min_atrn_interval: Duration,
@@ -327,15 +342,34 @@ pub struct OdmrSettings {
     /// How often a lingering session sends NOOP, well inside the customer's idle timeout
     /// (RFC 5321: at least 5 minutes).
     pub linger_keepalive: Duration,
+    /// Failed-login throttle (on the submission ports too): the delay after the first
+    /// failure, doubled per failure up to `auth_max_delay`; zero: no delays.
+    pub auth_failure_delay: Duration,
+    /// The longest such delay.
+    pub auth_max_delay: Duration,
+    /// The most an account's failures from every address together delay a login, so that
+    /// guessing from elsewhere never locks its owner out.
+    pub auth_account_max_delay: Duration,
+    /// Failures for one account from one client address before that address gets `454
+    /// 4.7.0` for it (15 minutes).
+    pub auth_failures_per_client: u32,
+    /// Failures from one address, any account, before it gets `421 4.7.0` (15 minutes).
+    pub auth_failures_per_address: u32,
 }
 
 impl Default for OdmrSettings {
     fn default() -> OdmrSettings {
         OdmrSettings {
             allow_plaintext_auth: false,
+            cram_md5_requires_tls: false,
             min_atrn_interval: Duration::ZERO,
             linger_max: Duration::from_secs(3600),
             linger_keepalive: Duration::from_secs(60),
+            auth_failure_delay: Duration::from_millis(500),
+            auth_max_delay: Duration::from_secs(8),
+            auth_account_max_delay: Duration::from_secs(2),
+            auth_failures_per_client: 10,
+            auth_failures_per_address: 30,
         }
     }
 }
@@ -440,7 +474,7 @@ impl Default for ListenSettings {
             odmr: local(3366),
             submission: local(2587),
             submissions: local(2465),
-            odmrs: Vec::new(),
+            odmrs: local(3367),
             metrics: local(9366),
         }
     }
@@ -456,8 +490,10 @@ impl Default for Limits {
             max_errors: 10,
             max_hops: 50,
             idle_timeout: Duration::from_secs(5 * 60),
+            min_data_rate: 500,
             session_timeout: Duration::from_secs(30 * 60),
             max_connections_per_ip: 20,
+            trusted_networks: Network::loopback(),
             max_connections: 10_000,
         }
     }
@@ -636,9 +672,15 @@ const RELAY_KEYS: &[&str] = &[
 ];
 const ODMR_KEYS: &[&str] = &[
     "allow_plaintext_auth",
+    "cram_md5_requires_tls",
     "min_atrn_interval",
     "linger_max",
     "linger_keepalive",
+    "auth_failure_delay",
+    "auth_max_delay",
+    "auth_account_max_delay",
+    "auth_failures_per_client",
+    "auth_failures_per_address",
 ];
 const SERVER_KEYS: &[&str] = &["hostname", "data_dir", "cores", "io"];
 const LISTEN_KEYS: &[&str] = &[
@@ -658,9 +700,11 @@ const LIMITS_KEYS: &[&str] = &[
     "max_errors",
     "max_hops",
     "idle_timeout",
+    "min_data_rate",
     "session_timeout",
     "max_connections_per_ip",
     "max_connections",
+    "trusted_networks",
 ];
 const SPOOL_KEYS: &[&str] = &[
     "segment_size",
@@ -698,10 +742,11 @@ impl Parser<'_> {
         if let Some(t) = self.section(top, "odmr")? {
             self.known_keys("odmr", t, ODMR_KEYS)?;
             if let Some(v) = t.get("allow_plaintext_auth") {
-                config.odmr.allow_plaintext_auth = match v {
-                    Value::Boolean(b) => *b,
-                    _ => return Err(self.invalid("odmr.allow_plaintext_auth", "true or false", v)),
-                };
+                config.odmr.allow_plaintext_auth = self.boolean("odmr.allow_plaintext_auth", v)?;
+            }
+            if let Some(v) = t.get("cram_md5_requires_tls") {
+                config.odmr.cram_md5_requires_tls =
+                    self.boolean("odmr.cram_md5_requires_tls", v)?;
             }
             if let Some(v) = t.get("min_atrn_interval") {
                 config.odmr.min_atrn_interval =
@@ -712,6 +757,30 @@ impl Parser<'_> {
             }
             if let Some(v) = t.get("linger_keepalive") {
                 config.odmr.linger_keepalive = self.duration("odmr.linger_keepalive", v)?;
+            }
+            let o = &mut config.odmr;
+            let delays = [
+                ("auth_failure_delay", &mut o.auth_failure_delay),
+                ("auth_max_delay", &mut o.auth_max_delay),
+                ("auth_account_max_delay", &mut o.auth_account_max_delay),
+            ];
+            for (name, field) in delays {
+                if let Some(v) = t.get(name) {
+                    *field = self.duration_or_zero(&format!("odmr.{name}"), v)?;
+                }
+            }
+            let counts = [
+                ("auth_failures_per_client", &mut o.auth_failures_per_client),
+                (
+                    "auth_failures_per_address",
+                    &mut o.auth_failures_per_address,
+                ),
+            ];
+            for (name, field) in counts {
+                if let Some(v) = t.get(name) {
+                    let key = format!("odmr.{name}");
+                    *field = self.integer(&key, v, 1, i64::from(u32::MAX))? as u32;
+                }
             }
         }
         if let Some(t) = self.section(top, "submission")? {
@@ -822,8 +891,14 @@ impl Parser<'_> {
         if let Some(v) = t.get("idle_timeout") {
             l.idle_timeout = self.duration("limits.idle_timeout", v)?;
         }
+        if let Some(v) = t.get("min_data_rate") {
+            l.min_data_rate = self.integer("limits.min_data_rate", v, 0, u32_max)? as u32;
+        }
         if let Some(v) = t.get("session_timeout") {
             l.session_timeout = self.duration("limits.session_timeout", v)?;
+        }
+        if let Some(v) = t.get("trusted_networks") {
+            l.trusted_networks = self.networks("limits.trusted_networks", v)?;
         }
         Ok(())
     }
@@ -1041,7 +1116,7 @@ impl Parser<'_> {
 
     /// A duration where zero is meaningful ("off").
     fn duration_or_zero(&self, key: &str, v: &Value) -> Result<Duration, ConfigError> {
-        let expected = "a duration like \"5m\" (units s, m, h, d)";
+        let expected = "a duration like \"5m\" (units ms, s, m, h, d)";
         v.as_str()
             .and_then(parse_duration)
             .ok_or_else(|| self.invalid(key, expected, v))
@@ -1053,6 +1128,28 @@ impl Parser<'_> {
             item.as_str()
                 .and_then(|s| s.parse::<SocketAddr>().ok())
                 .ok_or_else(|| self.invalid(key, expected.clone(), item))
+        };
+        match v {
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| one(&format!("{key}[{i}]"), item))
+                .collect(),
+            _ => Ok(vec![one(key, v)?]),
+        }
+    }
+
+    fn boolean(&self, key: &str, v: &Value) -> Result<bool, ConfigError> {
+        v.as_bool()
+            .ok_or_else(|| self.invalid(key, "true or false", v))
+    }
+
+    /// One network (`"10.0.0.0/8"`, `"::1"`) or a list of them.
+    fn networks(&self, key: &str, v: &Value) -> Result<Vec<Network>, ConfigError> {
+        let expected = "a network like \"10.0.0.0/8\" or an address, or a list of them";
+        let one = |key: &str, item: &Value| match item.as_str() {
+            Some(s) => Network::parse(s).map_err(|why| self.rejected(key, why)),
+            None => Err(self.invalid(key, expected, item)),
         };
         match v {
             Value::Array(items) => items
@@ -1117,13 +1214,14 @@ fn describe(v: &Value) -> String {
     }
 }
 
-/// Parses `"300s"`, `"5m"`, `"2h"`, `"30d"`. No fractions, no compound forms.
+/// Parses `"500ms"`, `"300s"`, `"5m"`, `"2h"`, `"30d"`. No fractions, no compound forms.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let digits = s.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = s.split_at(digits);
     let n: u64 = number.parse().ok()?;
     let scale = match unit.trim_start() {
+        "ms" => return Some(Duration::from_millis(n)),
         "s" => 1,
         "m" => 60,
         "h" => 60 * 60,
@@ -1190,6 +1288,10 @@ mod tests {
             vec!["127.0.0.1:2465".parse().unwrap()]
         );
         assert_eq!(c.listen.metrics, vec!["127.0.0.1:9366".parse().unwrap()]);
+        assert_eq!(c.listen.odmrs, vec!["127.0.0.1:3367".parse().unwrap()]);
+        assert!(!c.odmr.allow_plaintext_auth);
+        assert!(!c.odmr.cram_md5_requires_tls);
+        assert_eq!(c.limits.trusted_networks, Network::loopback());
         assert_eq!(c.tls.identity, TlsIdentity::SelfSigned);
         assert_eq!(c.limits.max_message_size, 52_428_800);
         assert_eq!(c.limits.max_recipients, 100);
@@ -1238,6 +1340,34 @@ mod tests {
                 "{input:?}"
             );
         }
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0ms"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("5mss"), None);
+    }
+
+    #[test]
+    fn throttle_and_data_rate_keys() {
+        let c = Config::parse(
+            "[odmr]\nauth_failure_delay = \"250ms\"\nauth_max_delay = \"0s\"\n\
+             auth_account_max_delay = \"1s\"\nauth_failures_per_client = 4\n\
+             auth_failures_per_address = 40\n[limits]\nmin_data_rate = 0\n",
+            Path::new("turnpike.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.odmr.auth_failure_delay, Duration::from_millis(250));
+        assert_eq!(c.odmr.auth_max_delay, Duration::ZERO);
+        assert_eq!(c.odmr.auth_account_max_delay, Duration::from_secs(1));
+        assert_eq!(
+            (
+                c.odmr.auth_failures_per_client,
+                c.odmr.auth_failures_per_address
+            ),
+            (4, 40)
+        );
+        assert_eq!(c.limits.min_data_rate, 0);
+        let d = Config::default();
+        assert_eq!(d.limits.min_data_rate, 500);
+        assert_eq!(d.odmr.auth_failures_per_client, 10);
     }
 
     #[test]
@@ -1275,7 +1405,22 @@ mod tests {
                 "turnpike.toml: limits.max_msg_size: unknown key (expected one of: \
                  max_message_size, max_recipients, max_line_length, \
                  max_commands_without_progress, max_errors, max_hops, idle_timeout, \
-                 session_timeout, max_connections_per_ip, max_connections)",
+                 min_data_rate, session_timeout, max_connections_per_ip, max_connections, \
+                 trusted_networks)",
+            ),
+            (
+                "[limits]\ntrusted_networks = [\"10.0.0.0/8\", \"10.1.0.0/33\"]",
+                "turnpike.toml: limits.trusted_networks[1]: \"10.1.0.0/33\": the prefix length \
+                 must be 0..=32",
+            ),
+            (
+                "[limits]\ntrusted_networks = 10",
+                "turnpike.toml: limits.trusted_networks: expected a network like \"10.0.0.0/8\" \
+                 or an address, or a list of them, got 10",
+            ),
+            (
+                "[odmr]\ncram_md5_requires_tls = 1",
+                "turnpike.toml: odmr.cram_md5_requires_tls: expected true or false, got 1",
             ),
             (
                 "[sevrer]\ncores = 1",
@@ -1328,7 +1473,7 @@ mod tests {
             (
                 "[limits]\nidle_timeout = 300",
                 "turnpike.toml: limits.idle_timeout: expected a duration like \"5m\" \
-                 (units s, m, h, d), got 300",
+                 (units ms, s, m, h, d), got 300",
             ),
             (
                 "[limits]\nsession_timeout = \"0m\"",

@@ -13,10 +13,12 @@
 //! stored (its `Received:` field followed by the body exactly as sent to the MX), with the
 //! same envelope, and afterwards nothing is held for the domain.
 //!
-//! TLS is not covered: fetchmail's ODMR mode has no STARTTLS (its `--sslproto` STARTTLS
-//! upgrade exists for POP3 and IMAP only); its only TLS path is `--ssl`, TLS on connect to
-//! the `odmrs` service, and turnpike has no implicit-TLS ODMR listener. Hence
-//! `[odmr] allow_plaintext_auth = true` here.
+//! fetchmail's ODMR mode has no STARTTLS (its `--sslproto` STARTTLS upgrade exists for POP3
+//! and IMAP only); its only TLS path is `--ssl`, TLS on connect to the `odmrs` service. Both
+//! paths must work against the zero-config server, started here with no configuration file
+//! at all: CRAM-MD5 without TLS (it never sends the password, and RFC 2645 makes it a MUST),
+//! and `odmrs` on 127.0.0.1:3367 with the generated certificate. A configured server with
+//! `cram_md5_requires_tls` still serves fetchmail over `odmrs`.
 //!
 //! Skips visibly without fetchmail, fails under `CI=true` (`tests/support/install-mail-clients.sh`
 //! installs it).
@@ -55,7 +57,14 @@ const SINK_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the queue may take to show the delivered mail as gone.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-const CONFIG: &str = "[odmr]\nallow_plaintext_auth = true\n";
+/// How the server under test is set up.
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    /// No configuration file: every default, fixed loopback ports.
+    ZeroConfig,
+    /// `[odmr] cram_md5_requires_tls = true` and an `odmrs` listener on a free port.
+    CramOnlyInsideTls,
+}
 
 // ---------------------------------------------------------------------------------------------
 // The held messages
@@ -602,23 +611,38 @@ fn clip(text: &str, max: usize) -> String {
 // The test
 // ---------------------------------------------------------------------------------------------
 
-/// Holds the messages, runs fetchmail against a sink that does (or does not) offer CHUNKING,
-/// and checks what arrived and what is left.
-fn fetchmail_relays_held_mail(chunking: bool, tls: bool) {
+/// Holds the messages, runs fetchmail (over implicit TLS with `tls`) against a sink that does
+/// (or does not) offer CHUNKING, and checks what arrived and what is left.
+fn fetchmail_relays_held_mail(setup: Setup, chunking: bool, tls: bool) {
     if !require_program("fetchmail") {
         return;
     }
-    // Over TLS the default policy applies (CRAM-MD5 only inside TLS): fetchmail's only TLS
-    // path is implicit TLS, the `odmrs` listener.
-    let config = if tls {
-        "[listen]\nodmrs = [\"127.0.0.1:0\"]\n"
-    } else {
-        CONFIG
+    let accounts: &[(&str, &[&str])] = &[(ACCOUNT, &[DOMAIN]), (OTHER_ACCOUNT, &[OTHER_DOMAIN])];
+    let server = match setup {
+        Setup::ZeroConfig => TestServer::start_zero_config(accounts),
+        Setup::CramOnlyInsideTls => TestServer::start(
+            "[listen]\nodmrs = [\"127.0.0.1:0\"]\n[odmr]\ncram_md5_requires_tls = true\n",
+            accounts,
+        ),
     };
-    let server = TestServer::start(
-        config,
-        &[(ACCOUNT, &[DOMAIN]), (OTHER_ACCOUNT, &[OTHER_DOMAIN])],
-    );
+    if setup == Setup::ZeroConfig {
+        assert_eq!(server.addr("odmr").port(), 3366, "zero-config ODMR port");
+        assert_eq!(server.addr("odmrs").port(), 3367, "zero-config odmrs port");
+    }
+    // Our Received: line names the server's host name: the test's in the configured setup,
+    // the machine's (as the MX greets with it) at zero-config.
+    let hostname = match setup {
+        Setup::ZeroConfig => {
+            let mut mx = SmtpClient::connect(server.addr("mx"));
+            let banner = mx.expect(220);
+            banner
+                .split_whitespace()
+                .next()
+                .expect("host name in the banner")
+                .to_string()
+        }
+        Setup::CramOnlyInsideTls => "mx.test".to_string(),
+    };
     let messages = held_messages();
     hold(&server, &messages);
 
@@ -714,7 +738,7 @@ fn fetchmail_relays_held_mail(chunking: bool, tls: bool) {
             "<{}>: more than one field added: {prefix:?}",
             m.sender
         );
-        assert!(prefix.contains("by mx.test"), "{prefix:?}");
+        assert!(prefix.contains(&format!("by {hostname}")), "{prefix:?}");
     }
 
     // Delivered mail is no longer held; the other customer's copy still is.
@@ -740,19 +764,26 @@ fn fetchmail_relays_held_mail(chunking: bool, tls: bool) {
     );
 }
 
+/// fetchmail `proto ODMR` (CRAM-MD5, no TLS) against the server with no configuration file.
 #[test]
-fn fetchmail_odmr_relays_held_mail_over_data() {
-    fetchmail_relays_held_mail(false, false);
+fn fetchmail_odmr_at_zero_config_relays_held_mail_over_data() {
+    fetchmail_relays_held_mail(Setup::ZeroConfig, false, false);
 }
 
 #[test]
-fn fetchmail_odmr_relays_held_mail_over_bdat() {
-    fetchmail_relays_held_mail(true, false);
+fn fetchmail_odmr_at_zero_config_relays_held_mail_over_bdat() {
+    fetchmail_relays_held_mail(Setup::ZeroConfig, true, false);
 }
 
-/// fetchmail `--ssl` with certificate checking against the implicit-TLS ODMR listener, with
-/// the default authentication policy (no plaintext mechanisms outside TLS).
+/// fetchmail `ssl` with certificate checking against the zero-config `odmrs` listener
+/// (127.0.0.1:3367) and the certificate the server generated on first run.
 #[test]
-fn fetchmail_odmr_over_implicit_tls_checks_our_certificate() {
-    fetchmail_relays_held_mail(true, true);
+fn fetchmail_odmrs_at_zero_config_checks_our_certificate() {
+    fetchmail_relays_held_mail(Setup::ZeroConfig, true, true);
+}
+
+/// With `cram_md5_requires_tls`, fetchmail still gets its mail over `odmrs`.
+#[test]
+fn fetchmail_odmrs_when_cram_md5_requires_tls() {
+    fetchmail_relays_held_mail(Setup::CramOnlyInsideTls, false, true);
 }

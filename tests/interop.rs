@@ -154,6 +154,26 @@ fn smtp_source_200_messages_over_10_sessions() {
         && m["recipients"] == serde_json::json!(["user@example.com"])));
 }
 
+/// A load test against the server as a new user runs it (no configuration file): 50
+/// parallel sessions from loopback, a new connection per message, are never refused with
+/// `421 Too many connections` (loopback is a trusted network, exempt from the per-address
+/// cap), and every message is held.
+#[test]
+fn smtp_source_50_sessions_into_the_zero_config_mx_get_no_421() {
+    if !require_program("smtp-source") {
+        return;
+    }
+    let server = TestServer::start_zero_config(&[("acme", &[DOMAIN])]);
+    assert_eq!(server.addr("mx").port(), 2525, "zero-config MX port");
+    let out = smtp_source(server.addr("mx"), 50, 5000, 4096);
+    let text = output_text(&out);
+    assert!(out.status.success(), "smtp-source: {}\n{text}", out.status);
+    assert!(!text.contains("421"), "smtp-source saw a 421:\n{text}");
+    let queue = server.queue_json();
+    let (messages, _) = queue_entry(&queue, DOMAIN).expect("example.com listed");
+    assert_eq!(messages, 5000, "{queue}");
+}
+
 fn smtp_source(mx: SocketAddr, sessions: u32, messages: u32, length: u32) -> Output {
     let mut cmd = Command::new(find_program("smtp-source").expect("smtp-source"));
     cmd.args(["-s", &sessions.to_string()])

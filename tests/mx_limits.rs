@@ -418,7 +418,8 @@ fn connect_admitted(addr: SocketAddr) -> SmtpClient {
 
 #[test]
 fn third_connection_from_one_address_is_421_470() {
-    let server = start("[limits]\nmax_connections_per_ip = 2\n");
+    // Loopback is a trusted network by default (no per-address cap): trust nothing here.
+    let server = start("[limits]\nmax_connections_per_ip = 2\ntrusted_networks = []\n");
     let before = hold_baseline(&server, 500);
     let mx = server.addr("mx");
 

@@ -743,8 +743,9 @@ fn atrn_right_after_a_reversal_does_not_redeliver() {
 // 4. Per-recipient outcomes
 // ---------------------------------------------------------------------------------------------
 
-/// 2xx retires a part, 4xx keeps it held (the whole part, also with an accepted recipient in
-/// it), 5xx retires it as bounced and queues an RFC 3464 report from `<>` to the sender.
+/// Per recipient: 2xx is retired, 4xx keeps that recipient held (alone, also when another
+/// recipient of its part was accepted), 5xx is retired as bounced with an RFC 3464 report
+/// from `<>` to the sender.
 #[test]
 fn per_recipient_outcomes_retire_hold_and_bounce() {
     let server = TestServer::start(PLAINTEXT, &[ACME]);
@@ -787,15 +788,16 @@ fn per_recipient_outcomes_retire_hold_and_bounce() {
         ["acme.example", "acme.net", "client.test"],
         "{q:?}"
     );
-    // acme.example: m1's part (all 250) is gone; m2's part stays whole (one 250, one 450).
+    // acme.example: m1's part (all 250) is gone; of m2's part (one 250, one 450) only the
+    // deferred recipient stays.
+    wait_until("m2's accepted recipient to be retired", || {
+        held(&server, "acme.example").len() == 1 && held(&server, "acme.example")[0].1.len() == 1
+    });
     assert_eq!(
         held(&server, "acme.example"),
         [(
             "other@client2.test".to_string(),
-            vec![
-                "later2@acme.example".to_string(),
-                "ok2@acme.example".to_string()
-            ]
+            vec!["later2@acme.example".to_string()]
         )]
     );
     assert_eq!(
@@ -811,6 +813,86 @@ fn per_recipient_outcomes_retire_hold_and_bounce() {
         [(String::new(), vec!["sender@client.test".to_string()])]
     );
     assert!(!q.contains_key("client2.test"), "a deferral was reported");
+}
+
+/// Issue 9 item 6, found with Exim as the customer: one part (three recipients of one domain)
+/// answered 250 / 451 / 550. The 250 recipient is retired, the 550 one is reported once, and
+/// only the 451 one stays held: after a SIGKILL and a restart the next session carries that
+/// recipient alone, and a third ATRN finds nothing.
+#[test]
+fn mixed_outcomes_in_one_part_settle_each_recipient_across_a_restart() {
+    let mut server = TestServer::start(PLAINTEXT, &[ACME]);
+    let body = "Subject: three answers\r\n\r\none part, three recipients\r\n";
+    mx_send(
+        &server,
+        "sender@client.test",
+        &["ok@acme.example", "later@acme.example", "gone@acme.example"],
+        body,
+    );
+
+    let mut rev = atrn(login(&server, "acme"), "");
+    let got = rev.serve(CAPS_ALL, |addr| {
+        match addr {
+            "ok@acme.example" => "250 2.1.5 Ok",
+            "later@acme.example" => "451 4.3.0 Try again later",
+            "gone@acme.example" => "550 5.1.1 No such user",
+            other => panic!("unexpected recipient {other}"),
+        }
+        .to_string()
+    });
+    rev.expect_closed();
+    assert_eq!(got.len(), 1, "{:?}", rev.commands);
+    assert_eq!(got[0].accepted, ["ok@acme.example"]);
+
+    // Only the deferred recipient is held; the refused one is reported to the sender.
+    wait_until("the per-recipient outcomes to be recorded", || {
+        held(&server, "acme.example")
+            == [(
+                "sender@client.test".to_string(),
+                vec!["later@acme.example".to_string()],
+            )]
+            && queue_map(&server).contains_key("client.test")
+    });
+    assert_eq!(
+        held(&server, "client.test"),
+        [(String::new(), vec!["sender@client.test".to_string()])],
+        "one report, from <>, for the 550"
+    );
+
+    // What is recorded survives a crash: the journal, not only the index, knows.
+    server.kill9();
+    server.restart();
+    assert_eq!(
+        held(&server, "acme.example"),
+        [(
+            "sender@client.test".to_string(),
+            vec!["later@acme.example".to_string()],
+        )],
+        "after the restart"
+    );
+
+    let mut rev = atrn(login(&server, "acme"), "");
+    let again = rev.serve(CAPS_ALL, accept_all);
+    rev.expect_closed();
+    assert_eq!(again.len(), 1, "{:?}", rev.commands);
+    assert_eq!(
+        again[0].rcpts,
+        ["later@acme.example"],
+        "the next session sends only what is still held"
+    );
+    assert_relayed(&again[0].body, body);
+
+    wait_until("acme.example to be empty", || {
+        !queue_map(&server).contains_key("acme.example")
+    });
+    let mut c = login(&server, "acme");
+    expect_status(&mut c, "ATRN", 453, "4.3.0");
+    c.cmd("QUIT", 221);
+    assert_eq!(
+        held(&server, "client.test"),
+        [(String::new(), vec!["sender@client.test".to_string()])],
+        "the 550 was reported exactly once"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -653,6 +653,96 @@ fn permanent_refusal_reports_to_the_senders_hold() {
     assert!(server.logs().contains("never bounce a bounce"));
 }
 
+/// Issue 9 item 6 in the relay: one part (three recipients at one destination) answered 250 /
+/// 451 / 550. The 250 recipient is not sent again, the 550 one is reported once, and after a
+/// SIGKILL and a restart the next attempt carries only the 451 recipient.
+#[test]
+fn mixed_outcomes_in_one_part_retry_only_the_deferred_recipient() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let later_ok = Arc::new(Mutex::new(false));
+    let (a, ok) = (asked.clone(), later_ok.clone());
+    let sink = Sink::start(
+        l,
+        Arc::new(move |addr: &str| {
+            if !addr.starts_with('?') {
+                a.lock().unwrap().push(addr.to_string());
+            }
+            match addr {
+                "ok@far.example" => "250 2.1.5 Ok".into(),
+                "later@far.example" if *ok.lock().unwrap() => "250 2.1.5 Ok".into(),
+                "later@far.example" => "451 4.3.0 Try again later".into(),
+                "gone@far.example" => "550 5.1.1 No such user".into(),
+                _ => "250 Ok".into(),
+            }
+        }),
+        Arc::new(|| {}),
+    );
+    let config = format!(
+        "[relay]\nsmarthost = \"{}\"\nfirst_retry = \"1h\"\n",
+        sink.addr
+    );
+    let mut server = TestServer::start(&config, &[ACME]);
+    let body: &[u8] = b"Subject: three answers\r\n\r\nhi\r\n";
+    seed(
+        &mut server,
+        &[(
+            "boss@acme.example",
+            &["ok@far.example", "later@far.example", "gone@far.example"],
+            body,
+        )],
+    );
+    let held = |server: &TestServer| -> Vec<String> {
+        let show = server.queue_show_json("far.example");
+        show["messages"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .flat_map(|m| m["recipients"].as_array().unwrap().clone())
+                    .map(|r| r.as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until("the first attempt to be settled", 20, &server, || {
+        held(&server) == ["later@far.example"]
+            && queue_entry(&server.queue_json(), "acme.example").is_some()
+    });
+    assert_eq!(sink.got().len(), 1);
+    assert_eq!(sink.got()[0].rcpts, ["ok@far.example"]);
+    let report = server.queue_show_json("acme.example");
+    assert_eq!(report["messages"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(report["messages"][0]["sender"], "");
+
+    // A crash, then the destination takes the deferred recipient.
+    *later_ok.lock().unwrap() = true;
+    server.kill9();
+    server.restart();
+    assert_eq!(held(&server), ["later@far.example"], "after the restart");
+    wait_until("the retry after the restart", 20, &server, || {
+        sink.got().len() == 2 && queue_entry(&server.queue_json(), "far.example").is_none()
+    });
+    let got = sink.got();
+    assert_eq!(got[1].rcpts, ["later@far.example"]);
+    assert_eq!(without_our_trace(&got[1].body), body);
+    assert_eq!(
+        *asked.lock().unwrap(),
+        [
+            "ok@far.example",
+            "later@far.example",
+            "gone@far.example",
+            "later@far.example"
+        ],
+        "the second attempt offers only what is still queued"
+    );
+    let report = server.queue_show_json("acme.example");
+    assert_eq!(
+        report["messages"].as_array().unwrap().len(),
+        1,
+        "the 550 was reported exactly once: {report}"
+    );
+}
+
 /// `queue retry DEST` attempts at once instead of after the backoff; `queue bounce ID` reports
 /// a queued message to its sender and drops it.
 #[test]

@@ -456,3 +456,77 @@ fn compaction_copies_live_parts_forward_byte_identically() {
     });
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A SETTLE finishes some recipients of a part: recovery leaves them out, a compaction copy
+/// leaves them out (so the SETTLE's segment may go with the old copy), and the DONE for the
+/// rest ends the part.
+#[test]
+fn settled_recipients_stay_finished_through_recovery_and_compaction() {
+    let dir = temp_dir("spool-settle");
+    run_local(async {
+        let j = JournalHandle::open(cfg(&dir, IoKind::Epoll, 16 << 10), DirRecovery::empty(0))
+            .await
+            .unwrap();
+        let x = d("x.example");
+        let mixed = envelope(&["a@x.example", "b@x.example", "c@x.example"]);
+        let m = id(0);
+        let loc = j
+            .append_message(m, 1, &mixed, &body(0, 2000))
+            .await
+            .unwrap();
+        // Fillers in the same segment, finished, so that it is worth compacting.
+        let filler = envelope(&["f@x.example"]);
+        let mut n = 1;
+        while j.current_segment() == Some(loc.seq) {
+            j.append_message(id(n), n, &filler, &body(n, 2000))
+                .await
+                .unwrap();
+            n += 1;
+        }
+        for k in 1..n {
+            j.append_done(id(k), &x, Outcome::Delivered).await.unwrap();
+        }
+        j.append_settle(m, &x, &[(0, Outcome::Delivered), (2, Outcome::Bounced)])
+            .await
+            .unwrap();
+        let still = |dir: &Path| {
+            let got = recovered_parts(dir);
+            let p = &got[&(m, x.clone())];
+            let locals: Vec<String> = p
+                .recipients
+                .iter()
+                .map(|r| r.mailbox.local.clone())
+                .collect();
+            (locals, p.indices.clone(), got.len())
+        };
+        assert_eq!(still(&dir), (vec!["b".to_string()], vec![1], 1));
+
+        // Move past the SETTLE's segment, then compact the first one.
+        for k in 100..110u64 {
+            let l = j
+                .append_message(id(k), k, &filler, &body(k, 2000))
+                .await
+                .unwrap();
+            j.append_done(id(k), &x, Outcome::Delivered).await.unwrap();
+            assert!(l.seq > loc.seq);
+        }
+        let r = j.reclaim().await.unwrap();
+        assert_eq!(r.compacted, Some(loc.seq), "{r:?}");
+        let copy = r.relocated.iter().find(|c| c.id == m).expect("copied");
+        let reader = Reader::new(&dir, IoKind::Epoll);
+        let meta = reader.read_message(&copy.location).await.unwrap();
+        assert_eq!(meta.parts[0].recipients, [1], "the copy is narrowed");
+        assert_eq!(meta.envelope, mixed, "the envelope is kept whole");
+        assert_eq!(
+            reader.read_body(&copy.location).await.unwrap(),
+            body(0, 2000)
+        );
+        let _ = j.reclaim().await.unwrap();
+        assert_eq!(still(&dir), (vec!["b".to_string()], vec![1], 1));
+
+        j.append_done(m, &x, Outcome::Delivered).await.unwrap();
+        j.close().await;
+        assert!(recovered_parts(&dir).is_empty());
+    });
+    std::fs::remove_dir_all(dir).unwrap();
+}

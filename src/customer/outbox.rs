@@ -26,7 +26,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -34,6 +34,7 @@ use crate::proto::dsn::{self, DsnAction, Report, ReportRecipient};
 use crate::proto::inbound::Incoming;
 use crate::proto::reply::{EnhancedStatus, Reply};
 use crate::spool::{self, IoKind, JournalConfig, JournalHandle, Location, Outcome, Reader};
+pub use crate::types::Network;
 use crate::types::{DomainName, Envelope, Mailbox, MessageId, Recipient};
 
 /// Segments of the outbox journal: small (an office's queue), never preallocated.
@@ -53,69 +54,6 @@ pub struct OutboxConfig {
     /// The provider's submission port (`host`, `port`), for when its ODMR port does not take
     /// mail; same TLS mode, trust and credentials as the ODMR connection.
     pub submission: Option<(String, u16)>,
-}
-
-/// An IP network `address/prefix`, for `[outbox] allow`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Network {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Network {
-    /// Parses `192.168.1.0/24`, `::1/128` or a bare address (a single host).
-    pub fn parse(s: &str) -> Result<Network, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or network"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
-        };
-        Ok(Network { addr, prefix })
-    }
-
-    /// The loopback networks: the default of `[outbox] allow`.
-    pub fn loopback() -> Vec<Network> {
-        vec![
-            Network::parse("127.0.0.0/8").expect("literal"),
-            Network::parse("::1/128").expect("literal"),
-        ]
-    }
-
-    /// True when `ip` is inside (an IPv4-mapped IPv6 address counts as its IPv4 address).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        let (a, b, bits) = match (self.addr, ip) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => {
-                (u128::from(a.to_bits()), u128::from(b.to_bits()), 32)
-            }
-            (IpAddr::V6(a), IpAddr::V6(b)) => (a.to_bits(), b.to_bits(), 128),
-            _ => return false,
-        };
-        let shift = bits - u32::from(self.prefix);
-        shift >= bits || (a >> shift) == (b >> shift)
-    }
-}
-
-impl fmt::Display for Network {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
 }
 
 /// Why the outbox could not be opened.

@@ -295,6 +295,7 @@ mod tests {
             hostname: "mx.test",
             tls: true,
             allow_plaintext: false,
+            cram_md5_requires_tls: false,
             random: b"0123456789abcdef0123456789abcdef",
             unix_time: 1_700_000_000,
             secret: b"server secret",

@@ -31,7 +31,9 @@
 //!      buffered plaintext byte** (RFC 3207 §6, the STARTTLS injection class), run the handshake,
 //!      then call [`Inbound::tls_started`].
 //!    - [`Action::Close`]: flush the output and close the connection.
-//! 4. On an idle timeout, call [`Inbound::timed_out`] and go to step 1; it queues a Close.
+//! 4. On an idle timeout, call [`Inbound::timed_out`] (or [`Inbound::data_too_slow`] when
+//!    [`Inbound::is_reading_body`] and the transfer missed its minimum rate) and go to step 1;
+//!    it queues a Close.
 //!
 //! In ODMR mode ([`Inbound::new_odmr`]) the driver also:
 //!
@@ -146,9 +148,9 @@
 //!
 //! - EHLO lists the MX's extensions (PIPELINING if configured, SIZE, 8BITMIME, SMTPUTF8,
 //!   ENHANCEDSTATUSCODES, CHUNKING, DSN), `AUTH` with the configured mechanisms usable now
-//!   ([`Mechanism::check`]: PLAIN, LOGIN and CRAM-MD5 only under TLS unless
-//!   `allow_plaintext_auth`; -PLUS only with exporter bytes; EXTERNAL only with a client
-//!   certificate), `ATRN`, and STARTTLS before TLS.
+//!   ([`Mechanism::check`]: PLAIN and LOGIN only under TLS unless `allow_plaintext_auth`;
+//!   CRAM-MD5 and SCRAM-SHA-256 also without TLS unless `cram_md5_requires_tls`; -PLUS only
+//!   with exporter bytes; EXTERNAL only with a client certificate), `ATRN`, and STARTTLS before TLS.
 //! - AUTH before EHLO, after a success, or inside a transaction: `503 5.5.1`. A mechanism not
 //!   configured: `504 5.5.4`; configured but needing TLS: `538 5.7.11`. The exchange's own
 //!   replies are those of [`crate::proto::sasl`]. `235 2.7.0` only after the throttle agreed.
@@ -340,6 +342,9 @@ pub struct OdmrConfig {
     pub auth_mechanisms: Vec<Mechanism>,
     /// Allow PLAIN, LOGIN and CRAM-MD5 without TLS (RFC 4954 §4 wants this configurable).
     pub allow_plaintext_auth: bool,
+    /// Offer CRAM-MD5 only under TLS (it never sends the password, so by default it runs
+    /// without TLS too).
+    pub cram_md5_requires_tls: bool,
     /// Failed authentications per session; reaching it sends `421 4.7.0` and closes.
     pub max_auth_failures: u32,
     /// A stable server secret from which unknown users' fake SCRAM salts are derived.
@@ -355,6 +360,7 @@ impl OdmrConfig {
         OdmrConfig {
             auth_mechanisms: Mechanism::ALL.to_vec(),
             allow_plaintext_auth: false,
+            cram_md5_requires_tls: false,
             max_auth_failures: 3,
             auth_secret,
             scram_iterations: 4096,
@@ -367,6 +373,7 @@ impl std::fmt::Debug for OdmrConfig {
         f.debug_struct("OdmrConfig")
             .field("auth_mechanisms", &self.auth_mechanisms)
             .field("allow_plaintext_auth", &self.allow_plaintext_auth)
+            .field("cram_md5_requires_tls", &self.cram_md5_requires_tls)
             .field("max_auth_failures", &self.max_auth_failures)
             .field("scram_iterations", &self.scram_iterations)
             .finish_non_exhaustive()
@@ -919,6 +926,29 @@ impl Inbound {
             return;
         }
         let text = format!("{} Idle timeout, closing connection", self.cfg.hostname);
+        self.reply(Reply::with_status(421, (4, 4, 2), text));
+        self.close();
+    }
+
+    /// True while a DATA or BDAT body is being read: the driver holds the transfer to the
+    /// minimum data rate then, and each command line to the idle timeout otherwise.
+    pub fn is_reading_body(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::ReadingData { .. } | Phase::ReadingBdat { .. }
+        )
+    }
+
+    /// A DATA or BDAT transfer fell below the minimum data rate: queues `421 4.4.2` and a
+    /// Close; nothing of the message is kept.
+    pub fn data_too_slow(&mut self) {
+        if self.is_closed() {
+            return;
+        }
+        let text = format!(
+            "{} Data transfer too slow, closing connection",
+            self.cfg.hostname
+        );
         self.reply(Reply::with_status(421, (4, 4, 2), text));
         self.close();
     }
@@ -1503,6 +1533,7 @@ impl Inbound {
             hostname: &self.cfg.hostname,
             tls: self.session.tls,
             allow_plaintext: odmr.allow_plaintext_auth,
+            cram_md5_requires_tls: odmr.cram_md5_requires_tls,
             random,
             unix_time: self.context.unix_time,
             secret: &odmr.auth_secret,
@@ -3065,6 +3096,35 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_body_is_cut_off_and_nothing_is_delivered() {
+        for (start, body) in [
+            (&b"DATA\r\n"[..], &b"Subject: x\r\n\r\npart"[..]),
+            (&b"BDAT 100 LAST\r\n"[..], &b"Subject: x\r\n"[..]),
+        ] {
+            let mut m = Inbound::new(cfg());
+            assert_eq!(m.handle_input(b"EHLO c\r\n", &Dir), 8);
+            let input = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\n";
+            assert_eq!(m.handle_input(input, &Dir), input.len());
+            assert!(!m.is_reading_body());
+            assert_eq!(m.handle_input(start, &Dir), start.len());
+            assert!(m.is_reading_body());
+            assert_eq!(m.handle_input(body, &Dir), body.len());
+            assert!(m.is_reading_body());
+            m.output().clear();
+            m.data_too_slow();
+            assert_eq!(
+                String::from_utf8_lossy(m.output()),
+                "421 4.4.2 mx.example Data transfer too slow, closing connection\r\n"
+            );
+            assert!(matches!(m.poll_action(), Some(Action::Close)));
+            assert!(m.poll_action().is_none(), "no Deliver");
+            assert!(!m.is_reading_body());
+            m.data_too_slow();
+            assert!(m.poll_action().is_none());
+        }
+    }
+
+    #[test]
     fn deliver_holds_pipelined_input_until_stored() {
         let mut m = Inbound::new(cfg());
         let input = b"EHLO c\r\n";
@@ -3191,7 +3251,8 @@ mod tests {
             )
         };
         let plain = b64("\0user\0pencil");
-        // Plaintext mechanisms hidden and refused with 538; after STARTTLS all are offered.
+        // Mechanisms that send the password hidden and refused with 538 (CRAM-MD5 and SCRAM
+        // never do, so they are offered); after STARTTLS all are offered.
         let run = check_whole_in(
             &odmr_setup(false, false),
             &format!(
@@ -3199,7 +3260,7 @@ mod tests {
                  {ehlo}
                  C: AUTH PLAIN {plain}
                  S: 538 5.7.11 Encryption required for requested authentication mechanism
-                 C: AUTH CRAM-MD5
+                 C: AUTH LOGIN
                  S: 538 5.7.11 Encryption required for requested authentication mechanism
                  C: AUTH SCRAM-SHA-256-PLUS
                  S: 538 5.7.11 Encryption required for requested authentication mechanism
@@ -3210,8 +3271,23 @@ mod tests {
                  {ehlo_tls}
                  C: AUTH EXTERNAL =
                  S: 235 2.7.0 Authentication successful",
-                ehlo = ehlo("SCRAM-SHA-256"),
+                ehlo = ehlo("SCRAM-SHA-256 CRAM-MD5"),
                 ehlo_tls = ODMR_EHLO.replace("S: 220 mx.example ESMTP turnpike", ""),
+            ),
+        );
+        // cram_md5_requires_tls: CRAM-MD5 too is hidden and refused until STARTTLS.
+        let mut strict = odmr_setup(false, false);
+        if let Some((odmr, _)) = strict.odmr.as_mut() {
+            odmr.cram_md5_requires_tls = true;
+        }
+        check_whole_in(
+            &strict,
+            &format!(
+                "S: 220 mx.example ESMTP turnpike
+                 {ehlo}
+                 C: AUTH CRAM-MD5
+                 S: 538 5.7.11 Encryption required for requested authentication mechanism",
+                ehlo = ehlo("SCRAM-SHA-256"),
             ),
         );
         assert!(run.tls_started);
@@ -3780,7 +3856,7 @@ mod tests {
                  {ehlo_tls}
                  C: AUTH PLAIN {plain}
                  S: 235 2.7.0 Authentication successful",
-                ehlo = ehlo("SCRAM-SHA-256"),
+                ehlo = ehlo("SCRAM-SHA-256 CRAM-MD5"),
                 ehlo_tls = SUBMISSION_EHLO_TLS
                     .replace("S: 220 mx.example ESMTP turnpike", "")
                     .replace("EHLO laptop.example", "EHLO c"),

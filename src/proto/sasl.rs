@@ -25,8 +25,10 @@
 //!
 //! - Unknown mechanism: `504 5.5.4`. A known one that cannot run in this session
 //!   (SCRAM-SHA-256-PLUS without exporter bytes, EXTERNAL without a certificate identity):
-//!   `504 5.5.4` too. PLAIN, LOGIN and CRAM-MD5 without TLS (unless `allow_plaintext`), and
-//!   -PLUS without TLS: `538 5.7.11`.
+//!   `504 5.5.4` too. PLAIN and LOGIN without TLS (unless `allow_plaintext`), CRAM-MD5
+//!   without TLS when `cram_md5_requires_tls` (and not `allow_plaintext`), and -PLUS without
+//!   TLS: `538 5.7.11`. CRAM-MD5 and SCRAM never send the password, so they run without TLS
+//!   by default (RFC 2645 makes CRAM-MD5 a MUST; fetchmail's ODMR mode has nothing else).
 //! - `*` cancels: `501 5.0.0`. A response that is not base64: `501 5.5.2`. A decoded response
 //!   that breaks the mechanism's grammar: `501 5.5.2`. An initial response to CRAM-MD5 (where
 //!   the server speaks first): `501 5.5.2`.
@@ -98,13 +100,16 @@ impl Mechanism {
     /// Whether this mechanism can run in `ctx`; the reply refusing it otherwise. The EHLO
     /// offer lists exactly the mechanisms for which this is `Ok`.
     pub fn check(self, ctx: &SaslContext<'_>) -> Result<(), Reply> {
-        let exposes_secret = matches!(
-            self,
-            Mechanism::Plain | Mechanism::Login | Mechanism::CramMd5
-        );
-        if !ctx.tls
-            && (self == Mechanism::ScramSha256Plus || exposes_secret && !ctx.allow_plaintext)
-        {
+        let needs_tls = match self {
+            // They send the password itself.
+            Mechanism::Plain | Mechanism::Login => !ctx.allow_plaintext,
+            // The password never crosses the wire; TLS only by the operator's choice.
+            Mechanism::CramMd5 => ctx.cram_md5_requires_tls && !ctx.allow_plaintext,
+            // The channel binding is the TLS session.
+            Mechanism::ScramSha256Plus => true,
+            Mechanism::ScramSha256 | Mechanism::External => false,
+        };
+        if !ctx.tls && needs_tls {
             return Err(Reply::with_status(
                 538,
                 (5, 7, 11),
@@ -173,6 +178,8 @@ pub struct SaslContext<'a> {
     pub tls: bool,
     /// PLAIN, LOGIN and CRAM-MD5 may run without TLS.
     pub allow_plaintext: bool,
+    /// CRAM-MD5 only inside TLS (unless `allow_plaintext`).
+    pub cram_md5_requires_tls: bool,
     /// Fresh random bytes for this exchange (at least 16): the SCRAM server nonce is their
     /// base64, the CRAM-MD5 challenge number their first 8 bytes.
     pub random: &'a [u8],
@@ -736,6 +743,7 @@ mod tests {
             hostname: "postoffice.reston.mci.net",
             tls: true,
             allow_plaintext: false,
+            cram_md5_requires_tls: false,
             random: &[0x07, 0x68],
             unix_time: 697170952,
             secret: b"server secret",
@@ -1155,17 +1163,27 @@ mod tests {
             allow_plaintext: true,
             ..plain
         };
-        // (mechanism, refusal without TLS, refusal without TLS but plaintext allowed)
+        let strict = SaslContext {
+            cram_md5_requires_tls: true,
+            ..plain
+        };
+        // (mechanism, refusal without TLS by default, with cram_md5_requires_tls, and with
+        // plaintext allowed)
         let table = [
-            (Mechanism::Plain, Some(538), None),
-            (Mechanism::Login, Some(538), None),
-            (Mechanism::CramMd5, Some(538), None),
-            (Mechanism::ScramSha256, None, None),
-            (Mechanism::ScramSha256Plus, Some(538), Some(538)),
-            (Mechanism::External, Some(504), Some(504)),
+            (Mechanism::Plain, Some(538), Some(538), None),
+            (Mechanism::Login, Some(538), Some(538), None),
+            (Mechanism::CramMd5, None, Some(538), None),
+            (Mechanism::ScramSha256, None, None, None),
+            (Mechanism::ScramSha256Plus, Some(538), Some(538), Some(538)),
+            (Mechanism::External, Some(504), Some(504), Some(504)),
         ];
-        for (mech, bare, relaxed) in table {
+        for (mech, bare, tls_only_cram, relaxed) in table {
             assert_eq!(mech.check(&plain).err().map(|r| r.code), bare, "{mech:?}");
+            assert_eq!(
+                mech.check(&strict).err().map(|r| r.code),
+                tls_only_cram,
+                "{mech:?}"
+            );
             assert_eq!(
                 mech.check(&allowed).err().map(|r| r.code),
                 relaxed,
@@ -1174,6 +1192,8 @@ mod tests {
             let (_, step) = SaslExchange::start(mech, None, &plain, &STORE);
             assert_eq!(code(&step).map(|c| c.0), bare, "{mech:?}");
         }
+        let r = Mechanism::CramMd5.check(&strict).unwrap_err();
+        assert_eq!(r.status.unwrap().to_string(), "5.7.11");
         let r = Mechanism::Plain.check(&plain).unwrap_err();
         assert_eq!(r.status.unwrap().to_string(), "5.7.11");
         let no_exporter = SaslContext {

@@ -1,18 +1,23 @@
 //! The failed-login throttle: slows down and then refuses password guessing, per client
-//! address and per account. Sans-IO: time is an argument (Unix seconds), and the caller does
-//! the waiting. The provider keeps one per core (addresses and accounts are spread over the
-//! cores by the kernel, so a guesser is throttled on every core it lands on).
+//! address, per account and address, and (only slowing down) per account. Sans-IO: time is an
+//! argument (Unix seconds), and the caller does the waiting. The provider keeps one per core
+//! (addresses and accounts are spread over the cores by the kernel, so a guesser is throttled
+//! on every core it lands on).
 //!
-//! Policy, per key (an IP address, an account name lowercased):
+//! Policy, per key (an IP address; an account name lowercased with an IP address; an account
+//! name lowercased):
 //! - Failures count while each comes within `window` seconds of the previous one; a quiet
 //!   `window` forgets the key.
-//! - After `k` counted failures, attempts are delayed by `initial_delay * 2^(k-1)`, at most
-//!   `max_delay`; the larger of the address's and the account's delay applies.
+//! - After `k` counted failures of a key, attempts are delayed by `initial_delay * 2^(k-1)`,
+//!   at most `max_delay`; the largest delay of the keys applies. The account's own key (its
+//!   failures from every address) delays by at most `account_max_delay`, and never refuses:
+//!   whoever guesses from elsewhere can slow the owner down a little, never lock them out.
 //! - At `max_ip_failures` the address is refused ([`Refusal::Ip`]: `421 4.7.0` and close); at
-//!   `max_account_failures` the account is refused ([`Refusal::Account`]: `454 4.7.0`, a
-//!   temporary failure, even with the right password, so guessing gains nothing).
-//! - A success forgets the account's failures, not the address's (one valid account must not
-//!   launder guesses at others).
+//!   `max_client_failures` for one account from one address, that address is refused for that
+//!   account ([`Refusal::Account`]: `454 4.7.0`, a temporary failure, even with the right
+//!   password, so guessing gains nothing). The owner from another address is not affected.
+//! - A success forgets the account's failures (from that address and overall), not the
+//!   address's (one valid account must not launder guesses at others).
 //! - Memory is bounded by `max_entries`: when full, stale keys are dropped, then the key whose
 //!   last failure is oldest. That scan is linear, and only runs on a failure for a new key.
 //!   Account names are truncated to 255 octets for the key.
@@ -30,8 +35,11 @@ pub struct ThrottleConfig {
     pub initial_delay: Duration,
     /// The delay doubles per failure up to this.
     pub max_delay: Duration,
-    /// Failures after which the account is refused for a window.
-    pub max_account_failures: u32,
+    /// The most an account's failures from all addresses together delay an attempt.
+    pub account_max_delay: Duration,
+    /// Failures of one account from one address after which that address is refused for the
+    /// account, for a window.
+    pub max_client_failures: u32,
     /// Failures after which the address is refused for a window.
     pub max_ip_failures: u32,
     /// Seconds after the last failure for which a key is remembered.
@@ -41,13 +49,14 @@ pub struct ThrottleConfig {
 }
 
 impl Default for ThrottleConfig {
-    /// 0.5 s doubling to 8 s; 10 failures lock an account and 30 an address, for 15 minutes;
-    /// 4096 keys.
+    /// 0.5 s doubling to 8 s (2 s at most for the account as a whole); 10 failures lock an
+    /// account at one address and 30 lock the address, for 15 minutes; 4096 keys.
     fn default() -> Self {
         ThrottleConfig {
             initial_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(8),
-            max_account_failures: 10,
+            account_max_delay: Duration::from_secs(2),
+            max_client_failures: 10,
             max_ip_failures: 30,
             window: 15 * 60,
             max_entries: 4096,
@@ -69,7 +78,7 @@ pub enum Verdict {
 /// Which key is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// The account: `454 4.7.0`, the session goes on.
+    /// The account from this address: `454 4.7.0`, the session goes on.
     Account,
     /// The client address: `421 4.7.0` and close.
     Ip,
@@ -101,6 +110,7 @@ impl Refusal {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
     Ip(IpAddr),
+    Client(IpAddr, String),
     Account(String),
 }
 
@@ -129,34 +139,48 @@ impl Throttle {
     /// The verdict for an attempt from `ip` for `account` (if known yet) at `now`.
     pub fn check(&self, ip: IpAddr, account: Option<&str>, now: u64) -> Verdict {
         let ip_failures = self.failures(&Key::Ip(ip), now);
-        let account_failures = account.map_or(0, |a| self.failures(&account_key(a), now));
         if ip_failures >= self.cfg.max_ip_failures {
             return Verdict::Refuse(Refusal::Ip);
         }
-        if account_failures >= self.cfg.max_account_failures {
+        let (client_failures, account_failures) = match account {
+            None => (0, 0),
+            Some(a) => {
+                let name = account_name(a);
+                (
+                    self.failures(&Key::Client(ip, name.clone()), now),
+                    self.failures(&Key::Account(name), now),
+                )
+            }
+        };
+        if client_failures >= self.cfg.max_client_failures {
             return Verdict::Refuse(Refusal::Account);
         }
-        match ip_failures.max(account_failures) {
-            0 => Verdict::Allow,
-            k => {
-                let factor = 1u32 << (k - 1).min(16);
-                let delay = self.cfg.initial_delay.saturating_mul(factor);
-                Verdict::Delay(delay.min(self.cfg.max_delay))
-            }
+        let delay = self.backoff(ip_failures.max(client_failures)).max(
+            self.backoff(account_failures)
+                .min(self.cfg.account_max_delay),
+        );
+        if delay.is_zero() {
+            Verdict::Allow
+        } else {
+            Verdict::Delay(delay)
         }
     }
 
-    /// Counts a failed attempt against `ip` and `account`.
+    /// Counts a failed attempt against `ip`, and against `account` from `ip` and overall.
     pub fn record_failure(&mut self, ip: IpAddr, account: Option<&str>, now: u64) {
         self.bump(Key::Ip(ip), now);
         if let Some(a) = account {
-            self.bump(account_key(a), now);
+            let name = account_name(a);
+            self.bump(Key::Client(ip, name.clone()), now);
+            self.bump(Key::Account(name), now);
         }
     }
 
-    /// Forgets the account's failures after a successful login.
-    pub fn record_success(&mut self, _ip: IpAddr, account: &str) {
-        self.entries.remove(&account_key(account));
+    /// Forgets the account's failures (from `ip` and overall) after a successful login.
+    pub fn record_success(&mut self, ip: IpAddr, account: &str) {
+        let name = account_name(account);
+        self.entries.remove(&Key::Client(ip, name.clone()));
+        self.entries.remove(&Key::Account(name));
     }
 
     /// Keys currently held.
@@ -167,6 +191,20 @@ impl Throttle {
     /// True when no key is held.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// The delay after `k` failures of one key.
+    fn backoff(&self, k: u32) -> Duration {
+        match k {
+            0 => Duration::ZERO,
+            k => {
+                let factor = 1u32 << (k - 1).min(16);
+                self.cfg
+                    .initial_delay
+                    .saturating_mul(factor)
+                    .min(self.cfg.max_delay)
+            }
+        }
     }
 
     fn failures(&self, key: &Key, now: u64) -> u32 {
@@ -214,12 +252,13 @@ impl Throttle {
     }
 }
 
-fn account_key(account: &str) -> Key {
+/// The key form of an account name: lowercased, at most 255 octets.
+fn account_name(account: &str) -> String {
     let mut end = account.len().min(255);
     while !account.is_char_boundary(end) {
         end -= 1;
     }
-    Key::Account(account[..end].to_lowercase())
+    account[..end].to_lowercase()
 }
 
 #[cfg(test)]
@@ -235,7 +274,7 @@ mod tests {
 
     fn cfg() -> ThrottleConfig {
         ThrottleConfig {
-            max_account_failures: 7,
+            max_client_failures: 7,
             max_ip_failures: 9,
             window: 100,
             max_entries: 8,
@@ -244,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn delay_grows_then_account_then_ip_is_refused() {
+    fn delay_grows_then_account_at_that_address_then_ip_is_refused() {
         let mut t = Throttle::new(cfg());
         // Verdict for the attempt after `n` failures of "alice" from IP.
         let want = [
@@ -263,12 +302,9 @@ mod tests {
                 t.record_failure(IP, Some("Alice"), 10);
             }
         }
-        // Another address for the same account is refused too; the IP itself only delayed
-        // for other accounts until its own limit.
-        assert_eq!(
-            t.check(OTHER, Some("alice"), 10),
-            Verdict::Refuse(Refusal::Account)
-        );
+        // The owner from another address is only slowed down, by the capped account delay.
+        assert_eq!(t.check(OTHER, Some("alice"), 10), ms(2000));
+        // The IP itself is only delayed for other accounts until its own limit.
         assert_eq!(t.check(IP, Some("bob"), 10), ms(8000));
         t.record_failure(IP, Some("bob"), 10);
         t.record_failure(IP, None, 10);
@@ -281,12 +317,45 @@ mod tests {
         assert_eq!(t.check(IP, Some("alice"), 110), ms(500));
     }
 
+    /// A guesser spread over many addresses never locks the account: each address is refused
+    /// on its own, and the account as a whole costs at most `account_max_delay` per attempt.
+    #[test]
+    fn a_distributed_attack_cannot_lock_the_owner_out() {
+        let mut t = Throttle::new(ThrottleConfig {
+            max_entries: 4096,
+            ..cfg()
+        });
+        let owner = IpAddr::V4(core::net::Ipv4Addr::new(198, 51, 100, 7));
+        for host in 1..=50u8 {
+            let ip = IpAddr::V4(core::net::Ipv4Addr::new(203, 0, 113, host));
+            for _ in 0..7 {
+                t.record_failure(ip, Some("alice"), 20);
+            }
+            assert_eq!(
+                t.check(ip, Some("alice"), 20),
+                Verdict::Refuse(Refusal::Account)
+            );
+            assert_eq!(t.check(owner, Some("alice"), 20), ms(2000), "after {host}");
+        }
+        // The owner's success lifts even that.
+        t.record_success(owner, "alice");
+        assert_eq!(t.check(owner, Some("alice"), 20), Verdict::Allow);
+        // Other addresses stay refused for alice until their window passes.
+        let ip = IpAddr::V4(core::net::Ipv4Addr::new(203, 0, 113, 1));
+        assert_eq!(
+            t.check(ip, Some("alice"), 20),
+            Verdict::Refuse(Refusal::Account)
+        );
+        assert_eq!(t.check(ip, Some("alice"), 120), Verdict::Allow);
+    }
+
     #[test]
     fn success_forgets_the_account_not_the_address() {
         let mut t = Throttle::new(cfg());
         for _ in 0..3 {
             t.record_failure(IP, Some("alice"), 1);
         }
+        assert_eq!(t.check(OTHER, Some("alice"), 1), ms(2000));
         t.record_success(IP, "ALICE");
         assert_eq!(t.check(OTHER, Some("alice"), 1), Verdict::Allow);
         assert_eq!(t.check(IP, Some("alice"), 1), ms(2000));
@@ -300,6 +369,7 @@ mod tests {
             assert!(t.len() <= 8);
         }
         assert_eq!(t.check(IP, Some("user0"), 20), Verdict::Allow);
+        // OTHER's own failures (8 of the 20 kept) delay it; user19's account-wide key too.
         assert_eq!(t.check(IP, Some("user19"), 20), ms(500));
         // The busy address is kept: it is refreshed by every failure.
         assert_ne!(t.check(OTHER, None, 20), Verdict::Allow);
@@ -312,5 +382,22 @@ mod tests {
             b"421 4.7.0 mx.example Too many authentication failures, closing connection\r\n"
         );
         assert_eq!(Refusal::Account.reply("x").code, 454);
+    }
+
+    #[test]
+    fn zero_delays_turn_the_slowdown_off_but_not_the_limits() {
+        let mut t = Throttle::new(ThrottleConfig {
+            initial_delay: Duration::ZERO,
+            ..cfg()
+        });
+        for _ in 0..6 {
+            t.record_failure(IP, Some("alice"), 1);
+            assert_eq!(t.check(IP, Some("alice"), 1), Verdict::Allow);
+        }
+        t.record_failure(IP, Some("alice"), 1);
+        assert_eq!(
+            t.check(IP, Some("alice"), 1),
+            Verdict::Refuse(Refusal::Account)
+        );
     }
 }

@@ -98,6 +98,30 @@ pub enum MeshMsg {
         /// Answered once the part left the index (dropped if the DONE could not be written).
         ack: Option<tokio::sync::oneshot::Sender<()>>,
     },
+    /// To the writer core of `id`: these recipients (envelope index, outcome) of the `domain`
+    /// part are finished and the others stay held; append its SETTLE, then narrow the part
+    /// on the shard core.
+    Settle {
+        /// The message.
+        id: MessageId,
+        /// The part.
+        domain: DomainName,
+        /// The finished recipients.
+        recipients: Vec<(u32, spool::Outcome)>,
+        /// Answered once the index follows (dropped if the SETTLE could not be written).
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    },
+    /// To the shard core: the part's SETTLE is durable; drop these recipients from it.
+    Settled {
+        /// The message.
+        id: MessageId,
+        /// The part.
+        domain: DomainName,
+        /// Envelope indices of the finished recipients.
+        indices: Vec<u32>,
+        /// Answered once the part is narrowed.
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    },
     /// To a shard core: an ATRN for these domains was answered with `result`.
     AtrnNoted {
         /// The domains asked for (this shard's).
@@ -254,6 +278,7 @@ impl Core {
         let mut seed = [0u8; 8];
         let _ = getrandom::fill(&mut seed);
         let reader = spool::Reader::new(shared.config.server.data_dir.clone(), shared.io);
+        let throttle = crate::proto::throttle::Throttle::new(throttle_config(&shared.config.odmr));
         Rc::new(Core {
             index,
             reader,
@@ -267,7 +292,7 @@ impl Core {
             pushes: RefCell::new(HashMap::new()),
             expiring: RefCell::new(Default::default()),
             metrics: RefCell::new(metrics::CoreMetrics::new()),
-            throttle: RefCell::new(crate::proto::throttle::Throttle::new(Default::default())),
+            throttle: RefCell::new(throttle),
             activity: RefCell::new(HashMap::new()),
             relay: Default::default(),
             shutdown: tokio::sync::Notify::new(),
@@ -462,6 +487,26 @@ impl Core {
                         core.append_done(id, domain, outcome, ack).await
                     });
                 }
+                MeshMsg::Settle {
+                    id,
+                    domain,
+                    recipients,
+                    ack,
+                } => {
+                    let core = self.clone();
+                    tokio::task::spawn_local(async move {
+                        core.append_settle(id, domain, recipients, ack).await
+                    });
+                }
+                MeshMsg::Settled {
+                    id,
+                    domain,
+                    indices,
+                    ack,
+                } => {
+                    let _ack = AckOnDrop(ack);
+                    self.index_shard.borrow_mut().settle(id, &domain, &indices);
+                }
                 MeshMsg::AtrnNoted {
                     domains,
                     result,
@@ -635,6 +680,38 @@ impl Core {
         }
     }
 
+    /// Appends a SETTLE (on the writer core of `id`), then narrows the part on its shard.
+    async fn append_settle(
+        &self,
+        id: MessageId,
+        domain: DomainName,
+        recipients: Vec<(u32, spool::Outcome)>,
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        let Some(journal) = self.journal_of(id) else {
+            tracing::error!(%id, core = self.index, "SETTLE routed to a core without its journal");
+            return;
+        };
+        match journal.append_settle(id, &domain, &recipients).await {
+            Ok(_) => {
+                let shard = self.shard_of(&domain);
+                let indices = recipients.iter().map(|(i, _)| *i).collect();
+                let msg = MeshMsg::Settled {
+                    id,
+                    domain,
+                    indices,
+                    ack,
+                };
+                self.shared.mesh.send(shard, msg);
+            }
+            // The recipients stay held and are offered again: a duplicate (or a second
+            // report) at worst, never a loss.
+            Err(e) => {
+                tracing::error!(%id, %domain, error = %e, "could not record SETTLE; recipients stay held")
+            }
+        }
+    }
+
     /// Expires a part (on its writer core): EXPIRE record, report to the sender, DONE. Each
     /// step is durable before the next, so a crash in between resumes from the EXPIRE mark.
     async fn expire(&self, part: spool::HeldPart) {
@@ -751,6 +828,18 @@ impl Core {
 }
 
 /// Sends a retirement acknowledgement when dropped, i.e. after the index was updated.
+/// The failed-login throttle's limits from `[odmr]`.
+fn throttle_config(o: &crate::config::OdmrSettings) -> crate::proto::throttle::ThrottleConfig {
+    crate::proto::throttle::ThrottleConfig {
+        initial_delay: o.auth_failure_delay,
+        max_delay: o.auth_max_delay,
+        account_max_delay: o.auth_account_max_delay,
+        max_client_failures: o.auth_failures_per_client,
+        max_ip_failures: o.auth_failures_per_address,
+        ..Default::default()
+    }
+}
+
 struct AckOnDrop(Option<tokio::sync::oneshot::Sender<()>>);
 
 impl Drop for AckOnDrop {

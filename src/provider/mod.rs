@@ -5,6 +5,8 @@
 //! - [`core`]: what one core owns (journal writer, index shard, hosted snapshot).
 //! - [`hosted`]: the hosted-domain snapshot and quota counters.
 //! - [`ingest`]: one inbound message into the journal, whole or streamed while it arrives.
+//! - [`outcome`]: per-recipient outcomes of a delivery attempt, settled as DONE or SETTLE
+//!   (shared by the reversal and the relay).
 //! - [`report`]: RFC 3464 delivery reports (refusals, expiry).
 //! - [`reversal`]: delivering held mail after ATRN.
 //! - [`session`]: the session driver for the MX, ODMR and submission listeners.
@@ -14,6 +16,7 @@ pub mod atrn;
 pub mod core;
 pub mod hosted;
 pub mod ingest;
+pub(crate) mod outcome;
 pub mod report;
 pub mod reversal;
 pub mod server;

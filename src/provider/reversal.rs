@@ -12,9 +12,10 @@
 //!   journal file to the socket in chunks (through rustls when TLS is on): raw after
 //!   `BDAT <len> LAST`, or dot-stuffed on the fly after DATA's 354. A large message is never
 //!   whole in memory.
-//! - Per domain part: every recipient 2xx -> DONE delivered; any 5xx and none deferred -> a
-//!   delivery report to the sender, DONE bounced; any 4xx -> the part stays held. Whatever is
-//!   not acknowledged when the connection drops stays held.
+//! - Per recipient ([`super::outcome`]): 2xx retired, 4xx stays held for that recipient alone,
+//!   5xx reported to the sender and retired; a part ends with a DONE once none of its
+//!   recipients is held, else a SETTLE records the finished ones. Whatever is not acknowledged
+//!   when the connection drops stays held.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -24,16 +25,17 @@ use std::time::{Duration, Instant};
 use crate::metrics::DeliveryOutcome;
 use crate::proto::reply::{EnhancedStatus, Reply};
 use crate::proto::reversed::{
-    Action, BodyFraming, CloseReason, MessageOutcome, Outgoing, RcptOutcome, Reversed,
-    ReversedConfig, PIPELINE_BODY_MAX,
+    Action, BodyFraming, CloseReason, MessageOutcome, Outgoing, Reversed, ReversedConfig,
+    PIPELINE_BODY_MAX,
 };
 use crate::proto::stuff::DotStuffer;
 use crate::runtime::conn::Conn;
-use crate::spool::{self, Location, Outcome};
-use crate::types::{BodyType, DomainName, Envelope, MessageId, Recipient};
+use crate::spool::{self, HeldPart, Location};
+use crate::types::{BodyType, Envelope, MessageId, Recipient};
 
 use super::atrn::Leases;
 use super::core::{Core, MeshMsg};
+use super::outcome;
 use super::report::{self, Failure};
 
 /// How long the end of a session waits for its DONE records to be retired.
@@ -58,8 +60,8 @@ struct Queued {
     id: MessageId,
     location: Location,
     received_at: u64,
-    /// Leased domain -> recipients of that domain, in RCPT order.
-    parts: Vec<(DomainName, Vec<Recipient>)>,
+    /// The leased parts, each with the recipients still held for its domain.
+    parts: Vec<HeldPart>,
 }
 
 /// What was sent for one message, to map the machine's per-recipient outcome back to parts.
@@ -160,7 +162,7 @@ pub async fn run(
                                             id: part.id,
                                             location: part.location,
                                             received_at: part.received_at,
-                                            parts: vec![(part.domain, part.recipients)],
+                                            parts: vec![*part],
                                         };
                                         let l = load(core, &q).await;
                                         Some((q, l))
@@ -333,7 +335,7 @@ async fn wait_retired(retiring: Vec<tokio::sync::oneshot::Receiver<()>>) {
 /// What a lingering session's wait ended with.
 enum Lingered {
     /// A new part for a leased domain.
-    Mail(spool::HeldPart),
+    Mail(Box<HeldPart>),
     /// Time for a NOOP.
     Keepalive,
     /// linger_max reached, or the push channel closed: QUIT.
@@ -352,7 +354,7 @@ async fn linger(
     until: tokio::time::Instant,
 ) -> Lingered {
     tokio::select! {
-        part = pushed.recv() => part.map_or(Lingered::Done, Lingered::Mail),
+        part = pushed.recv() => part.map_or(Lingered::Done, |p| Lingered::Mail(Box::new(p))),
         _ = tokio::time::sleep(keepalive) => Lingered::Keepalive,
         _ = tokio::time::sleep_until(until) => Lingered::Done,
     }
@@ -375,7 +377,8 @@ fn build_queue(leases: &Leases) -> VecDeque<Queued> {
                     received_at: part.received_at,
                     parts: Vec::new(),
                 });
-            entry.parts.push((domain.clone(), part.recipients.clone()));
+            debug_assert_eq!(&part.domain, domain);
+            entry.parts.push(part.clone());
         }
     }
     by_id.into_values().collect()
@@ -386,14 +389,14 @@ fn build_queue(leases: &Leases) -> VecDeque<Queued> {
 /// the reversal and the outgoing relay.
 pub(crate) fn outgoing_for(
     mut envelope: Envelope,
-    parts: &[(DomainName, Vec<Recipient>)],
+    parts: &[HeldPart],
     body_len: u64,
     tag: u64,
 ) -> (Outgoing, Envelope, Vec<usize>) {
     let mut recipients = Vec::new();
     let mut owner = Vec::new();
-    for (i, (_, rcpts)) in parts.iter().enumerate() {
-        for r in rcpts {
+    for (i, part) in parts.iter().enumerate() {
+        for r in &part.recipients {
             recipients.push(r.clone());
             owner.push(i);
         }
@@ -484,7 +487,8 @@ async fn send_body(
     Ok(())
 }
 
-/// Applies one message's per-recipient outcome to its parts.
+/// Applies one message's per-recipient outcome to its parts: the report for the refused
+/// recipients first (stored before anything is retired), then a DONE or SETTLE per part.
 async fn settle(
     core: &Core,
     flight: InFlight,
@@ -493,68 +497,24 @@ async fn settle(
     retiring: &mut Vec<tokio::sync::oneshot::Receiver<()>>,
 ) {
     let parts = &flight.queued.parts;
-    let mut results: Vec<Vec<&RcptOutcome>> = vec![Vec::new(); parts.len()];
-    for (i, o) in &outcome.recipients {
-        if let Some(part) = flight.owner.get(*i) {
-            results[*part].push(o);
-        }
-    }
     let id = flight.queued.id;
-    let mut failed: Vec<(usize, &Reply)> = Vec::new();
-    let (mut any_deferred, mut any_failed) = (false, false);
-    for (part_index, (domain, _)) in parts.iter().enumerate() {
-        let rs = &results[part_index];
-        let deferred = rs.iter().any(|o| matches!(o, RcptOutcome::Deferred(_)))
-            || rs.len() < parts[part_index].1.len();
-        let part_failed = rs.iter().any(|o| matches!(o, RcptOutcome::Failed(_)));
-        if deferred {
+    let answers = outcome::answers(parts, &flight.owner, &outcome.recipients);
+    let failed = outcome::failures(parts, &answers);
+    let reported = failed.is_empty() || bounce(core, &flight, &failed).await;
+    let mut any_deferred = false;
+    for (part, answers) in parts.iter().zip(&answers) {
+        let settlement = outcome::settlement(part, answers, reported);
+        if settlement.keeps_some() {
             any_deferred = true;
-            if rs.iter().any(|o| matches!(o, RcptOutcome::Delivered)) {
-                // The journal tracks parts, not single recipients: the accepted ones will be
-                // offered again with the deferred ones next time.
-                tracing::warn!(%id, %domain, "part partly deferred; accepted recipients may see it twice");
-            }
-            core.shared.mesh.send(
-                core.shard_of(domain),
-                MeshMsg::Deferred {
-                    domain: domain.clone(),
-                },
-            );
-            continue;
+            let msg = MeshMsg::Deferred {
+                domain: part.domain.clone(),
+            };
+            core.shared.mesh.send(core.shard_of(&part.domain), msg);
         }
-        let done = if part_failed {
-            Outcome::Bounced
-        } else {
-            Outcome::Delivered
-        };
-        any_failed |= part_failed;
-        let (ack, retired) = tokio::sync::oneshot::channel();
-        retiring.push(retired);
-        core.shared.mesh.send(
-            core.writer_of(id),
-            MeshMsg::Done {
-                id,
-                domain: domain.clone(),
-                outcome: done,
-                ack: Some(ack),
-            },
-        );
-    }
-    for (i, o) in &outcome.recipients {
-        if let RcptOutcome::Failed(reply) = o {
-            let part = flight.owner.get(*i).copied().unwrap_or(0);
-            let part_deferred = results[part]
-                .iter()
-                .any(|o| matches!(o, RcptOutcome::Deferred(_)));
-            if !part_deferred {
-                failed.push((*i, reply));
-            }
-        }
-    }
-    if !failed.is_empty() {
-        bounce(core, &flight, &failed).await;
+        retiring.extend(outcome::record(core, id, part, settlement));
     }
     let elapsed = flight.started.elapsed();
+    let any_failed = reported && !failed.is_empty();
     let result = if any_deferred {
         summary.deferred += 1;
         DeliveryOutcome::Deferred
@@ -569,16 +529,15 @@ async fn settle(
     tracing::debug!(%id, ?result, "reversal outcome");
 }
 
-/// Queues an RFC 3464 failure report to the sender for the refused recipients.
-async fn bounce(core: &Core, flight: &InFlight, failed: &[(usize, &Reply)]) {
+/// Queues an RFC 3464 failure report to the sender for the refused recipients. False when it
+/// could not be stored (they then stay held).
+async fn bounce(core: &Core, flight: &InFlight, failed: &[(Recipient, Reply)]) -> bool {
     let failures: Vec<Failure> = failed
         .iter()
-        .filter_map(|(i, reply)| {
-            Some(Failure {
-                recipient: flight.envelope.recipients.get(*i)?.clone(),
-                status: reply.status.unwrap_or(EnhancedStatus::new(5, 0, 0)),
-                diagnostic: format!("{} {}", reply.code, reply.lines.join(" ")),
-            })
+        .map(|(recipient, reply)| Failure {
+            recipient: recipient.clone(),
+            status: reply.status.unwrap_or(EnhancedStatus::new(5, 0, 0)),
+            diagnostic: format!("{} {}", reply.code, reply.lines.join(" ")),
         })
         .collect();
     let q = &flight.queued;
@@ -590,7 +549,7 @@ async fn bounce(core: &Core, flight: &InFlight, failed: &[(usize, &Reply)]) {
         &flight.envelope,
         &failures,
     )
-    .await;
+    .await
 }
 
 /// Writes the pending bodies and commands in one go.

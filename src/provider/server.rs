@@ -143,6 +143,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         limiter: Limiter::new(
             config.limits.max_connections as usize,
             config.limits.max_connections_per_ip,
+            config.limits.trusted_networks.clone(),
         ),
         config,
         mesh: mesh.clone(),

@@ -5,8 +5,10 @@
 //! The loop is the one every driver here follows: feed all buffered input to the machine, carry
 //! out the actions it asks for (store a message, start TLS, close) and the ODMR decisions it
 //! raises (throttle an AUTH, decide an ATRN), flush its replies only when it needs more input
-//! (so a pipelined batch gets its replies in one write, RFC 2920), then read with the idle
-//! timeout. The machine never sees a socket, the driver never parses SMTP.
+//! (so a pipelined batch gets its replies in one write, RFC 2920), then read until the current
+//! request's deadline ([`RequestClock`]: a whole command line within `idle_timeout`, a data
+//! transfer at `min_data_rate` at least; a slowloris client cannot stretch either). The
+//! machine never sees a socket, the driver never parses SMTP.
 //!
 //! Message bodies go to the journal through [`Ingest`]: small ones whole, big ones in chunks
 //! while they arrive. A 250 for a message is written only after [`Ingest::deliver`] returned,
@@ -22,6 +24,7 @@ use crate::metrics::AtrnResult;
 use crate::proto::inbound::{Action, AtrnDecision, Inbound, OdmrConfig, OdmrEvent, SessionContext};
 use crate::proto::throttle::Verdict as Throttled;
 use crate::runtime::conn::Conn;
+use crate::runtime::deadline::RequestClock;
 
 use super::atrn::{self, Leases, Verdict};
 use super::core::{Core, MeshMsg};
@@ -48,6 +51,7 @@ enum End {
     Quit,
     PeerClosed,
     IdleTimeout,
+    DataTooSlow,
     SessionTimeout,
     Io(std::io::Error),
     /// ATRN was granted: run the reversal with these leases.
@@ -109,6 +113,7 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
     let auth = || {
         let mut auth = OdmrConfig::new(core.shared.auth_secret);
         auth.allow_plaintext_auth = core.shared.config.odmr.allow_plaintext_auth;
+        auth.cram_md5_requires_tls = core.shared.config.odmr.cram_md5_requires_tls;
         auth
     };
     let cfg = core.inbound_config(conn.is_tls());
@@ -121,6 +126,11 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
     let mut pos = 0usize;
     // The message being streamed to the journal; dropping it (the session ends) removes it.
     let mut ingest = Ingest::default();
+    let min_rate = core.shared.config.limits.min_data_rate;
+    let mut clock = RequestClock::new(idle, min_rate, Instant::now());
+    // A command was consumed or an action or decision carried out since the last read: the
+    // session is ready for its next request, whose deadline starts now.
+    let mut progressed = false;
     loop {
         let used = match kind {
             Kind::Mx => machine.handle_input(&input[pos..], &**core),
@@ -129,7 +139,9 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
             }
         };
         pos += used;
+        progressed |= used > 0;
         while let Some(action) = machine.poll_action() {
+            progressed = true;
             match action {
                 Action::Deliver(incoming) => {
                     let submitted = incoming.account.clone();
@@ -163,9 +175,13 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
                     let Some(tls) = tls else {
                         return End::Io(std::io::Error::other("STARTTLS without a TLS config"));
                     };
-                    if let Err(e) = conn.start_tls_server(tls).await {
-                        tracing::info!(%peer, error = %e, "TLS handshake failed");
-                        return End::Io(e);
+                    match tokio::time::timeout(idle, conn.start_tls_server(tls)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "TLS handshake failed");
+                            return End::Io(e);
+                        }
+                        Err(_) => return End::IdleTimeout,
                     }
                     machine.tls_started();
                     if kind != Kind::Mx {
@@ -179,6 +195,7 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
             }
         }
         if let Some(event) = machine.poll_event() {
+            progressed = true;
             match event {
                 OdmrEvent::AuthSucceeded { account } => {
                     let refusal = throttle(core, peer, Some(&account), false).await;
@@ -238,10 +255,25 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
         if let Err(e) = flush(core, conn, &mut machine, peer).await {
             return End::Io(e);
         }
-        match tokio::time::timeout(idle, conn.read_append(&mut input, READ_CHUNK)).await {
+        if machine.is_reading_body() {
+            // Body bytes consumed are not a new request: the transfer keeps its clock.
+            if !clock.in_body() {
+                clock.body(Instant::now());
+            }
+        } else if std::mem::take(&mut progressed) || clock.in_body() {
+            clock.command(Instant::now());
+        }
+        let deadline = tokio::time::Instant::from_std(clock.deadline());
+        let read = conn.read_append(&mut input, READ_CHUNK);
+        match tokio::time::timeout_at(deadline, read).await {
             Ok(Ok(0)) => return End::PeerClosed,
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => clock.received(n, Instant::now()),
             Ok(Err(e)) => return End::Io(e),
+            Err(_) if machine.is_reading_body() => {
+                machine.data_too_slow();
+                let _ = flush(core, conn, &mut machine, peer).await;
+                return End::DataTooSlow;
+            }
             Err(_) => {
                 machine.timed_out();
                 let _ = flush(core, conn, &mut machine, peer).await;

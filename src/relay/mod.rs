@@ -7,10 +7,11 @@
 //! parts themselves stay in the spool and the shard's [`DomainIndex`]: the relay is "a
 //! reversal toward a remote MX instead of toward a customer", and settles parts the same way.
 //!
-//! - Per part: every recipient 2xx -> DONE delivered; any 5xx (and none deferred) -> an RFC
-//!   3464 report to the sender (never for mail from `<>`), DONE bounced; otherwise the part
-//!   stays queued and its domain backs off ([`backoff`]). A part older than
-//!   `relay.give_up_after` at a failed attempt is reported and dropped.
+//! - Per recipient, as in the reversal ([`outcome`]): 2xx retired; 5xx reported to the sender
+//!   in an RFC 3464 report (never for mail from `<>`) and retired; 4xx (or no answer) stays
+//!   queued for that recipient alone, and its domain backs off ([`backoff`]). A part ends with
+//!   a DONE once nothing of it is queued, else a SETTLE records what is finished. A recipient
+//!   still queued after `relay.give_up_after` at a failed attempt is reported and dropped.
 //! - Exclusion: a domain with a session in progress is never picked again until that session's
 //!   DONE records are retired from the index, so no part is sent twice by two sessions. A
 //!   crash between the peer's 250 and our DONE sends the message again after the restart: a
@@ -20,6 +21,7 @@
 //! - The schedule is in memory only: after a restart every destination is tried at once.
 //!
 //! [`DomainIndex`]: crate::spool::DomainIndex
+//! [`outcome`]: crate::provider::outcome
 
 pub mod backoff;
 pub mod reply;
@@ -38,6 +40,7 @@ use crate::config::{RelayMode, RelaySettings, SmarthostTls};
 use crate::proto::reply::{EnhancedStatus, Reply};
 use crate::proto::reversed::RcptOutcome;
 use crate::provider::core::{Core, MeshMsg};
+use crate::provider::outcome;
 use crate::provider::report::{self, Failure};
 use crate::spool::{self, Outcome};
 use crate::types::{DomainName, MessageId, Recipient};
@@ -294,13 +297,6 @@ fn due(core: &Core, setup: &Setup) -> Vec<Vec<(DomainName, Vec<spool::HeldPart>)
     groups
 }
 
-/// One message's result for one part.
-enum PartResult {
-    Delivered,
-    Failed(Vec<(Recipient, Reply)>),
-    Deferred(String),
-}
-
 /// Delivers one group: route, sessions (next host while messages remain untried), settling
 /// each message as soon as it has an outcome, then updates the schedule.
 async fn deliver(core: &Core, setup: &Setup, group: Vec<(DomainName, Vec<spool::HeldPart>)>) {
@@ -329,16 +325,8 @@ async fn deliver(core: &Core, setup: &Setup, group: Vec<(DomainName, Vec<spool::
             tracing::warn!(destination = %domains[0], error = %e.why, "destination refuses mail; reporting to the senders");
             let reply = Reply::with_status(550, e.status, e.why.clone());
             for q in std::mem::take(&mut untried) {
-                let r = q
-                    .parts
-                    .iter()
-                    .map(|(_, rcpts)| {
-                        PartResult::Failed(
-                            rcpts.iter().map(|r| (r.clone(), reply.clone())).collect(),
-                        )
-                    })
-                    .collect();
-                settle.apply(&q, r).await;
+                let answers = every(&q, RcptOutcome::Failed(reply.clone()));
+                settle.apply(&q, answers, None).await;
             }
         }
         Err(e) => {
@@ -379,12 +367,11 @@ async fn deliver(core: &Core, setup: &Setup, group: Vec<(DomainName, Vec<spool::
         .clone()
         .unwrap_or_else(|| "not attempted".into());
     for q in untried {
-        let r = q
-            .parts
-            .iter()
-            .map(|_| PartResult::Deferred(why.clone()))
-            .collect();
-        settle.apply(&q, r).await;
+        let answers = every(
+            &q,
+            RcptOutcome::Deferred(Reply::with_status(451, (4, 4, 0), "")),
+        );
+        settle.apply(&q, answers, Some(&why)).await;
     }
     let Settle {
         retiring,
@@ -432,40 +419,48 @@ struct Settle<'a> {
 }
 
 impl Settle<'_> {
-    async fn apply(&mut self, q: &Queued, results: Vec<PartResult>) {
-        let give_up = self.setup.settings.give_up_after;
-        for ((domain, rcpts), result) in q.parts.iter().zip(results) {
-            let result = match result {
-                PartResult::Deferred(why) if backoff::gave_up(q.received_at, self.now, give_up) => {
-                    let days = give_up.as_secs().div_ceil(86_400);
-                    let reply = Reply::with_status(
+    /// Settles one message from its per-part answers (see [`outcome::answers`]): a report for
+    /// every refused recipient first, then a DONE or SETTLE per part, and each part with a
+    /// recipient still queued marks its domain deferred, with `why` (else the first 4xx) as
+    /// the reason.
+    async fn apply(&mut self, q: &Queued, mut answers: Vec<Vec<RcptOutcome>>, why: Option<&str>) {
+        let reason = |answers: &[RcptOutcome]| {
+            why.map(str::to_string).or_else(|| {
+                answers.iter().find_map(|a| match a {
+                    RcptOutcome::Deferred(r) => Some(reply::one_line(r)),
+                    _ => None,
+                })
+            })
+        };
+        if backoff::gave_up(q.received_at, self.now, self.setup.settings.give_up_after) {
+            let days = self.setup.settings.give_up_after.as_secs().div_ceil(86_400);
+            for a in answers.iter_mut() {
+                let last = reason(a).unwrap_or_default();
+                for r in a
+                    .iter_mut()
+                    .filter(|r| matches!(r, RcptOutcome::Deferred(_)))
+                {
+                    *r = RcptOutcome::Failed(Reply::with_status(
                         554,
                         (5, 4, 7),
-                        format!("undeliverable for {days} days, giving up; last error: {why}"),
-                    );
-                    PartResult::Failed(rcpts.iter().map(|r| (r.clone(), reply.clone())).collect())
-                }
-                other => other,
-            };
-            match result {
-                PartResult::Delivered => {
-                    self.retiring
-                        .push(done(self.core, q.id, domain, Outcome::Delivered));
-                }
-                PartResult::Failed(failed) => {
-                    if bounce(self.core, q, &failed).await {
-                        self.retiring
-                            .push(done(self.core, q.id, domain, Outcome::Bounced));
-                    } else {
-                        // Kept, and backed off like a deferral rather than re-sent at once.
-                        let why = "refused, but its report could not be stored".to_string();
-                        self.deferred.insert(domain.clone(), why);
-                    }
-                }
-                PartResult::Deferred(why) => {
-                    self.deferred.insert(domain.clone(), why);
+                        format!("undeliverable for {days} days, giving up; last error: {last}"),
+                    ));
                 }
             }
+        }
+        let failed = outcome::failures(&q.parts, &answers);
+        let reported = failed.is_empty() || bounce(self.core, q, &failed).await;
+        for (part, answers) in q.parts.iter().zip(&answers) {
+            let settlement = outcome::settlement(part, answers, reported);
+            if settlement.keeps_some() {
+                let why = match reason(answers) {
+                    Some(why) => why,
+                    None => "refused, but its report could not be stored".to_string(),
+                };
+                self.deferred.insert(part.domain.clone(), why);
+            }
+            self.retiring
+                .extend(outcome::record(self.core, q.id, part, settlement));
         }
     }
 }
@@ -479,21 +474,29 @@ impl session::Outcomes for Settle<'_> {
             outcome = %describe(&a.outcome.recipients),
             "relay attempt"
         );
-        let results = part_results(&a);
-        for r in &results {
-            if let PartResult::Deferred(why) = r {
-                self.last_error = Some(why.clone());
+        let answers = outcome::answers(&a.queued.parts, &a.owner, &a.outcome.recipients);
+        for r in answers.iter().flatten() {
+            if let RcptOutcome::Deferred(reply) = r {
+                self.last_error = Some(reply::one_line(reply));
             }
         }
-        self.apply(&a.queued, results).await;
+        self.apply(&a.queued, answers, None).await;
     }
+}
+
+/// The same answer for every recipient of every part of `q`.
+fn every(q: &Queued, answer: RcptOutcome) -> Vec<Vec<RcptOutcome>> {
+    q.parts
+        .iter()
+        .map(|p| vec![answer.clone(); p.recipients.len()])
+        .collect()
 }
 
 /// One work item per message, merging its parts across the group's domains (a message for two
 /// foreign domains goes once to a smarthost), oldest first.
 fn merge(group: &[(DomainName, Vec<spool::HeldPart>)]) -> Vec<Queued> {
     let mut by_id: BTreeMap<(u64, MessageId), Queued> = BTreeMap::new();
-    for (domain, parts) in group {
+    for (_, parts) in group {
         for p in parts {
             by_id
                 .entry((p.received_at, p.id))
@@ -504,51 +507,10 @@ fn merge(group: &[(DomainName, Vec<spool::HeldPart>)]) -> Vec<Queued> {
                     parts: Vec::new(),
                 })
                 .parts
-                .push((domain.clone(), p.recipients.clone()));
+                .push(p.clone());
         }
     }
     by_id.into_values().collect()
-}
-
-/// Per part: every recipient 2xx -> delivered; any 4xx or missing -> deferred; else failed.
-fn part_results(a: &session::Attempted) -> Vec<PartResult> {
-    let n = a.queued.parts.len();
-    let mut per: Vec<Vec<(usize, &RcptOutcome)>> = vec![Vec::new(); n];
-    for (i, o) in &a.outcome.recipients {
-        if let Some(p) = a.owner.get(*i) {
-            per[*p].push((*i, o));
-        }
-    }
-    per.into_iter()
-        .enumerate()
-        .map(|(p, outcomes)| {
-            let deferred = outcomes.iter().find_map(|(_, o)| match o {
-                RcptOutcome::Deferred(r) => Some(reply::one_line(r)),
-                _ => None,
-            });
-            if let Some(why) = deferred {
-                return PartResult::Deferred(why);
-            }
-            if outcomes.len() < a.queued.parts[p].1.len() {
-                return PartResult::Deferred("no answer for every recipient".into());
-            }
-            let failed: Vec<(Recipient, Reply)> = outcomes
-                .iter()
-                .filter_map(|(i, o)| match o {
-                    RcptOutcome::Failed(r) => Some((a.envelope.recipients.get(*i)?.clone(), r.clone())),
-                    _ => None,
-                })
-                .collect();
-            if failed.is_empty() {
-                PartResult::Delivered
-            } else {
-                if failed.len() < outcomes.len() {
-                    tracing::info!(id = %a.queued.id, "part partly refused: accepted recipients got it, the others are reported");
-                }
-                PartResult::Failed(failed)
-            }
-        })
-        .collect()
 }
 
 fn describe(outcomes: &[(usize, RcptOutcome)]) -> String {
@@ -686,7 +648,7 @@ pub fn handle(core: &Rc<Core>, cmd: Command) {
                         id: p.id,
                         location: p.location,
                         received_at: p.received_at,
-                        parts: vec![(p.domain.clone(), p.recipients.clone())],
+                        parts: vec![p.clone()],
                     };
                     let host = core.shared.config.server.hostname.to_string();
                     let why = Reply::with_status(

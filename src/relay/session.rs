@@ -27,7 +27,7 @@ use crate::provider::core::Core;
 use crate::runtime::conn::Conn;
 use crate::runtime::io::Stream;
 use crate::spool::{self, Location};
-use crate::types::{DomainName, Envelope, MessageId, Recipient};
+use crate::types::{Envelope, MessageId};
 
 use super::reply::{self, Parsed};
 use super::route::Target;
@@ -48,8 +48,8 @@ pub struct Queued {
     pub location: Location,
     /// Arrival, unix seconds.
     pub received_at: u64,
-    /// The parts this session delivers.
-    pub parts: Vec<(DomainName, Vec<Recipient>)>,
+    /// The parts this session delivers, each with its recipients still queued.
+    pub parts: Vec<spool::HeldPart>,
 }
 
 /// What a session did with one message.

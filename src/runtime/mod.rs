@@ -7,6 +7,7 @@
 //! current-thread runtimes (epoll): [`io::IoKind`] picks, never a panic.
 
 pub mod conn;
+pub mod deadline;
 pub mod io;
 pub mod limiter;
 pub mod mesh;

@@ -2,7 +2,7 @@
 //!
 //! It is rebuilt at start from [`Recovered::parts`](super::Recovered::parts) and updated as
 //! messages are held ([`HeldPart::for_message`]), delivered or bounced
-//! ([`DomainIndex::remove`]), expired ([`DomainIndex::mark_expired`]) and relocated by
+//! ([`DomainIndex::remove`]), partly finished ([`DomainIndex::settle`]), expired ([`DomainIndex::mark_expired`]) and relocated by
 //! compaction ([`DomainIndex::relocate`]). It does no I/O and reads no clock: time comes in as
 //! unix seconds.
 //!
@@ -29,8 +29,10 @@ pub struct HeldPart {
     pub received_at: u64,
     /// The envelope sender (`None` for `<>`), for the operator's view and for bounces.
     pub sender: Option<Mailbox>,
-    /// The recipients of this domain only, in RCPT order.
+    /// The recipients of this domain still held, in RCPT order.
     pub recipients: Vec<Recipient>,
+    /// For each of `recipients`, its index in the stored envelope (what a `SETTLE` names).
+    pub indices: Vec<u32>,
     /// Body size in bytes.
     pub bytes: u64,
     /// The part passed the maximum hold and waits for its bounce.
@@ -58,6 +60,7 @@ impl HeldPart {
                     .iter()
                     .map(|i| envelope.recipients[*i as usize].clone())
                     .collect(),
+                indices: p.recipients,
                 bytes: location.body_len,
                 expired: false,
             })
@@ -139,6 +142,26 @@ impl DomainIndex {
             }
             None => false,
         }
+    }
+
+    /// Drops the recipients with these envelope `indices` from the `domain` part of `id` (after
+    /// its SETTLE is durable); the part stays held for the others. False if the part is
+    /// unknown.
+    pub fn settle(&mut self, id: MessageId, domain: &DomainName, indices: &[u32]) -> bool {
+        let Some(p) = self.part_mut(id, domain) else {
+            return false;
+        };
+        let mut kept = 0;
+        for k in 0..p.indices.len() {
+            if !indices.contains(&p.indices[k]) {
+                p.indices.swap(kept, k);
+                p.recipients.swap(kept, k);
+                kept += 1;
+            }
+        }
+        p.indices.truncate(kept);
+        p.recipients.truncate(kept);
+        true
     }
 
     /// Flags the `domain` part of `id` as expired (after its EXPIRE is durable). False if the
@@ -361,6 +384,24 @@ mod tests {
         assert!(ix.relocate(MessageId(1), &x, loc(7, 5)));
         assert_eq!(ix.get(MessageId(1), &x).unwrap().location.seq, 7);
         assert!(!ix.relocate(MessageId(2), &x, loc(7, 5)));
+    }
+
+    #[test]
+    fn settle_drops_only_the_named_recipients_in_order() {
+        let mut ix = DomainIndex::new();
+        let x = d("x.example");
+        let e = env(&["a@x.example", "b@y.example", "c@x.example", "d@x.example"]);
+        for p in HeldPart::for_message(MessageId(1), 10, &e, loc(1, 5)) {
+            ix.insert(p);
+        }
+        assert_eq!(ix.get(MessageId(1), &x).unwrap().indices, [0, 2, 3]);
+        assert!(ix.settle(MessageId(1), &x, &[0, 3, 1]));
+        let p = ix.get(MessageId(1), &x).unwrap();
+        assert_eq!(p.indices, [2]);
+        assert_eq!(p.recipients[0].mailbox.local, "c");
+        assert_eq!(ix.stats(&x).bytes, 5, "the body is still held");
+        assert_eq!(ix.get(MessageId(1), &d("y.example")).unwrap().indices, [1]);
+        assert!(!ix.settle(MessageId(2), &x, &[0]));
     }
 
     #[test]

@@ -207,6 +207,7 @@ enum Placed {
     Msg { id: MessageId, parts: Vec<LivePart> },
     Done { id: MessageId, domain: DomainName },
     Expire { id: MessageId, domain: DomainName },
+    Settle { id: MessageId },
 }
 
 enum Step {
@@ -387,6 +388,32 @@ impl JournalHandle {
         self.append_part_record(id, domain, None).await
     }
 
+    /// Appends a `SETTLE` record: the listed recipients of the `domain` part of `id` (indices
+    /// into the stored envelope's recipients, see [`HeldPart::indices`]) are finished, each
+    /// with its outcome; the part stays held for its other recipients. Finish a part's last
+    /// recipients with [`append_done`](Self::append_done) instead, so a part never lives on
+    /// with no recipient. Same core rule as `append_done`.
+    ///
+    /// [`HeldPart::indices`]: super::HeldPart::indices
+    pub async fn append_settle(
+        &self,
+        id: MessageId,
+        domain: &DomainName,
+        recipients: &[(u32, Outcome)],
+    ) -> Result<Location, Error> {
+        self.own(id)?;
+        let rx = {
+            let mut st = self.shared.state.borrow_mut();
+            st.check()?;
+            let start = st.buf.len();
+            let enc = record::encode_settle(&mut st.buf, id, domain, recipients)?;
+            // From now on compaction must not copy these recipients forward.
+            st.ledger.settle(id, recipients.iter().map(|(i, _)| *i));
+            self.push(&mut st, start, enc, Placed::Settle { id })
+        };
+        rx.await.unwrap_or(Err(Error::Closed))
+    }
+
     /// A `DONE` (with an outcome) or an `EXPIRE` (without) for one part.
     async fn append_part_record(
         &self,
@@ -565,16 +592,26 @@ impl JournalHandle {
             };
             // No await between choosing the parts and queueing the copy: a DONE queued after
             // this point lands after the copy (see the reclaim module invariants).
-            let live = self.shared.state.borrow().ledger.copy_parts(id);
+            let (live, settled) = {
+                let st = self.shared.state.borrow();
+                (st.ledger.copy_parts(id), st.ledger.settled(id).to_vec())
+            };
             if live.is_empty() || meta.id != id {
                 continue;
             }
+            // The copy carries only the recipients still held (see the reclaim invariants).
             let parts: Vec<Part> = live
                 .iter()
                 .filter_map(|lp| {
                     let p = meta.parts.iter().find(|p| p.domain == lp.domain)?;
                     Some(Part {
                         expired: lp.expired,
+                        recipients: p
+                            .recipients
+                            .iter()
+                            .copied()
+                            .filter(|i| !settled.contains(i))
+                            .collect(),
                         ..p.clone()
                     })
                 })
@@ -946,6 +983,7 @@ impl Shared {
                             st.ledger.place_done(seq, id, &domain);
                         }
                         Placed::Expire { id, domain } => st.ledger.place_expire(seq, id, &domain),
+                        Placed::Settle { id } => st.ledger.place_settle(seq, id),
                     }
                     let _ = p.reply.send(Ok(loc));
                 }

@@ -8,8 +8,9 @@
 //!
 //! - **The journal** (`<data>/journal/core-N/<seq:016x>.seg`). Every core appends to its own
 //!   segment files through a [`JournalHandle`]; nothing else writes there. Records are `MSG`
-//!   (envelope, per-domain parts, body), `DONE` (one domain part finished) and `EXPIRE` (a
-//!   part passed the maximum hold and awaits its bounce). The byte format is in
+//!   (envelope, per-domain parts, body), `DONE` (one domain part finished), `SETTLE` (some
+//!   recipients of a part finished, the others still held) and `EXPIRE` (a part passed the
+//!   maximum hold and awaits its bounce). The byte format is in
 //!   `docs/spool-format.md` and in the `record` module.
 //! - **The index** ([`DomainIndex`]): per domain, the held parts with their [`Location`],
 //!   totals and age, living on the domain's shard core (`shard_hash() % cores`).
@@ -19,6 +20,7 @@
 //! ```text
 //!   DATA done ──append_message──▶ MSG durable ──▶ 250, index insert on the shard core(s)
 //!   ATRN, customer 2xx/5xx ──append_done──▶ DONE durable ──▶ index remove
+//!   ... and 4xx for others ──append_settle──▶ SETTLE durable ──▶ index settle (narrowed)
 //!   held > max hold ──append_expire──▶ bounce ──append_done(ExpiredBounced)──▶ index remove
 //!   reclaim() ──▶ dead segments deleted, oldest mostly-dead one compacted ──▶ Relocated
 //! ```

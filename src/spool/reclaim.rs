@@ -19,6 +19,9 @@
 //! - A compaction copy carries exactly the parts that are live and not *doomed* (a `DONE` is
 //!   queued but not yet durable) when it is queued. `DONE`s queued before it land before it,
 //!   `DONE`s queued after it land after it and refer to the copy's segment.
+//! - Likewise a copy leaves out every recipient a `SETTLE` finished or is finishing (settled
+//!   at queue time), so a `SETTLE` never has to outlive the copy it applied to; a `SETTLE`
+//!   pins the segment of the copy it narrowed, like a `DONE`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -54,6 +57,8 @@ pub(crate) struct MsgState {
     pub parts: Vec<LivePart>,
     /// Parts with a `DONE` queued but not yet durable.
     doomed: Vec<DomainName>,
+    /// Envelope indices of recipients a `SETTLE` finished (queued or durable).
+    settled: Vec<u32>,
 }
 
 /// Liveness bookkeeping of one journal directory.
@@ -108,8 +113,10 @@ impl Ledger {
         parts: impl IntoIterator<Item = LivePart>,
     ) {
         let new: Vec<LivePart> = parts.into_iter().collect();
+        let mut settled = Vec::new();
         let parts = match self.messages.remove(&id) {
             Some(old) => {
+                settled = old.settled;
                 let s = self.seg_mut(old.seq);
                 s.live_parts -= old.parts.len() as u64;
                 s.live_bytes -= old.len;
@@ -148,6 +155,7 @@ impl Ledger {
                 len,
                 parts,
                 doomed: Vec::new(),
+                settled,
             },
         );
     }
@@ -193,6 +201,35 @@ impl Ledger {
         if msg_seq != seq {
             self.seg_mut(seq).refs.insert(msg_seq);
         }
+    }
+
+    /// A `SETTLE` for `id` was queued (writer) or replayed (recovery): compaction must not copy
+    /// these recipients any more.
+    pub(crate) fn settle(&mut self, id: MessageId, recipients: impl IntoIterator<Item = u32>) {
+        if let Some(m) = self.messages.get_mut(&id) {
+            for i in recipients {
+                if !m.settled.contains(&i) {
+                    m.settled.push(i);
+                }
+            }
+        }
+    }
+
+    /// A `SETTLE` for `id` became durable in segment `seq`: it pins the segment of the copy it
+    /// narrowed until that copy is gone.
+    pub(crate) fn place_settle(&mut self, seq: u64, id: MessageId) {
+        let Some(m) = self.messages.get(&id) else {
+            return;
+        };
+        let msg_seq = m.seq;
+        if msg_seq != seq {
+            self.seg_mut(seq).refs.insert(msg_seq);
+        }
+    }
+
+    /// Envelope indices of the recipients of `id` that a `SETTLE` finished.
+    pub(crate) fn settled(&self, id: MessageId) -> &[u32] {
+        self.messages.get(&id).map_or(&[], |m| &m.settled)
     }
 
     /// A `DONE` for `(id, domain)` was queued: compaction must not copy that part any more.
@@ -365,6 +402,30 @@ mod tests {
         assert_eq!(l.segment(2).unwrap().live_parts, 2);
         assert_eq!(l.messages_in(2), vec![(MessageId(1), 32, 90)]);
         assert_eq!(l.deletable(Some(2)), vec![1]);
+    }
+
+    #[test]
+    fn settled_recipients_survive_a_copy_and_pin_the_copy_segment() {
+        let mut l = Ledger::default();
+        l.add_segment(1, 500);
+        l.add_segment(2, 500);
+        l.add_segment(3, 500);
+        l.place_msg(MessageId(1), 1, 32, 100, live(&["a.example"]));
+        l.settle(MessageId(1), [0, 2]);
+        l.settle(MessageId(1), [2]);
+        l.place_settle(2, MessageId(1));
+        assert_eq!(l.settled(MessageId(1)), [0, 2]);
+        assert_eq!(l.segment(2).unwrap().refs, BTreeSet::from([1]));
+        // Compaction copies the message to segment 3: what was settled stays settled.
+        l.place_msg(MessageId(1), 3, 32, 100, live(&["a.example"]));
+        assert_eq!(l.settled(MessageId(1)), [0, 2]);
+        assert_eq!(
+            l.deletable(Some(3)),
+            [1, 2],
+            "the settle segment goes with the old copy"
+        );
+        assert!(l.settled(MessageId(9)).is_empty());
+        l.place_settle(2, MessageId(9));
     }
 
     #[test]

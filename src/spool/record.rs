@@ -1,4 +1,5 @@
-//! The journal's byte format: segment headers and the `MSG`, `DONE` and `EXPIRE` records.
+//! The journal's byte format: segment headers and the `MSG`, `DONE`, `EXPIRE` and `SETTLE`
+//! records.
 //!
 //! This module owns encoding and decoding only; it does no I/O. `docs/spool-format.md` is the
 //! normative description, and the constants here are its source of truth.
@@ -23,11 +24,11 @@
 //! # Record
 //!
 //! ```text
-//! 0  1  kind: 1 MSG, 2 DONE, 3 EXPIRE
+//! 0  1  kind: 1 MSG, 2 DONE, 3 EXPIRE, 4 SETTLE
 //! 1  1  record version (1)
 //! 2  2  reserved, zero
 //! 4  4  meta_len
-//! 8  8  body_len (0 for DONE and EXPIRE)
+//! 8  8  body_len (0 for DONE, EXPIRE and SETTLE)
 //! 16 4  body CRC-32 (0 when body_len is 0)
 //! 20 4  head CRC-32 over bytes 0..20 followed by the meta bytes
 //! 24 .. meta (meta_len bytes), then body (body_len bytes)
@@ -57,6 +58,9 @@ const SEGMENT_MAGIC: [u8; 8] = *b"TPSPOOL\0";
 pub(crate) const KIND_MSG: u8 = 1;
 pub(crate) const KIND_DONE: u8 = 2;
 pub(crate) const KIND_EXPIRE: u8 = 3;
+/// Some recipients of a part are finished, the others stay held (added after the first
+/// release of format 1: older builds stop reading a segment at the first one).
+pub(crate) const KIND_SETTLE: u8 = 4;
 
 /// Encodes the 32-byte header of segment `seq` of `core`.
 pub(crate) fn encode_segment_header(core: u16, seq: u64) -> [u8; 32] {
@@ -248,6 +252,37 @@ pub(crate) fn encode_done(
     finish_header(out, start, KIND_DONE, 0, 0).expect("DONE meta is small")
 }
 
+/// Appends a `SETTLE` record to `out`: the listed recipients (indices into the envelope's
+/// recipient list) of the `domain` part of `id` are finished, each with its outcome; the
+/// part's other recipients stay held. `recipients` is not empty.
+pub(crate) fn encode_settle(
+    out: &mut Vec<u8>,
+    id: MessageId,
+    domain: &DomainName,
+    recipients: &[(u32, Outcome)],
+) -> Result<Encoded, Error> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER_LEN as usize]);
+    out.extend_from_slice(&id.0.to_le_bytes());
+    put_domain(out, domain);
+    let Ok(n) = u32::try_from(recipients.len()) else {
+        out.truncate(start);
+        return Err(Error::TooLarge {
+            what: "settled recipients",
+        });
+    };
+    out.extend_from_slice(&n.to_le_bytes());
+    for (i, outcome) in recipients {
+        out.extend_from_slice(&i.to_le_bytes());
+        out.push(outcome.code());
+    }
+    let r = finish_header(out, start, KIND_SETTLE, 0, 0);
+    if r.is_err() {
+        out.truncate(start);
+    }
+    r
+}
+
 /// Appends an `EXPIRE` record to `out`.
 pub(crate) fn encode_expire(out: &mut Vec<u8>, id: MessageId, domain: &DomainName) -> Encoded {
     let start = out.len();
@@ -414,7 +449,7 @@ impl FixedHeader {
                 HeaderError::Bad("zero record kind with non-zero header")
             });
         }
-        if !matches!(h[0], KIND_MSG | KIND_DONE | KIND_EXPIRE) {
+        if !matches!(h[0], KIND_MSG | KIND_DONE | KIND_EXPIRE | KIND_SETTLE) {
             return Err(HeaderError::Bad("unknown record kind"));
         }
         if u16::from(h[1]) != FORMAT_VERSION || h[2] != 0 || h[3] != 0 {
@@ -476,6 +511,12 @@ pub(crate) enum Meta {
         id: MessageId,
         domain: DomainName,
     },
+    Settle {
+        id: MessageId,
+        domain: DomainName,
+        /// Envelope recipient index and outcome of each finished recipient.
+        recipients: Vec<(u32, Outcome)>,
+    },
 }
 
 /// Decodes a meta section whose head checksum already matched.
@@ -497,6 +538,26 @@ pub(crate) fn decode_meta(kind: u8, meta: &[u8]) -> Result<Meta, &'static str> {
             id: MessageId(c.u128()?),
             domain: c.domain()?,
         },
+        KIND_SETTLE => {
+            let id = MessageId(c.u128()?);
+            let domain = c.domain()?;
+            let n = c.u32()? as usize;
+            if n == 0 {
+                return Err("SETTLE without recipients");
+            }
+            // Each entry is 5 bytes: bound the allocation by what is really there.
+            let mut recipients = Vec::with_capacity(n.min(c.b.len() / 5));
+            for _ in 0..n {
+                let i = c.u32()?;
+                let outcome = Outcome::from_code(c.u8()?).ok_or("unknown SETTLE outcome")?;
+                recipients.push((i, outcome));
+            }
+            Meta::Settle {
+                id,
+                domain,
+                recipients,
+            }
+        }
         _ => return Err("unknown record kind"),
     };
     if !c.b.is_empty() {
@@ -830,6 +891,47 @@ mod tests {
         assert_eq!(
             decode_meta(fh.kind, meta).unwrap(),
             Meta::Expire { id, domain: d }
+        );
+    }
+
+    #[test]
+    fn settle_round_trips_and_refuses_empty_or_unknown_outcomes() {
+        let d = DomainName::parse("one.example").unwrap();
+        let id = MessageId(7);
+        let recipients = vec![(0, Outcome::Delivered), (2, Outcome::Bounced)];
+        let mut out = vec![9];
+        let enc = encode_settle(&mut out, id, &d, &recipients).unwrap();
+        let rec = &out[1..];
+        assert_eq!(enc.len as usize, rec.len());
+        let (h, meta) = split(rec);
+        let fh = FixedHeader::parse(&h).unwrap();
+        assert_eq!(fh.kind, KIND_SETTLE);
+        assert!(fh.verify(&h, meta));
+        assert_eq!(
+            decode_meta(fh.kind, meta).unwrap(),
+            Meta::Settle {
+                id,
+                domain: d.clone(),
+                recipients
+            }
+        );
+        for cut in 0..meta.len() {
+            assert!(
+                decode_meta(KIND_SETTLE, &meta[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut bad = meta.to_vec();
+        *bad.last_mut().unwrap() = 9;
+        assert_eq!(
+            decode_meta(KIND_SETTLE, &bad),
+            Err("unknown SETTLE outcome")
+        );
+        let mut empty = Vec::new();
+        encode_settle(&mut empty, id, &d, &[]).unwrap();
+        assert_eq!(
+            decode_meta(KIND_SETTLE, &empty[24..]),
+            Err("SETTLE without recipients")
         );
     }
 

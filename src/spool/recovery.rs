@@ -13,8 +13,9 @@
 //!   after damage is ever treated as a record. Damage is logged with `tracing::warn!` and
 //!   reported in [`Recovered::damage`]; it is never an error and never a panic.
 //! - Every record that was completely written before the damage is recovered.
-//! - The live parts are the parts of each message's latest copy that no `DONE` ended. A
-//!   message copied forward by compaction appears twice; the later copy's location wins.
+//! - The live parts are the parts of each message's latest copy that no `DONE` ended, each
+//!   without the recipients a `SETTLE` finished. A message copied forward by compaction
+//!   appears twice; the later copy's location wins.
 //! - Only real I/O failures (a directory or file that cannot be read) are errors.
 
 use std::collections::{BTreeMap, HashMap};
@@ -181,7 +182,8 @@ struct Latest {
     location: Location,
     received_at: u64,
     sender: Option<Mailbox>,
-    parts: Vec<(DomainName, Vec<Recipient>)>,
+    /// Per part: the domain and its recipients with their envelope indices.
+    parts: Vec<(DomainName, Vec<(u32, Recipient)>)>,
 }
 
 fn recover_dir(
@@ -222,7 +224,7 @@ fn recover_dir(
         let mut on_record = |loc: Location, meta: Meta| {
             let id = match &meta {
                 Meta::Msg(m) => m.id,
-                Meta::Done { id, .. } | Meta::Expire { id, .. } => *id,
+                Meta::Done { id, .. } | Meta::Expire { id, .. } | Meta::Settle { id, .. } => *id,
             };
             rec.max_id = rec.max_id.max(Some(id));
             match meta {
@@ -240,7 +242,7 @@ fn recover_dir(
                             let rcpts = p
                                 .recipients
                                 .iter()
-                                .map(|i| m.envelope.recipients[*i as usize].clone())
+                                .map(|i| (*i, m.envelope.recipients[*i as usize].clone()))
                                 .collect();
                             (p.domain, rcpts)
                         })
@@ -265,6 +267,10 @@ fn recover_dir(
                     }
                 }
                 Meta::Expire { id, domain } => rec.ledger.place_expire(seq, id, &domain),
+                Meta::Settle { id, recipients, .. } => {
+                    rec.ledger.settle(id, recipients.iter().map(|(i, _)| *i));
+                    rec.ledger.place_settle(seq, id);
+                }
             }
         };
         match scan_segment(&path, core, seq, is_newest, &mut on_record)? {
@@ -291,12 +297,18 @@ fn recover_dir(
     }
     for (id, m) in rec.ledger.messages() {
         let Some(l) = latest.get(&id) else { continue };
+        let settled = rec.ledger.settled(id);
         for lp in &m.parts {
-            let recipients = l
+            let (indices, recipients) = l
                 .parts
                 .iter()
                 .find(|(d, _)| *d == lp.domain)
-                .map(|(_, r)| r.clone())
+                .map(|(_, r)| {
+                    r.iter()
+                        .filter(|(i, _)| !settled.contains(i))
+                        .cloned()
+                        .unzip()
+                })
                 .unwrap_or_default();
             parts_out.push(HeldPart {
                 id,
@@ -305,6 +317,7 @@ fn recover_dir(
                 received_at: l.received_at,
                 sender: l.sender.clone(),
                 recipients,
+                indices,
                 bytes: l.location.body_len,
                 expired: lp.expired,
             });

@@ -69,8 +69,34 @@ pub fn password_for(name: &str) -> String {
 pub struct TestServer {
     data_dir: PathBuf,
     config_path: PathBuf,
+    /// No `--config`: the embedded defaults, on their fixed loopback ports.
+    zero_config: Option<ZeroConfigLock>,
     child: Option<Child>,
     addrs: Vec<(String, SocketAddr)>,
+}
+
+/// Held while a zero-config server runs: its ports are fixed (2525, 3366, 3367, ...), so two
+/// such servers, in this test binary or another one run in parallel, must take turns.
+struct ZeroConfigLock(File);
+
+impl ZeroConfigLock {
+    fn acquire() -> ZeroConfigLock {
+        let path = std::env::temp_dir().join("turnpike-test-zero-config.lock");
+        let file = File::create(&path).expect("create zero-config lock file");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock(2) on a descriptor we own; no memory is shared with the kernel.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return ZeroConfigLock(file);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "zero-config lock held for 10 minutes"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl TestServer {
@@ -85,6 +111,28 @@ impl TestServer {
         let mut server = TestServer {
             data_dir,
             config_path,
+            zero_config: None,
+            child: None,
+            addrs: Vec::new(),
+        };
+        for (name, domains) in accounts {
+            server.add_account(name, domains);
+        }
+        server.spawn();
+        server
+    }
+
+    /// Like [`TestServer::start`], but exactly as a new user runs it: no configuration file
+    /// at all (only `--data-dir`), so every default applies, including the fixed loopback
+    /// ports. Such servers take turns (see [`ZeroConfigLock`]).
+    pub fn start_zero_config(accounts: &[(&str, &[&str])]) -> TestServer {
+        let lock = ZeroConfigLock::acquire();
+        let data_dir = unique_temp_dir();
+        let config_path = data_dir.join("no-such-turnpike.toml");
+        let mut server = TestServer {
+            data_dir,
+            config_path,
+            zero_config: Some(lock),
             child: None,
             addrs: Vec::new(),
         };
@@ -116,11 +164,11 @@ impl TestServer {
     /// `stdin` if given.
     pub fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut cmd = Command::new(turnpike_bin());
-        cmd.arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(args);
+        cmd.arg("--data-dir").arg(&self.data_dir);
+        if self.zero_config.is_none() {
+            cmd.arg("--config").arg(&self.config_path);
+        }
+        cmd.args(args);
         run_bounded(&mut cmd, stdin, CLI_TIMEOUT)
     }
 
@@ -243,11 +291,11 @@ impl TestServer {
                 .expect("open server log file")
         };
         let mut cmd = Command::new(turnpike_bin());
-        cmd.arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("serve");
+        cmd.arg("--data-dir").arg(&self.data_dir);
+        if self.zero_config.is_none() {
+            cmd.arg("--config").arg(&self.config_path);
+        }
+        cmd.arg("serve");
         if let Some(io) = io_driver() {
             cmd.args(["--io", &io]);
         }
@@ -500,6 +548,22 @@ impl SmtpClient {
     pub fn connect_with_timeout(addr: SocketAddr, timeout: Duration) -> SmtpClient {
         let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
             .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        SmtpClient::over(stream, timeout)
+    }
+
+    /// Connects to `addr` from the loopback address `source` (127.0.0.2 and so on are all
+    /// loopback on Linux): a second client address for tests about per-address limits.
+    pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> SmtpClient {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&SocketAddr::new(source, 0).into())
+            .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+        sock.connect_timeout(&addr.into(), IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"));
+        SmtpClient::over(sock.into(), IO_TIMEOUT)
+    }
+
+    fn over(stream: TcpStream, timeout: Duration) -> SmtpClient {
         stream.set_read_timeout(Some(timeout)).expect("timeout");
         stream.set_write_timeout(Some(timeout)).expect("timeout");
         let _ = stream.set_nodelay(true);
@@ -550,6 +614,24 @@ impl SmtpClient {
             }
         }
         Ok((code.expect("at least one line"), text.join("\n")))
+    }
+
+    /// [`read_reply`](Self::read_reply) waiting at most `wait` for its first byte (then the
+    /// usual timeout): `WouldBlock`/`TimedOut` when nothing came.
+    pub fn read_reply_within(&mut self, wait: Duration) -> io::Result<(u16, String)> {
+        if self.reader.buffer().is_empty() {
+            let usual = self.reader.get_ref().read_timeout()?;
+            self.reader.get_ref().set_read_timeout(Some(wait))?;
+            let peek = self.reader.fill_buf().map(|b| b.len());
+            self.reader.get_ref().set_read_timeout(usual)?;
+            if peek? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
+            }
+        }
+        self.read_reply()
     }
 
     /// Reads one reply and asserts its code; returns its text.
