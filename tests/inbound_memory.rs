@@ -400,3 +400,85 @@ impl Sink for BodySink {
         Ok(())
     }
 }
+
+/// `kill -9` while a big message streams in: after the restart its file is gone and nothing of
+/// it is held, while the streamed message acknowledged before the kill is held and drains
+/// intact.
+#[test]
+fn a_crash_mid_stream_keeps_acknowledged_mail_and_drops_the_rest() {
+    let mut server = TestServer::start(
+        "[limits]\nidle_timeout = \"60s\"\n[odmr]\nallow_plaintext_auth = true\n",
+        &[("acme", &["example.com"])],
+    );
+    let mut c = client(&server);
+    c.cmd("MAIL FROM:<s@client.test>", 250);
+    c.cmd("RCPT TO:<u1@example.com>", 250);
+    c.cmd("DATA", 354);
+    blocks(1, 2 << 20).for_each(|b| c.send_bytes(&b));
+    c.send_bytes(b".\r\n");
+    c.expect(250);
+
+    let mut cut = client(&server);
+    cut.cmd("MAIL FROM:<s@client.test>", 250);
+    cut.cmd("RCPT TO:<cut@example.com>", 250);
+    cut.cmd("DATA", 354);
+    blocks(2, 4 << 20).for_each(|b| cut.send_bytes(&b));
+    let journal = server.data_dir().join("journal");
+    let part_files = || -> usize {
+        std::fs::read_dir(&journal)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|core| {
+                std::fs::read_dir(core.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter(|f| f.file_name().to_string_lossy().ends_with(".part"))
+            .count()
+    };
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while part_files() == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        part_files(),
+        1,
+        "the cut-off message is streaming into its own file"
+    );
+    server.kill9();
+    drop(cut);
+
+    server.restart();
+    assert_eq!(
+        part_files(),
+        0,
+        "the writer removed the unfinished message at start"
+    );
+    let (held, _) = queue_entry(&server.queue_json(), "example.com").expect("held");
+    assert_eq!(held, 1, "only the acknowledged message");
+    let cfg = SessionConfig {
+        provider: server.addr("odmr"),
+        hostname: "customer.test".into(),
+        tls: Tls::None,
+        account: "acme".into(),
+        password: password_for("acme"),
+        mechanism: Mechanism::Plain,
+        domains: Vec::new(),
+        atrn_timeout: IO_TIMEOUT,
+        idle_timeout: IO_TIMEOUT,
+    };
+    let mut sink = BodySink::default();
+    let result = turnpike::runtime::io::block_on(
+        IoKind::Epoll,
+        session::run(IoKind::Epoll, &cfg, &mut sink),
+    )
+    .expect("runtime");
+    result.unwrap_or_else(|e| panic!("drain failed: {e}\n{}", server.logs()));
+    let bodies = sink.bodies.get("u1").expect("the acknowledged message");
+    let payload: Vec<u8> = blocks(1, 2 << 20).flatten().collect();
+    assert_eq!(bodies.len(), 1);
+    assert!(bodies[0].ends_with(&payload), "drained intact");
+    assert!(!sink.bodies.contains_key("cut"));
+}
