@@ -241,6 +241,9 @@ enum QueueAction {
         /// The recipient domain.
         destination: String,
     },
+    /// Reclaim journal space now: delete segments with nothing live, compact the oldest
+    /// mostly-dead one (the running server).
+    Reclaim,
     /// Report an outbound message to its sender as undeliverable and drop it.
     Bounce {
         /// The message id (as `turnpike queue show` prints it).
@@ -300,7 +303,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             server::serve(config, choice, cores)?;
         }
         Command::Account { action } => {
-            std::fs::create_dir_all(&data_dir)?;
+            turnpike::spool::private_dir(&data_dir)?;
             let path = data_dir.join("accounts.toml");
             let mut accounts = Accounts::load(&path)?;
             match action {
@@ -468,6 +471,19 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         println!(
                             "{id}: {} part(s) reported to the sender and removed",
                             v["bounced"]
+                        );
+                    }
+                }
+                Some(QueueAction::Reclaim) => {
+                    let answer = control::request(&data_dir, "reclaim")?
+                        .ok_or("no running server (reclaim needs `turnpike serve`)")?;
+                    let v: serde_json::Value = serde_json::from_str(&answer)?;
+                    if json {
+                        println!("{}", answer.trim_end());
+                    } else {
+                        println!(
+                            "{} segment(s) deleted, {} compacted, {} message(s) moved",
+                            v["deleted"], v["compacted"], v["moved"]
                         );
                     }
                 }

@@ -26,6 +26,15 @@ use super::hosted::{CounterTable, Hosted};
 use super::report;
 use crate::proto::reply::EnhancedStatus;
 
+/// How long reclaim waits for the shard cores to apply relocations.
+const RELOCATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often journals short of disk space are reclaimed.
+const SPACE_RECLAIM: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a DONE may wait for the disk before its part leaves the index anyway.
+const DONE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Work one core sends another.
 pub enum MeshMsg {
     /// A committed message part for a domain this core shards: index it.
@@ -55,6 +64,8 @@ pub enum MeshMsg {
         domain: DomainName,
         /// The new copy.
         location: spool::Location,
+        /// Dropped once the index points at the copy: then the old segment may go.
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
     },
     /// To a shard core: lease these domains (all on this shard) for ATRN session `session`
     /// and return their held parts; all or nothing.
@@ -140,6 +151,9 @@ pub enum MeshMsg {
     Metrics(std::sync::mpsc::Sender<(metrics::Snapshot, Vec<metrics::DomainGauge>)>),
     /// A snapshot of the queue for the control socket.
     Query(Query, std::sync::mpsc::Sender<QueryAnswer>),
+    /// The operator asks for reclaim now: delete dead segments and compact, in this core's
+    /// journals; answered with (segments deleted, segments compacted, messages moved).
+    Reclaim(std::sync::mpsc::Sender<(usize, usize, usize)>),
     /// New hosted-domain snapshot after a reload.
     Reload(Arc<Hosted>),
     /// An operator's request to this core's outbound relay.
@@ -164,6 +178,8 @@ pub enum Query {
     Summary,
     /// The held parts of one domain (only its shard core answers with data).
     Domain(DomainName),
+    /// The state of this core's journal writers (disk full, poisoned).
+    Storage,
 }
 
 /// A core's answer to a [`Query`].
@@ -172,6 +188,8 @@ pub enum QueryAnswer {
     Summary(Vec<(DomainName, spool::DomainStats)>),
     /// The parts of one domain.
     Domain(Vec<spool::HeldPart>),
+    /// This core's journal writers.
+    Storage(Vec<spool::JournalStatus>),
 }
 
 /// State shared by all cores, read-only after start.
@@ -199,6 +217,8 @@ pub struct Shared {
     pub sessions: std::sync::atomic::AtomicU64,
     /// Per-account submission counts for the `[submission]` rate limits (all cores).
     pub submit_rates: std::sync::Mutex<super::submit::Rates>,
+    /// Segments that sessions read from: the journals delete none of them.
+    pub pins: Arc<spool::SegmentPins>,
 }
 
 impl Shared {
@@ -252,6 +272,8 @@ pub struct Core {
     leases: RefCell<HashMap<DomainName, u64>>,
     /// Lingering sessions: where newly held parts of their leased domains go.
     pushes: RefCell<HashMap<u64, tokio::sync::mpsc::UnboundedSender<spool::HeldPart>>>,
+    /// Per ATRN session: the segments its parts are in, pinned until its leases end.
+    lease_pins: RefCell<HashMap<u64, Vec<spool::PinGuard>>>,
     /// Failed-login throttle for sessions on this core.
     pub throttle: RefCell<crate::proto::throttle::Throttle>,
     /// This core's counters and latency histograms.
@@ -290,6 +312,7 @@ impl Core {
             next_seq: Cell::new(u64::from_le_bytes(seed) >> 16),
             leases: RefCell::new(HashMap::new()),
             pushes: RefCell::new(HashMap::new()),
+            lease_pins: RefCell::new(HashMap::new()),
             expiring: RefCell::new(Default::default()),
             metrics: RefCell::new(metrics::CoreMetrics::new()),
             throttle: RefCell::new(throttle),
@@ -313,6 +336,11 @@ impl Core {
         } else {
             self.adopted.get(&id.core())
         }
+    }
+
+    /// This core's journal writer and the ones it adopted.
+    pub fn journals(&self) -> impl Iterator<Item = &spool::JournalHandle> {
+        std::iter::once(&self.journal).chain(self.adopted.values())
     }
 
     /// `domains` grouped by the core that shards each one.
@@ -357,6 +385,20 @@ impl Core {
             pipelining: true,
             body_chunk: Some(super::ingest::BODY_CHUNK),
         }
+    }
+
+    /// The refusal for new mail while this core's journal cannot take it (the disk is full,
+    /// or the writer is poisoned), checked at RCPT so the client learns it before DATA.
+    pub fn storage_refusal(&self) -> Option<Reply> {
+        let err = if self.journal.is_poisoned() {
+            spool::Error::Poisoned
+        } else if self.journal.short_of_space() {
+            self.metrics.borrow_mut().store_mut().storage_refused += 1;
+            spool::Error::NoSpace { op: "RCPT" }
+        } else {
+            return None;
+        };
+        Some(storage_reply(&err))
     }
 
     /// Stores a message this server wrote itself (a delivery report) through the same durable
@@ -425,8 +467,11 @@ impl Core {
                         .or_insert_with(|| self.shared.counters.counters(&part.domain));
                     c.add(part.bytes);
                     let session = self.leases.borrow().get(&part.domain).copied();
-                    if let Some(push) = session.and_then(|s| self.pushes.borrow().get(&s).cloned())
+                    if let Some((s, push)) =
+                        session.and_then(|s| Some((s, self.pushes.borrow().get(&s).cloned()?)))
                     {
+                        let pin = self.shared.pins.hold([&part.location]);
+                        self.lease_pins.borrow_mut().entry(s).or_default().push(pin);
                         let _ = push.send(part.clone());
                     }
                     if crate::relay::is_outbound(&self, &part.domain) {
@@ -450,10 +495,12 @@ impl Core {
                     id,
                     domain,
                     location,
+                    ack,
                 } => {
                     self.index_shard
                         .borrow_mut()
                         .relocate(id, &domain, location);
+                    drop(ack);
                 }
                 MeshMsg::Lease {
                     session,
@@ -469,6 +516,7 @@ impl Core {
                 }
                 MeshMsg::Release { session, domains } => {
                     self.pushes.borrow_mut().remove(&session);
+                    self.lease_pins.borrow_mut().remove(&session);
                     let mut leases = self.leases.borrow_mut();
                     for d in domains {
                         if leases.get(&d) == Some(&session) {
@@ -526,7 +574,12 @@ impl Core {
                         .deferred += 1;
                 }
                 MeshMsg::Metrics(reply) => {
-                    let _ = reply.send((self.metrics.borrow().snapshot(), self.domain_gauges()));
+                    let mut snapshot = self.metrics.borrow().snapshot();
+                    for j in self.journals() {
+                        snapshot.store.journals_short += u64::from(j.short_of_space());
+                        snapshot.store.journals_poisoned += u64::from(j.is_poisoned());
+                    }
+                    let _ = reply.send((snapshot, self.domain_gauges()));
                 }
                 MeshMsg::Retire {
                     id,
@@ -560,6 +613,9 @@ impl Core {
                     let answer = match q {
                         Query::Summary => QueryAnswer::Summary(idx.all_stats()),
                         Query::Domain(d) => QueryAnswer::Domain(idx.parts(&d).cloned().collect()),
+                        Query::Storage => {
+                            QueryAnswer::Storage(self.journals().map(|j| j.status()).collect())
+                        }
                     };
                     let _ = reply.send(answer);
                 }
@@ -573,6 +629,12 @@ impl Core {
                     self.relay.rescan();
                 }
                 MeshMsg::Relay(cmd) => crate::relay::handle(&self, cmd),
+                MeshMsg::Reclaim(reply) => {
+                    let core = self.clone();
+                    tokio::task::spawn_local(async move {
+                        let _ = reply.send(core.reclaim_journals().await);
+                    });
+                }
                 MeshMsg::Shutdown => {
                     self.stopping.set(true);
                     self.shutdown.notify_waiters();
@@ -643,8 +705,19 @@ impl Core {
         let mut granted = Vec::with_capacity(domains.len());
         for d in domains {
             leases.insert(d.clone(), session);
-            granted.push((d.clone(), index.parts(d).cloned().collect()));
+            granted.push((d.clone(), index.parts(d).cloned().collect::<Vec<_>>()));
         }
+        // In the same step as the locations are handed out: compaction may move these
+        // messages during the session, but the segments it reads stay until it ends.
+        let locations = granted
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|p| &p.location));
+        let pin = self.shared.pins.hold(locations);
+        self.lease_pins
+            .borrow_mut()
+            .entry(session)
+            .or_default()
+            .push(pin);
         LeaseAnswer::Granted(granted)
     }
 
@@ -659,24 +732,35 @@ impl Core {
             tracing::error!(%id, core = self.index, "DONE routed to a core without its journal");
             return;
         };
-        match journal.append_done(id, &domain, outcome).await {
-            Ok(_) => {
-                let shard = self.shard_of(&domain);
-                self.shared.mesh.send(
-                    shard,
-                    MeshMsg::Retire {
-                        id,
-                        domain,
-                        outcome,
-                        ack,
-                    },
-                );
+        let shard = self.shard_of(&domain);
+        let retire = |ack| MeshMsg::Retire {
+            id,
+            domain: domain.clone(),
+            outcome,
+            ack,
+        };
+        let mut ack = Some(ack);
+        let durable = journal.append_done(id, &domain, outcome);
+        tokio::pin!(durable);
+        let res = tokio::select! {
+            r = &mut durable => r,
+            _ = tokio::time::sleep(DONE_PATIENCE) => {
+                // The DONE waits for disk space. The customer has the message: take the part
+                // out of the index now, so the next ATRN does not send it again.
+                tracing::warn!(%id, %domain, "DONE waits for disk space; the part leaves the index now");
+                self.shared.mesh.send(shard, retire(ack.take().flatten()));
+                durable.await
             }
-            // The part stays held and is offered again at the next ATRN: a duplicate at
+        };
+        if let Err(e) = &res {
+            // The part is finished in this process (never offered again until a restart),
+            // but its record is not on disk: after a restart it is held again, a duplicate at
             // worst, never a loss.
-            Err(e) => {
-                tracing::error!(%id, %domain, error = %e, "could not record DONE; part stays held")
-            }
+            self.metrics.borrow_mut().store_mut().dones_unrecorded += 1;
+            tracing::error!(%id, %domain, error = %e, "could not record DONE; the part leaves the index but stays on disk and will be offered again after a restart");
+        }
+        if let Some(ack) = ack {
+            self.shared.mesh.send(shard, retire(ack));
         }
     }
 
@@ -692,23 +776,32 @@ impl Core {
             tracing::error!(%id, core = self.index, "SETTLE routed to a core without its journal");
             return;
         };
-        match journal.append_settle(id, &domain, &recipients).await {
-            Ok(_) => {
-                let shard = self.shard_of(&domain);
-                let indices = recipients.iter().map(|(i, _)| *i).collect();
-                let msg = MeshMsg::Settled {
-                    id,
-                    domain,
-                    indices,
-                    ack,
-                };
-                self.shared.mesh.send(shard, msg);
+        let shard = self.shard_of(&domain);
+        let settled = |ack| MeshMsg::Settled {
+            id,
+            domain: domain.clone(),
+            indices: recipients.iter().map(|(i, _)| *i).collect(),
+            ack,
+        };
+        let mut ack = Some(ack);
+        let durable = journal.append_settle(id, &domain, &recipients);
+        tokio::pin!(durable);
+        // As for a DONE: a SETTLE that waits for disk space, or fails, still narrows the part
+        // in this process, so the finished recipients are not sent again before a restart.
+        let res = tokio::select! {
+            r = &mut durable => r,
+            _ = tokio::time::sleep(DONE_PATIENCE) => {
+                tracing::warn!(%id, %domain, "SETTLE waits for disk space; the part is narrowed now");
+                self.shared.mesh.send(shard, settled(ack.take().flatten()));
+                durable.await
             }
-            // The recipients stay held and are offered again: a duplicate (or a second
-            // report) at worst, never a loss.
-            Err(e) => {
-                tracing::error!(%id, %domain, error = %e, "could not record SETTLE; recipients stay held")
-            }
+        };
+        if let Err(e) = &res {
+            self.metrics.borrow_mut().store_mut().dones_unrecorded += 1;
+            tracing::error!(%id, %domain, error = %e, "could not record SETTLE; the recipients leave the index but stay on disk and will be offered again after a restart");
+        }
+        if let Some(ack) = ack {
+            self.shared.mesh.send(shard, settled(ack));
         }
     }
 
@@ -770,9 +863,19 @@ impl Core {
     pub async fn run_maintenance(self: Rc<Self>, every: std::time::Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While a journal is short of space, deleting what deliveries finished is what brings
+        // new mail back: reclaim every second then, not at the slow pace.
+        let mut space_tick = tokio::time::interval(SPACE_RECLAIM);
+        space_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = space_tick.tick() => {
+                    if self.journals().any(|j| j.short_of_space()) {
+                        self.reclaim_journals().await;
+                    }
+                    continue;
+                }
                 _ = self.stopped() => return,
             }
             let now = SystemTime::now()
@@ -785,37 +888,62 @@ impl Core {
                     .mesh
                     .send(self.writer_of(part.id), MeshMsg::Expire(part));
             }
-            let journals = std::iter::once(&self.journal).chain(self.adopted.values());
-            for journal in journals {
-                match journal.reclaim().await {
-                    Ok(report) => {
-                        if !report.deleted.is_empty() || report.compacted.is_some() {
-                            tracing::info!(
-                                core = self.index,
-                                deleted = report.deleted.len(),
-                                compacted = ?report.compacted,
-                                moved = report.relocated.len(),
-                                "journal space reclaimed"
-                            );
-                        }
-                        for moved in report.relocated {
-                            for domain in moved.domains {
-                                let shard = self.shard_of(&domain);
-                                let msg = MeshMsg::Relocated {
-                                    id: moved.id,
-                                    domain,
-                                    location: moved.location,
-                                };
-                                self.shared.mesh.send(shard, msg);
-                            }
+            self.reclaim_journals().await;
+        }
+    }
+
+    /// Deletes dead segments and compacts, in this core's journals; tells the shard cores
+    /// where compaction moved their parts. Returns (deleted, compacted, moved).
+    async fn reclaim_journals(&self) -> (usize, usize, usize) {
+        let mut totals = (0, 0, 0);
+        for journal in self.journals() {
+            match journal.reclaim().await {
+                Ok(report) => {
+                    totals.0 += report.deleted.len();
+                    totals.1 += usize::from(report.compacted.is_some());
+                    totals.2 += report.relocated.len();
+                    if !report.deleted.is_empty() || report.compacted.is_some() {
+                        tracing::info!(
+                            core = self.index,
+                            deleted = report.deleted.len(),
+                            compacted = ?report.compacted,
+                            moved = report.relocated.len(),
+                            "journal space reclaimed"
+                        );
+                    }
+                    let mut applied = Vec::new();
+                    for moved in report.relocated {
+                        for domain in moved.domains {
+                            let shard = self.shard_of(&domain);
+                            let (ack, done) = tokio::sync::oneshot::channel();
+                            applied.push(done);
+                            let msg = MeshMsg::Relocated {
+                                id: moved.id,
+                                domain,
+                                location: moved.location,
+                                ack: Some(ack),
+                            };
+                            self.shared.mesh.send(shard, msg);
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(core = self.index, error = %e, "journal reclaim failed")
+                    // The compacted segment is deleted by a later reclaim, and only once every
+                    // shard hands out the new locations (sessions that got the old ones hold
+                    // pins on it).
+                    let all = async {
+                        for done in applied {
+                            let _ = done.await;
+                        }
+                    };
+                    if tokio::time::timeout(RELOCATE_TIMEOUT, all).await.is_err() {
+                        tracing::warn!(core = self.index, "shards slow to apply relocations");
                     }
+                }
+                Err(e) => {
+                    tracing::warn!(core = self.index, error = %e, "journal reclaim failed")
                 }
             }
         }
+        totals
     }
 
     /// Resolves when this core was told to stop.
@@ -827,7 +955,6 @@ impl Core {
     }
 }
 
-/// Sends a retirement acknowledgement when dropped, i.e. after the index was updated.
 /// The failed-login throttle's limits from `[odmr]`.
 fn throttle_config(o: &crate::config::OdmrSettings) -> crate::proto::throttle::ThrottleConfig {
     crate::proto::throttle::ThrottleConfig {
@@ -840,6 +967,7 @@ fn throttle_config(o: &crate::config::OdmrSettings) -> crate::proto::throttle::T
     }
 }
 
+/// Sends a retirement acknowledgement when dropped, i.e. after the index was updated.
 struct AckOnDrop(Option<tokio::sync::oneshot::Sender<()>>);
 
 impl Drop for AckOnDrop {
@@ -865,8 +993,25 @@ struct Activity {
     bounced: u64,
 }
 
+/// The SMTP reply for a journal append that failed: a full disk is `452 4.3.1` (RFC 3463:
+/// mail system full), anything else `451 4.3.0`.
+pub fn storage_reply(e: &spool::Error) -> Reply {
+    if e.is_no_space() {
+        Reply::with_status(
+            452,
+            (4, 3, 1),
+            "Insufficient system storage, try again later",
+        )
+    } else {
+        Reply::with_status(451, (4, 3, 0), "Temporary storage failure, try again later")
+    }
+}
+
 impl Directory for Core {
     fn check_rcpt(&self, rcpt: &Mailbox, declared_size: Option<u64>) -> RcptVerdict {
+        if let Some(refusal) = self.storage_refusal() {
+            return RcptVerdict::Reject(refusal);
+        }
         let Ok(domain) = DomainName::parse(&rcpt.domain) else {
             return RcptVerdict::Reject(relay_refused(&rcpt.domain));
         };
@@ -915,6 +1060,9 @@ impl Directory for Core {
         accepted: usize,
         declared_size: Option<u64>,
     ) -> RcptVerdict {
+        if let Some(refusal) = self.storage_refusal() {
+            return RcptVerdict::Reject(refusal);
+        }
         super::submit::check_rcpt(self, account, rcpt, accepted, declared_size)
     }
 }

@@ -26,7 +26,7 @@ use crate::proto::trace;
 use crate::spool::{self, StreamAppend};
 use crate::types::{BodyType, Envelope, Mailbox, MessageId};
 
-use super::core::Core;
+use super::core::{storage_reply, Core};
 
 /// Body bytes a session buffers before it streams the message to disk: messages up to this
 /// size are stored whole, through the group commit.
@@ -67,7 +67,7 @@ impl Ingest {
             };
             match begin(core, &message, peer).await {
                 Ok(s) => self.streaming = Some(s),
-                Err(e) => return self.fail(machine, &e, peer).await,
+                Err(e) => return self.fail(core, machine, &e, peer).await,
             }
         }
         let Some(s) = self.streaming.as_mut() else {
@@ -77,7 +77,7 @@ impl Ingest {
         let (r, buf) = s.append.write(bytes).await;
         machine.recycle(buf);
         if let Err(e) = r {
-            self.fail(machine, &e, peer).await;
+            self.fail(core, machine, &e, peer).await;
         }
     }
 
@@ -100,7 +100,7 @@ impl Ingest {
     ) -> Result<String, Reply> {
         if std::mem::take(&mut self.lost_chunk) {
             self.discard().await;
-            return Err(reply_for(&spool::Error::Closed));
+            return Err(storage_reply(&spool::Error::Closed));
         }
         let Some(mut s) = self.streaming.take() else {
             return store_whole(core, incoming, peer).await;
@@ -114,7 +114,7 @@ impl Ingest {
             let (r, _) = s.append.write(body).await;
             if let Err(e) = r {
                 s.append.abort().await;
-                return Err(refusal(id, &e, peer));
+                return Err(refusal(core, id, &e, peer));
             }
         }
         mark_eight_bit(&mut envelope, s.eight_bit);
@@ -125,20 +125,29 @@ impl Ingest {
                 log_held(id, peer, &envelope, location.body_len, true);
                 Ok(id.to_string())
             }
-            Err(e) => Err(refusal(id, &e, peer)),
+            Err(e) => Err(refusal(core, id, &e, peer)),
         }
     }
 
-    async fn fail(&mut self, machine: &mut Inbound, e: &spool::Error, peer: SocketAddr) {
+    async fn fail(
+        &mut self,
+        core: &Core,
+        machine: &mut Inbound,
+        e: &spool::Error,
+        peer: SocketAddr,
+    ) {
         let id = self.streaming.as_ref().map(|s| s.append.id());
         if let Some(s) = self.streaming.take() {
             s.append.abort().await;
         }
         let reply = match id {
-            Some(id) => refusal(id, e, peer),
+            Some(id) => refusal(core, id, e, peer),
             None => {
-                tracing::error!(%peer, error = %e, "cannot start storing an incoming message");
-                reply_for(e)
+                if e.is_no_space() {
+                    core.metrics.borrow_mut().store_mut().storage_refused += 1;
+                }
+                tracing::warn!(%peer, error = %e, "cannot start storing an incoming message");
+                storage_reply(e)
             }
         };
         machine.abandon_body(reply);
@@ -194,7 +203,7 @@ async fn store_whole(
             log_held(id, peer, &incoming.envelope, location.body_len, false);
             Ok(id.to_string())
         }
-        Err(e) => Err(refusal(id, &e, peer)),
+        Err(e) => Err(refusal(core, id, &e, peer)),
     }
 }
 
@@ -239,26 +248,16 @@ fn log_held(id: MessageId, peer: SocketAddr, envelope: &Envelope, bytes: u64, st
     tracing::info!(%id, %peer, ?sender, rcpts, bytes, streamed, "held");
 }
 
-/// Logs a failed store of message `id` and returns the reply that says so.
-fn refusal(id: MessageId, e: &spool::Error, peer: SocketAddr) -> Reply {
-    let reply = reply_for(e);
-    tracing::error!(%id, %peer, error = %e, reply = %reply.lines.join(" "), "journal append failed; message refused");
-    reply
-}
-
-/// `452 4.3.1` when the disk is full (RFC 3463: mail system full), else `451 4.3.0`.
-fn reply_for(e: &spool::Error) -> Reply {
-    let full = matches!(e, spool::Error::Io { source, .. }
-        if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)));
-    if full {
-        Reply::with_status(
-            452,
-            (4, 3, 1),
-            "Insufficient system storage, try again later",
-        )
+/// Logs a failed store of message `id` (counting a full disk in the metrics) and returns the
+/// reply that says so.
+fn refusal(core: &Core, id: MessageId, e: &spool::Error, peer: SocketAddr) -> Reply {
+    if e.is_no_space() {
+        core.metrics.borrow_mut().store_mut().storage_refused += 1;
+        tracing::warn!(%id, %peer, error = %e, "disk full; message refused with 452");
     } else {
-        Reply::with_status(451, (4, 3, 0), "Temporary storage failure, try again later")
+        tracing::error!(%id, %peer, error = %e, "journal append failed; message refused with 451");
     }
+    storage_reply(e)
 }
 
 fn unix_now() -> std::time::Duration {

@@ -9,9 +9,9 @@
 //! checksum matches. Ranges ([`Reader::read_body_range`]) are bounds-checked but not
 //! checksummed: a range cannot be checked on its own.
 //!
-//! A segment may be deleted by compaction while a reader has it open; reads through the open
-//! descriptor keep working. Opening a deleted segment fails with `NotFound`: the caller looks
-//! the message up again (its index entry was updated with the relocated copy).
+//! Sessions read at the locations they were given when they started; the segments behind
+//! them are pinned ([`SegmentPins`](super::SegmentPins)) so compaction never deletes them in
+//! the meantime. A segment deleted anyway (by hand) fails with `NotFound`.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;

@@ -36,6 +36,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::error::out_of_space;
 use super::file::{sync_dir, SegmentFile};
 use super::journal::{journal_dir, segment_path, JournalConfig, JournalHandle, Location};
 use super::record::{self, encode_segment_header, Part, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
@@ -121,7 +122,7 @@ impl JournalHandle {
         let path = part_path(&journal_dir(&cfg.data_dir, cfg.core), id);
         let file = SegmentFile::create_new(&path, cfg.io)
             .await
-            .map_err(|e| Error::io("create streamed message", Some(path.clone()), e))?;
+            .map_err(|e| io_error("create streamed message", &path, e))?;
         Ok(StreamAppend {
             journal: self.clone(),
             id,
@@ -162,14 +163,7 @@ impl StreamAppend {
         let (r, buf) = file.write_all_at(buf, pos).await;
         if let Err(e) = r {
             self.file = None;
-            return (
-                Err(Error::io(
-                    "write streamed message",
-                    Some(self.path.clone()),
-                    e,
-                )),
-                buf,
-            );
+            return (Err(io_error("write streamed message", &self.path, e)), buf);
         }
         self.crc.update(&buf);
         self.body_len += buf.len() as u64;
@@ -201,7 +195,7 @@ impl StreamAppend {
             });
         }
         if let Err(e) = file.sync_data().await {
-            let e = Error::io("fdatasync streamed message", Some(self.path.clone()), e);
+            let e = io_error("fdatasync streamed message", &self.path, e);
             self.remove().await;
             return Err(e);
         }
@@ -247,6 +241,15 @@ impl Drop for StreamAppend {
     }
 }
 
+/// A full disk is [`Error::NoSpace`] (`452 4.3.1`), like for any append.
+fn io_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
+    if out_of_space(&e) {
+        Error::NoSpace { op }
+    } else {
+        Error::io(op, Some(path.to_owned()), e)
+    }
+}
+
 async fn remove_quietly(path: PathBuf) {
     let _ = tokio::task::spawn_blocking(move || remove_logged(&path)).await;
 }
@@ -280,7 +283,7 @@ impl Finished {
             Err(e) => Err(e),
         };
         if let Err(e) = r {
-            let e = Error::io("write streamed message head", Some(self.path.clone()), e);
+            let e = io_error("write streamed message head", &self.path, e);
             remove_quietly(self.path).await;
             return Err((e, false));
         }
