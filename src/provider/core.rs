@@ -8,21 +8,19 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::metrics;
-use crate::proto::inbound::{Directory, InboundConfig, Incoming, RcptVerdict};
+use crate::proto::inbound::{Directory, InboundConfig, RcptVerdict};
 use crate::proto::reply::Reply;
-use crate::proto::trace;
 use crate::runtime::limiter::Limiter;
 use crate::runtime::mesh::Mesh;
 use crate::runtime::IoKind;
 use crate::spool;
-use crate::types::{BodyType, DomainName, Envelope, Mailbox, MessageId};
+use crate::types::{DomainName, Envelope, Mailbox, MessageId};
 
 use super::hosted::{CounterTable, Hosted};
 use super::report;
@@ -362,7 +360,8 @@ impl Core {
         (domain.shard_hash() % self.shared.mesh.cores() as u64) as usize
     }
 
-    fn new_id(&self, now_ms: u64) -> MessageId {
+    /// A fresh message id of this core.
+    pub(crate) fn new_id(&self, now_ms: u64) -> MessageId {
         let seq = self.next_seq.get();
         self.next_seq.set(seq.wrapping_add(1));
         MessageId::new(now_ms, self.index as u16, seq)
@@ -384,53 +383,7 @@ impl Core {
             chunking: true,
             smtputf8: true,
             pipelining: true,
-            body_chunk: None,
-        }
-    }
-
-    /// Writes an accepted message to this core's journal (returns after fdatasync), then
-    /// hands each domain part to its shard core. The result feeds `Inbound::stored`.
-    pub async fn store(&self, mut incoming: Incoming, peer: SocketAddr) -> Result<String, Reply> {
-        // Record what the body really is: 8-bit content sent without BODY=8BITMIME is stored
-        // as 8BITMIME, so the reversal never sends it to a customer without 8BITMIME.
-        if incoming.envelope.body == BodyType::SevenBit && !incoming.body.is_ascii() {
-            incoming.envelope.body = BodyType::EightBitMime;
-        }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let id = self.new_id(now.as_millis() as u64);
-        let received = trace::received(&trace::Trace {
-            host: self.shared.config.server.hostname.as_str(),
-            helo: &incoming.helo,
-            peer_ip: &peer.ip().to_string(),
-            protocol: incoming.protocol,
-            recipient: single_recipient(&incoming),
-            id: &id.to_string(),
-            account: incoming.account.as_deref(),
-            unix_secs: now.as_secs(),
-        });
-        let mut body = Vec::with_capacity(received.len() + incoming.body.len());
-        body.extend_from_slice(received.as_bytes());
-        body.extend_from_slice(&incoming.body);
-        drop(incoming.body);
-        match self.hold(id, now.as_secs(), &incoming.envelope, body).await {
-            Ok(()) => {
-                let sender = incoming.envelope.sender.as_ref().map(|m| m.to_string());
-                let rcpts = incoming.envelope.recipients.len();
-                tracing::info!(%id, %peer, ?sender, rcpts, "held");
-                Ok(id.to_string())
-            }
-            Err(e) => {
-                let reply = storage_reply(&e);
-                if e.is_no_space() {
-                    self.metrics.borrow_mut().store_mut().storage_refused += 1;
-                    tracing::warn!(%id, %peer, error = %e, "disk full; message refused with 452");
-                } else {
-                    tracing::error!(%id, %peer, error = %e, "journal append failed; answering 451");
-                }
-                Err(reply)
-            }
+            body_chunk: Some(super::ingest::BODY_CHUNK),
         }
     }
 
@@ -479,6 +432,20 @@ impl Core {
             .append_message(id, received_at, env, &body)
             .await?;
         drop(body);
+        self.announce_held(id, received_at, env, location, started);
+        Ok(())
+    }
+
+    /// A message is durable in this core's journal at `location` (appended since
+    /// `started`): counts it and indexes each domain part on its shard core.
+    pub(crate) fn announce_held(
+        &self,
+        id: MessageId,
+        received_at: u64,
+        env: &Envelope,
+        location: spool::Location,
+        started: std::time::Instant,
+    ) {
         let mut m = self.metrics.borrow_mut();
         m.message_held(location.body_len);
         m.record_accept(started.elapsed());
@@ -487,7 +454,6 @@ impl Core {
             let shard = self.shard_of(&part.domain);
             self.shared.mesh.send(shard, MeshMsg::Held(part));
         }
-        Ok(())
     }
 
     /// Applies mesh messages for this core until shutdown.
@@ -1025,13 +991,6 @@ struct Activity {
     delivered: u64,
     deferred: u64,
     bounced: u64,
-}
-
-fn single_recipient(incoming: &Incoming) -> Option<&Mailbox> {
-    match incoming.envelope.recipients.as_slice() {
-        [one] => Some(&one.mailbox),
-        _ => None,
-    }
 }
 
 /// The SMTP reply for a journal append that failed: a full disk is `452 4.3.1` (RFC 3463:

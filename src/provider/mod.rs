@@ -4,6 +4,7 @@
 //! - [`atrn`]: the ATRN decision: authorisation, leases, "is there mail".
 //! - [`core`]: what one core owns (journal writer, index shard, hosted snapshot).
 //! - [`hosted`]: the hosted-domain snapshot and quota counters.
+//! - [`ingest`]: one inbound message into the journal, whole or streamed while it arrives.
 //! - [`instance`]: one server per data directory and per port (the lock, the port probe).
 //! - [`outcome`]: per-recipient outcomes of a delivery attempt, settled as DONE or SETTLE
 //!   (shared by the reversal and the relay).
@@ -15,6 +16,7 @@
 pub mod atrn;
 pub mod core;
 pub mod hosted;
+pub mod ingest;
 pub mod instance;
 pub(crate) mod outcome;
 pub mod report;

@@ -40,6 +40,7 @@ use super::reader::read_msg_record;
 use super::reclaim::{Ledger, LivePart};
 use super::record::{self, encode_segment_header, Encoded, Outcome, Part, SEGMENT_HEADER_LEN};
 use super::recovery::DirRecovery;
+use super::stream::{self, Finished};
 use super::Error;
 use crate::types::{DomainName, Envelope, MessageId};
 
@@ -224,6 +225,8 @@ struct State {
     stats: JournalStats,
     reclaiming: bool,
     flusher: Option<JoinHandle<()>>,
+    /// Committed streams waiting to become segments, in commit order.
+    adopting: VecDeque<(Finished, oneshot::Sender<Result<Location, Error>>)>,
     #[cfg(test)]
     fail_next_sync: bool,
     /// Test hook: segment creation fails with ENOSPC, as on a full disk.
@@ -408,6 +411,31 @@ impl JournalHandle {
         .await
         .map_err(|e| Error::io("create journal dir", None, std::io::Error::other(e)))?
         .map_err(|e| Error::io("create journal dir", Some(dir.clone()), e))?;
+        let d = dir.clone();
+        match tokio::task::spawn_blocking(move || stream::remove_leftovers(&d)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                tracing::info!(
+                    core = cfg.core,
+                    n,
+                    "removed messages a crash cut off while they arrived (never acknowledged)"
+                )
+            }
+            Ok(Err(e)) => {
+                return Err(Error::io(
+                    "remove unfinished incoming messages",
+                    Some(dir),
+                    e,
+                ))
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    "remove unfinished incoming messages",
+                    Some(dir),
+                    std::io::Error::other(e),
+                ))
+            }
+        }
         let (ledger, next_seq, tail) = recovered.into_writer_parts();
         if let Some(tail) = tail {
             // Cut the possibly torn (or merely preallocated) tail off, so that later
@@ -447,6 +475,7 @@ impl JournalHandle {
                 stats: JournalStats::default(),
                 reclaiming: false,
                 flusher: None,
+                adopting: VecDeque::new(),
                 #[cfg(test)]
                 fail_next_sync: false,
                 #[cfg(test)]
@@ -500,6 +529,21 @@ impl JournalHandle {
         self.own(id)?;
         let parts = record::parts_of(envelope);
         let rx = self.enqueue_msg(id, received_at, envelope, &parts, body)?;
+        rx.await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// [`append_message`](Self::append_message) with the body in pieces, stored back to back
+    /// (our `Received:` field, then the message as received): no copy to join them.
+    pub async fn append_message_pieces(
+        &self,
+        id: MessageId,
+        received_at: u64,
+        envelope: &Envelope,
+        body: &[&[u8]],
+    ) -> Result<Location, Error> {
+        self.own(id)?;
+        let parts = record::parts_of(envelope);
+        let rx = self.enqueue_msg_pieces(id, received_at, envelope, &parts, body)?;
         rx.await.unwrap_or(Err(Error::Closed))
     }
 
@@ -595,7 +639,7 @@ impl JournalHandle {
 
     /// Refuses ids minted for another core: their records belong in that core's journal
     /// (a DONE in the wrong directory would not end the part on recovery).
-    fn own(&self, id: MessageId) -> Result<(), Error> {
+    pub(super) fn own(&self, id: MessageId) -> Result<(), Error> {
         if id.core() == self.shared.cfg.core {
             Ok(())
         } else {
@@ -603,6 +647,43 @@ impl JournalHandle {
                 reason: "message id belongs to another core's journal",
             })
         }
+    }
+
+    /// `Err` once the writer is poisoned or closed, and [`Error::NoSpace`] while it refuses new
+    /// messages for a full disk.
+    pub(super) fn check_open(&self) -> Result<(), Error> {
+        let mut st = self.shared.state.borrow_mut();
+        st.check()?;
+        if st.refuses_messages() {
+            st.stats.no_space_refused += 1;
+            return Err(Error::NoSpace {
+                op: "start streamed message",
+            });
+        }
+        Ok(())
+    }
+
+    /// The writer's settings.
+    pub(super) fn config(&self) -> &JournalConfig {
+        &self.shared.cfg
+    }
+
+    /// Queues a committed stream to become this writer's next segment (see the `stream`
+    /// module) and waits until it is.
+    pub(super) async fn adopt(&self, finished: Finished) -> Result<Location, Error> {
+        let refused = self.shared.state.borrow().check();
+        if let Err(e) = refused {
+            finished.discard().await;
+            return Err(e);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .state
+            .borrow_mut()
+            .adopting
+            .push_back((finished, reply));
+        self.shared.wake.notify_one();
+        rx.await.unwrap_or(Err(Error::Closed))
     }
 
     /// Counters since open.
@@ -804,6 +885,17 @@ impl JournalHandle {
         parts: &[Part],
         body: &[u8],
     ) -> Result<oneshot::Receiver<Result<Location, Error>>, Error> {
+        self.enqueue_msg_pieces(id, received_at, envelope, parts, &[body])
+    }
+
+    fn enqueue_msg_pieces(
+        &self,
+        id: MessageId,
+        received_at: u64,
+        envelope: &Envelope,
+        parts: &[Part],
+        body: &[&[u8]],
+    ) -> Result<oneshot::Receiver<Result<Location, Error>>, Error> {
         let mut st = self.shared.state.borrow_mut();
         st.check()?;
         if st.refuses_messages() {
@@ -813,7 +905,7 @@ impl JournalHandle {
             });
         }
         let start = st.buf.len();
-        let enc = record::encode_msg(&mut st.buf, id, received_at, envelope, parts, body)?;
+        let enc = record::encode_msg_pieces(&mut st.buf, id, received_at, envelope, parts, body)?;
         let live = parts
             .iter()
             .map(|p| LivePart {
@@ -866,6 +958,9 @@ impl Drop for ReclaimGuard<'_> {
 async fn run_flusher(weak: Weak<Shared>, wake: Rc<Notify>) {
     loop {
         let Some(shared) = weak.upgrade() else { return };
+        if shared.adopt_next().await {
+            continue;
+        }
         let step = shared.flush_once().await;
         let probe = shared.state.borrow().short.map(|s| s.next_probe);
         drop(shared);
@@ -971,6 +1066,105 @@ impl Shared {
         st.stats.segments_created += 1;
         tracing::debug!(core = cfg.core, seq, msgs, "journal segment opened");
         Ok(())
+    }
+
+    /// Makes the oldest committed stream a segment (see the `stream` module): it gets the
+    /// next sequence number and becomes the current segment, so every record appended after
+    /// it lands after it; the segment it replaces is cut at its last record. Runs between
+    /// batches, in the flusher. Returns false when no stream waits.
+    async fn adopt_next(&self) -> bool {
+        let (next, refused) = {
+            let mut st = self.state.borrow_mut();
+            (st.adopting.pop_front(), st.check())
+        };
+        let Some((finished, reply)) = next else {
+            return false;
+        };
+        if let Err(e) = refused {
+            finished.discard().await;
+            let _ = reply.send(Err(e));
+            return true;
+        }
+        let seq = {
+            let mut st = self.state.borrow_mut();
+            st.next_seq += 1;
+            st.next_seq - 1
+        };
+        let (id, body_len, body_crc, len) = (
+            finished.id,
+            finished.body_len,
+            finished.body_crc,
+            finished.record_len,
+        );
+        let live: Vec<LivePart> = finished
+            .parts
+            .iter()
+            .map(|p| LivePart {
+                domain: p.domain.clone(),
+                expired: p.expired,
+            })
+            .collect();
+        let (file, end) = match finished.publish(&self.cfg, seq).await {
+            Ok(done) => done,
+            Err((e, renamed)) => {
+                if renamed {
+                    // A complete record may or may not be in the directory now.
+                    let mut st = self.state.borrow_mut();
+                    self.poison(&mut st, &e);
+                }
+                let _ = reply.send(Err(e));
+                return true;
+            }
+        };
+        // Like a rotated segment, so the records that follow do not extend the file. Without
+        // the room (a full disk) it takes only DONE/EXPIRE records, as a reserve segment.
+        let mut msgs = true;
+        if self.cfg.preallocate && end < self.cfg.segment_size {
+            if let Err(e) = file
+                .preallocate(end, self.cfg.segment_size, self.cfg.zero_fill)
+                .await
+            {
+                tracing::warn!(core = self.cfg.core, seq, error = %e, "cannot preallocate a streamed segment");
+                msgs = false;
+            }
+        }
+        let old = {
+            let mut st = self.state.borrow_mut();
+            let old = st.current.replace(Current {
+                file,
+                seq,
+                end,
+                msgs,
+            });
+            st.ledger.add_segment(seq, end);
+            st.ledger.place_msg(id, seq, SEGMENT_HEADER_LEN, len, live);
+            st.stats.records += 1;
+            st.stats.bytes += len;
+            st.stats.segments_created += 1;
+            old
+        };
+        let _ = reply.send(Ok(Location {
+            core: self.cfg.core,
+            seq,
+            offset: SEGMENT_HEADER_LEN,
+            len,
+            body_offset: end - body_len,
+            body_len,
+            body_crc,
+        }));
+        tracing::debug!(
+            core = self.cfg.core,
+            seq,
+            bytes = len,
+            "streamed message became a segment"
+        );
+        if let Some(old) = old {
+            // Its preallocated tail would otherwise hold disk space until it is deleted.
+            if let Err(e) = old.file.set_len(old.end).await {
+                tracing::warn!(core = self.cfg.core, seq = old.seq, error = %e, "cannot cut a replaced segment at its last record");
+            }
+        }
+        true
     }
 
     fn poison(&self, st: &mut State, e: &Error) {

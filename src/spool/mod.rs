@@ -66,6 +66,7 @@ mod reader;
 mod reclaim;
 mod record;
 mod recovery;
+mod stream;
 
 pub use error::Error;
 pub use file::{free_bytes, private_dir, IoKind, SegmentFile, DIR_MODE, FILE_MODE};
@@ -78,6 +79,7 @@ pub use pins::{PinGuard, SegmentPins};
 pub use reader::{BodyStream, Reader};
 pub use record::{parts_of, MsgMeta, Outcome, Part};
 pub use recovery::{recover, Damage, DirRecovery, Recovered, SegmentSummary};
+pub use stream::StreamAppend;
 
 #[cfg(test)]
 pub(crate) mod testutil {

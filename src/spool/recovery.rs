@@ -205,6 +205,9 @@ fn recover_dir(
             .and_then(|n| u64::from_str_radix(n, 16).ok());
         match seq {
             Some(seq) => segs.push(seq),
+            // A message that was arriving when the process stopped: never acknowledged, and
+            // removed by the writer when it opens (see the stream module).
+            None if name.to_str().is_some_and(super::stream::is_part_file) => {}
             None => {
                 tracing::warn!(path = %entry.path().display(), "ignoring unexpected file in journal directory")
             }
