@@ -39,7 +39,7 @@ use super::pins::SegmentPins;
 use super::reader::read_msg_record;
 use super::reclaim::{Ledger, LivePart};
 use super::record::{self, encode_segment_header, Encoded, Outcome, Part, SEGMENT_HEADER_LEN};
-use super::recovery::DirRecovery;
+use super::recovery::{encode_manifest, DirRecovery, MANIFEST, MANIFEST_TMP};
 use super::Error;
 use crate::types::{DomainName, Envelope, MessageId};
 
@@ -186,6 +186,9 @@ pub struct ReclaimReport {
     pub compacted: Option<u64>,
     /// Messages copied forward by compaction.
     pub relocated: Vec<Relocated>,
+    /// Messages compaction could not copy because their record is damaged: they stay where
+    /// they are (quarantine them).
+    pub damaged: Vec<super::ScrubFinding>,
 }
 
 /// A cloneable handle to this core's journal writer. `!Send`: it lives on its core.
@@ -632,6 +635,46 @@ impl JournalHandle {
         self.shared.state.borrow().short.is_some()
     }
 
+    /// For the scrub: the oldest segment after `after` that is not the current one and
+    /// holds live messages, with those messages `(id, offset, len)` in record order.
+    pub(crate) fn scrub_next_segment(
+        &self,
+        after: u64,
+    ) -> Option<(u64, Vec<super::scrub::Held>)> {
+        let st = self.shared.state.borrow();
+        let current = st.current.as_ref().map(|c| c.seq);
+        let (seq, _) = st
+            .ledger
+            .segments()
+            .find(|(seq, s)| *seq > after && Some(*seq) != current && s.live_parts > 0)?;
+        Some((seq, st.ledger.messages_in(seq)))
+    }
+
+    /// For the scrub: the live parts of `id` if its current copy is still at `seq`/`offset`.
+    pub(crate) fn scrub_still_at(
+        &self,
+        id: MessageId,
+        seq: u64,
+        offset: u64,
+    ) -> Option<Vec<DomainName>> {
+        let st = self.shared.state.borrow();
+        let m = st.ledger.message(id)?;
+        (m.seq == seq && m.offset == offset)
+            .then(|| m.parts.iter().map(|p| p.domain.clone()).collect())
+    }
+
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.shared.cfg.data_dir
+    }
+
+    pub(crate) fn core(&self) -> u16 {
+        self.shared.cfg.core
+    }
+
+    pub(crate) fn io(&self) -> IoKind {
+        self.shared.cfg.io
+    }
+
     /// The sequence number of the segment being appended to.
     pub fn current_segment(&self) -> Option<u64> {
         self.shared.state.borrow().current.as_ref().map(|c| c.seq)
@@ -721,6 +764,17 @@ impl JournalHandle {
                     // Leave the message (and so the segment) where it is; it stays readable
                     // as far as it ever was, and an operator can look at it.
                     tracing::error!(%id, seq, offset, error = %e, "journal compaction skips a damaged record");
+                    if e.is_damage() {
+                        if let Some(domains) = self.scrub_still_at(id, seq, offset) {
+                            report.damaged.push(super::ScrubFinding {
+                                id,
+                                domains,
+                                seq,
+                                offset,
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
                     continue;
                 }
             };
@@ -780,6 +834,11 @@ impl JournalHandle {
                 .deletable(st.current.as_ref().map(|c| c.seq), |s| pinned.contains(&s))
         };
         let cfg = &self.shared.cfg;
+        if !dead.is_empty() {
+            // First the manifest without them: a crash between the two never reports a
+            // deleted segment as lost.
+            self.shared.write_manifest(&dead).await;
+        }
         for seq in dead {
             let path = segment_path(&cfg.data_dir, cfg.core, seq);
             match remove_durably(&path).await {
@@ -960,17 +1019,61 @@ impl Shared {
                 };
             }
         };
-        let mut st = self.state.borrow_mut();
-        st.ledger.add_segment(seq, SEGMENT_HEADER_LEN);
-        st.current = Some(Current {
-            file,
-            seq,
-            end: SEGMENT_HEADER_LEN,
-            msgs,
-        });
-        st.stats.segments_created += 1;
+        {
+            let mut st = self.state.borrow_mut();
+            st.ledger.add_segment(seq, SEGMENT_HEADER_LEN);
+            st.current = Some(Current {
+                file,
+                seq,
+                end: SEGMENT_HEADER_LEN,
+                msgs,
+            });
+            st.stats.segments_created += 1;
+        }
         tracing::debug!(core = cfg.core, seq, msgs, "journal segment opened");
+        self.write_manifest(&[]).await;
         Ok(())
+    }
+
+    /// Rewrites `<dir>/manifest` (atomically): the segments this writer keeps, minus
+    /// `leaving`, with their live parts. Advisory, so that recovery notices a segment that
+    /// disappeared: a failure is logged, never fatal.
+    async fn write_manifest(&self, leaving: &[u64]) {
+        let text = {
+            let st = self.state.borrow();
+            encode_manifest(
+                st.ledger
+                    .segments()
+                    .filter(|(seq, _)| !leaving.contains(seq))
+                    .map(|(seq, s)| (seq, s.live_parts)),
+            )
+        };
+        let dir = self.dir.clone();
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let tmp = dir.join(MANIFEST_TMP);
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(super::FILE_MODE)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, dir.join(MANIFEST))?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(core = self.cfg.core, error = %e, "could not write the journal manifest")
+            }
+            Err(e) => {
+                tracing::warn!(core = self.cfg.core, error = %e, "could not write the journal manifest")
+            }
+        }
     }
 
     fn poison(&self, st: &mut State, e: &Error) {
