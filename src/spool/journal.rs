@@ -637,10 +637,7 @@ impl JournalHandle {
 
     /// For the scrub: the oldest segment after `after` that is not the current one and
     /// holds live messages, with those messages `(id, offset, len)` in record order.
-    pub(crate) fn scrub_next_segment(
-        &self,
-        after: u64,
-    ) -> Option<(u64, Vec<super::scrub::Held>)> {
+    pub(crate) fn scrub_next_segment(&self, after: u64) -> Option<(u64, Vec<super::scrub::Held>)> {
         let st = self.shared.state.borrow();
         let current = st.current.as_ref().map(|c| c.seq);
         let (seq, _) = st
