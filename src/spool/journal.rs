@@ -202,6 +202,8 @@ struct Shared {
     dir: PathBuf,
     state: RefCell<State>,
     wake: Rc<Notify>,
+    /// One manifest write at a time (the flusher rotates while reclaim deletes).
+    manifest: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Shared {
@@ -216,6 +218,8 @@ struct State {
     closed: bool,
     /// Set while the disk is full: new messages are refused until a probe finds space.
     short: Option<Short>,
+    /// Segments reclaim is deleting: never listed in the manifest again.
+    deleting: std::collections::BTreeSet<u64>,
     current: Option<Current>,
     next_seq: u64,
     /// Encoded records waiting for the flusher, back to back.
@@ -437,10 +441,12 @@ impl JournalHandle {
             cfg,
             dir,
             wake: Rc::clone(&wake),
+            manifest: tokio::sync::Mutex::new(()),
             state: RefCell::new(State {
                 poisoned: false,
                 closed: false,
                 short: None,
+                deleting: Default::default(),
                 current: None,
                 next_seq,
                 buf: Vec::new(),
@@ -834,7 +840,12 @@ impl JournalHandle {
         if !dead.is_empty() {
             // First the manifest without them: a crash between the two never reports a
             // deleted segment as lost.
-            self.shared.write_manifest(&dead).await;
+            self.shared
+                .state
+                .borrow_mut()
+                .deleting
+                .extend(dead.iter().copied());
+            self.shared.write_manifest().await;
         }
         for seq in dead {
             let path = segment_path(&cfg.data_dir, cfg.core, seq);
@@ -842,10 +853,14 @@ impl JournalHandle {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 // Stop here: later segments may depend on this one being gone first.
-                Err(e) => return Err(Error::io("delete segment", Some(path), e)),
+                Err(e) => {
+                    self.shared.state.borrow_mut().deleting.clear();
+                    return Err(Error::io("delete segment", Some(path), e));
+                }
             }
             let mut st = self.shared.state.borrow_mut();
             st.ledger.remove_segment(seq);
+            st.deleting.remove(&seq);
             st.stats.segments_deleted += 1;
             report.deleted.push(seq);
         }
@@ -1028,20 +1043,21 @@ impl Shared {
             st.stats.segments_created += 1;
         }
         tracing::debug!(core = cfg.core, seq, msgs, "journal segment opened");
-        self.write_manifest(&[]).await;
+        self.write_manifest().await;
         Ok(())
     }
 
-    /// Rewrites `<dir>/manifest` (atomically): the segments this writer keeps, minus
-    /// `leaving`, with their live parts. Advisory, so that recovery notices a segment that
+    /// Rewrites `<dir>/manifest` (atomically): the segments this writer keeps, minus those
+    /// being deleted, with their live parts. Advisory, so that recovery notices a segment that
     /// disappeared: a failure is logged, never fatal.
-    async fn write_manifest(&self, leaving: &[u64]) {
+    async fn write_manifest(&self) {
+        let _one = self.manifest.lock().await;
         let text = {
             let st = self.state.borrow();
             encode_manifest(
                 st.ledger
                     .segments()
-                    .filter(|(seq, _)| !leaving.contains(seq))
+                    .filter(|(seq, _)| !st.deleting.contains(seq))
                     .map(|(seq, s)| (seq, s.live_parts)),
             )
         };

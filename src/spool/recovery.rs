@@ -275,7 +275,9 @@ fn recover_dir(core: u16, dir: &Path, out: &mut Recovered) -> Result<DirRecovery
     let mut rec = DirRecovery::empty(core);
     let listed = read_manifest(dir);
     for (seq, live_parts) in &listed {
-        if segs.binary_search(seq).is_err() {
+        // One that held nothing live cost nothing (a deletion the manifest did not catch up
+        // with, at worst).
+        if *live_parts > 0 && segs.binary_search(seq).is_err() {
             tracing::error!(dir = %dir.display(), seq = format!("{seq:016x}"), live_parts, "journal segment missing: the manifest lists it, the file is gone; up to this many held parts are lost with it");
             out.missing.push(MissingSegment {
                 core,
