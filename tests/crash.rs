@@ -382,12 +382,19 @@ fn kill9_during_inbound_drains_and_compaction_loses_nothing() {
     // Bodies still in flight when the provider died reach the customer just after the kill;
     // its 250 then goes to a dead connection (SMTP's own window).
     let mut after_kill = 0;
+    // Per phase of the kill: duplicates accepted more than 20 ms before it.
+    let mut late = [0usize; 3];
     for (n, acceptances) in &delivered {
         for pair in acceptances.windows(2) {
             dups += 1;
             let (round, when) = pair[0];
             match kills.get(&round) {
-                Some((_, kill)) if *kill >= when => ages.push(*kill - when),
+                Some((phase, kill)) if *kill >= when => {
+                    if *kill - when > Duration::from_millis(20) {
+                        late[*phase as usize] += 1;
+                    }
+                    ages.push(*kill - when)
+                }
                 Some(_) => after_kill += 1,
                 None => unexplained.push(*n),
             }
@@ -403,7 +410,7 @@ fn kill9_during_inbound_drains_and_compaction_loses_nothing() {
         "crash run: {iterations} kills ({} inbound, {} drain, {} drain+compaction), seed {seed}; \
          {} acknowledged, {} delivered, {held} held at the last kill; lost {}, corrupt {corrupt}; \
          duplicates {dups} ({after_kill} accepted after their kill, {} <= 1 ms before it, {} <= 5 ms, \
-         {} <= 20 ms, longest {:?}), without a kill {}",
+         {} <= 20 ms, longest {:?}; over 20 ms: {} drain, {} drain+compaction), without a kill {}",
         phases[0],
         phases[1],
         phases[2],
@@ -414,6 +421,8 @@ fn kill9_during_inbound_drains_and_compaction_loses_nothing() {
         within(5),
         within(20),
         ages.last().copied().unwrap_or_default(),
+        late[Phase::Drain as usize],
+        late[Phase::Compaction as usize],
         unexplained.len(),
     );
     eprintln!("{report}");

@@ -130,6 +130,12 @@ thread_local! {
     static FAKE_FULL_AT_OPEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Resolves once an appended record is durable, with its location.
+type Appended = oneshot::Receiver<Result<Location, Error>>;
+
+/// Record bytes compaction queues before it waits for them to be durable.
+const COMPACT_CHUNK: u64 = 256 << 10;
+
 /// How often a writer short of space tries again to allocate a segment for new messages.
 const SPACE_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -757,8 +763,15 @@ impl JournalHandle {
             .map_err(|e| Error::io("open segment for compaction", Some(path.clone()), e))?;
         let ids = self.shared.state.borrow().ledger.messages_in(seq);
         let mut waiting = Vec::new();
+        let mut in_flight = 0u64;
         let mut buf = Vec::new();
         for (id, offset, len) in ids {
+            if in_flight >= COMPACT_CHUNK {
+                // Let the copies so far become durable before queueing more: a DONE that
+                // arrives meanwhile waits behind one chunk, not behind the whole segment.
+                Self::collect_copies(std::mem::take(&mut waiting), report).await?;
+                in_flight = 0;
+            }
             let (res, b) = read_msg_record(&file, &path, offset, len, buf).await;
             buf = b;
             let (meta, body_rel) = match res {
@@ -809,12 +822,21 @@ impl JournalHandle {
                 .collect();
             let body = &buf[body_rel as usize..];
             let rx = self.enqueue_msg(id, meta.received_at, &meta.envelope, &parts, body)?;
+            in_flight += len;
             waiting.push((
                 id,
                 parts.into_iter().map(|p| p.domain).collect::<Vec<_>>(),
                 rx,
             ));
         }
+        Self::collect_copies(waiting, report).await
+    }
+
+    /// Waits for queued compaction copies and records where they landed.
+    async fn collect_copies(
+        waiting: Vec<(MessageId, Vec<DomainName>, Appended)>,
+        report: &mut ReclaimReport,
+    ) -> Result<(), Error> {
         for (id, domains, rx) in waiting {
             let location = rx.await.unwrap_or(Err(Error::Closed))?;
             report.relocated.push(Relocated {
