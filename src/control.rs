@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::provider::core::{MeshMsg, Query, QueryAnswer};
+use crate::provider::quarantine::{Operation, Scope};
 use crate::runtime::mesh::Mesh;
 use crate::spool;
 use crate::types::DomainName;
@@ -31,10 +32,35 @@ pub struct QueueSummary {
     /// server; the schedule is not journaled).
     #[serde(default)]
     pub outbound: Vec<crate::relay::OutboundRow>,
+    /// Held parts whose stored copy is damaged, skipped until the operator bounces or
+    /// deletes them (only from a running server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<QuarantineRow>,
     /// Disk space and the journal writers' state, when a writer is short of space or stopped,
     /// or mail was refused for lack of space since start (only from a running server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageView>,
+}
+
+/// One quarantined part.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuarantineRow {
+    /// Message id (what `turnpike queue bounce|delete` takes).
+    pub id: String,
+    /// The part's domain.
+    pub domain: String,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// Arrival, unix seconds.
+    pub received: u64,
+    /// Envelope sender; empty for `<>`.
+    pub sender: String,
+    /// The part's recipients.
+    pub recipients: Vec<String>,
+    /// What is wrong with the stored copy.
+    pub reason: String,
+    /// When it was quarantined, unix seconds.
+    pub since: u64,
 }
 
 /// Disk space for held mail and the state of each journal writer.
@@ -132,6 +158,7 @@ fn summary_from(stats: impl IntoIterator<Item = (DomainName, spool::DomainStats)
     QueueSummary {
         domains,
         outbound: Vec::new(),
+        quarantined: Vec::new(),
         storage: None,
     }
 }
@@ -225,6 +252,36 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>, data_dir: &Path) -> io::Resu
             .map(|s| JournalRow::from_status(&s))
             .collect();
         journals.sort_by_key(|j| j.core);
+        summary.quarantined = ask_all(mesh, |tx| MeshMsg::Query(Query::Quarantined, tx))
+            .into_iter()
+            .flat_map(|a| match a {
+                QueryAnswer::Quarantined(q) => q,
+                _ => Vec::new(),
+            })
+            .map(|q| QuarantineRow {
+                id: q.part.id.to_string(),
+                domain: q.part.domain.to_string(),
+                size: q.part.bytes,
+                received: q.part.received_at,
+                sender: q
+                    .part
+                    .sender
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default(),
+                recipients: q
+                    .part
+                    .recipients
+                    .iter()
+                    .map(|r| r.mailbox.to_string())
+                    .collect(),
+                reason: q.reason,
+                since: q.since,
+            })
+            .collect();
+        summary
+            .quarantined
+            .sort_by(|a, b| (&a.id, &a.domain).cmp(&(&b.id, &b.domain)));
         // Shown when there is something to see: a writer short of space or stopped, or mail
         // refused for lack of space since start.
         if journals.iter().any(|j| j.state != "ok" || j.refused > 0) {
@@ -255,8 +312,13 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>, data_dir: &Path) -> io::Resu
             "{\"bounced\":null,\"busy\":true}".to_string()
         } else {
             let n: u64 = answers.into_iter().flatten().sum();
-            format!("{{\"bounced\":{n}}}")
+            let q = operate(mesh, id, Operation::Bounce);
+            format!("{{\"bounced\":{}}}", n + q)
         }
+    } else if let Some(id) = line.strip_prefix("delete ") {
+        let id = crate::types::MessageId::parse(id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a message id"))?;
+        format!("{{\"deleted\":{}}}", operate(mesh, id, Operation::Delete))
     } else if let Some(name) = line.strip_prefix("domain ") {
         let domain =
             DomainName::parse(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -289,6 +351,20 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>, data_dir: &Path) -> io::Resu
     };
     (&stream).write_all(json.as_bytes())?;
     (&stream).write_all(b"\n")
+}
+
+/// Applies an operator's [`Operation`] to message `id` on every core; the parts finished.
+/// Quarantined parts only, for now (the scope other held mail will use is the same request).
+fn operate(mesh: &Mesh<MeshMsg>, id: crate::types::MessageId, op: Operation) -> u64 {
+    ask_all(mesh, |reply| MeshMsg::Operator {
+        id,
+        op,
+        scope: Scope::Quarantined,
+        reply,
+    })
+    .into_iter()
+    .map(|n| n as u64)
+    .sum()
 }
 
 /// Asks every core and collects the answers that came in time.
@@ -358,6 +434,23 @@ pub fn queue_domain(data_dir: &Path, domain: &DomainName) -> io::Result<DomainLi
 /// Renders the summary like `mailq`: one row per domain and a total line.
 pub fn render_summary(s: &QueueSummary, now: u64) -> String {
     let mut out = render_domains(s, now);
+    if !s.quarantined.is_empty() {
+        out += "\nQUARANTINED (stored copy damaged; turnpike queue bounce|delete ID)\n";
+        out += &format!(
+            "{:<32} {:<24} {:>10} {:>8}  REASON\n",
+            "ID", "DOMAIN", "SIZE", "AGE"
+        );
+        for q in &s.quarantined {
+            out += &format!(
+                "{:<32} {:<24} {:>10} {:>8}  {}\n",
+                q.id,
+                q.domain,
+                q.size,
+                age(now.saturating_sub(q.received)),
+                q.reason
+            );
+        }
+    }
     if let Some(st) = &s.storage {
         out += &render_storage(st);
     }
@@ -525,6 +618,7 @@ mod tests {
                 last_error: Some("connect to 192.0.2.7:25: Connection refused".into()),
                 active: false,
             }],
+            quarantined: Vec::new(),
             storage: None,
         };
         let text = render_summary(&s, 1_000);

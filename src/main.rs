@@ -457,9 +457,15 @@ enum QueueAction {
     /// Reclaim journal space now: delete segments with nothing live, compact the oldest
     /// mostly-dead one (the running server).
     Reclaim,
-    /// Report an outbound message to its sender as undeliverable and drop it.
+    /// Report a message to its sender as undeliverable and drop it: an outbound message, or
+    /// a quarantined one (its stored copy is damaged).
     Bounce {
-        /// The message id (as `turnpike queue show` prints it).
+        /// The message id (as `turnpike queue show` or `turnpike queue` prints it).
+        id: String,
+    },
+    /// Drop a quarantined message without a report.
+    Delete {
+        /// The message id (as `turnpike queue` prints it under QUARANTINED).
         id: String,
     },
 }
@@ -693,12 +699,29 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     if json {
                         println!("{answer}");
                     } else if v["bounced"] == 0 {
-                        return Err(format!("{id}: no such message in the outbound queue").into());
+                        return Err(format!(
+                            "{id}: no such message in the outbound queue or in quarantine"
+                        )
+                        .into());
                     } else {
                         println!(
                             "{id}: {} part(s) reported to the sender and removed",
                             v["bounced"]
                         );
+                    }
+                }
+                Some(QueueAction::Delete { id }) => {
+                    turnpike::types::MessageId::parse(&id)
+                        .ok_or_else(|| format!("{id}: not a message id"))?;
+                    let answer = control::request(&data_dir, &format!("delete {id}"))?
+                        .ok_or("no running server (delete needs `turnpike serve`)")?;
+                    let v: serde_json::Value = serde_json::from_str(&answer)?;
+                    if json {
+                        println!("{}", answer.trim_end());
+                    } else if v["deleted"] == 0 {
+                        return Err(format!("{id}: no such message in quarantine").into());
+                    } else {
+                        println!("{id}: {} quarantined part(s) removed", v["deleted"]);
                     }
                 }
                 Some(QueueAction::Reclaim) => {

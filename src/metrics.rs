@@ -116,11 +116,14 @@ pub enum AtrnResult {
     Syntax,
     /// 530: `ATRN` before successful authentication.
     Unauthenticated,
+    /// 250, but the session delivered nothing: every message it reached was damaged and
+    /// quarantined (set after the reversal, for the domain gauge).
+    Damaged,
 }
 
 impl AtrnResult {
     /// Every result, in label order.
-    pub const ALL: [AtrnResult; 8] = [
+    pub const ALL: [AtrnResult; 9] = [
         AtrnResult::Accepted,
         AtrnResult::NotAuthorized,
         AtrnResult::NoMail,
@@ -129,6 +132,7 @@ impl AtrnResult {
         AtrnResult::Unavailable,
         AtrnResult::Syntax,
         AtrnResult::Unauthenticated,
+        AtrnResult::Damaged,
     ];
 
     /// The `result` label value (also suitable for [`DomainGauge::last_atrn_result`]).
@@ -142,6 +146,7 @@ impl AtrnResult {
             AtrnResult::Unavailable => "unavailable",
             AtrnResult::Syntax => "syntax",
             AtrnResult::Unauthenticated => "unauthenticated",
+            AtrnResult::Damaged => "damaged",
         }
     }
 }

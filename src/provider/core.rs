@@ -151,6 +151,27 @@ pub enum MeshMsg {
     Metrics(std::sync::mpsc::Sender<(metrics::Snapshot, Vec<metrics::DomainGauge>)>),
     /// A snapshot of the queue for the control socket.
     Query(Query, std::sync::mpsc::Sender<QueryAnswer>),
+    /// To the shard core: the stored copy of this part is damaged or gone; quarantine it.
+    Quarantine {
+        /// The message.
+        id: MessageId,
+        /// The part.
+        domain: DomainName,
+        /// What was found.
+        reason: String,
+    },
+    /// The operator's request about one message, to every core (each acts on its shard);
+    /// answered with the number of parts it finished.
+    Operator {
+        /// The message.
+        id: MessageId,
+        /// Bounce or delete.
+        op: super::quarantine::Operation,
+        /// Which parts.
+        scope: super::quarantine::Scope,
+        /// Where the count goes.
+        reply: std::sync::mpsc::Sender<usize>,
+    },
     /// The operator asks for reclaim now: delete dead segments and compact, in this core's
     /// journals; answered with (segments deleted, segments compacted, messages moved).
     Reclaim(std::sync::mpsc::Sender<(usize, usize, usize)>),
@@ -180,6 +201,8 @@ pub enum Query {
     Domain(DomainName),
     /// The state of this core's journal writers (disk full, poisoned).
     Storage,
+    /// The quarantined parts of this core's shard.
+    Quarantined,
 }
 
 /// A core's answer to a [`Query`].
@@ -190,6 +213,8 @@ pub enum QueryAnswer {
     Domain(Vec<spool::HeldPart>),
     /// This core's journal writers.
     Storage(Vec<spool::JournalStatus>),
+    /// Quarantined parts.
+    Quarantined(Vec<spool::Quarantined>),
 }
 
 /// State shared by all cores, read-only after start.
@@ -579,6 +604,8 @@ impl Core {
                         snapshot.store.journals_short += u64::from(j.short_of_space());
                         snapshot.store.journals_poisoned += u64::from(j.is_poisoned());
                     }
+                    snapshot.store.quarantined =
+                        self.index_shard.borrow().quarantined().count() as u64;
                     let _ = reply.send((snapshot, self.domain_gauges()));
                 }
                 MeshMsg::Retire {
@@ -616,6 +643,9 @@ impl Core {
                         Query::Storage => {
                             QueryAnswer::Storage(self.journals().map(|j| j.status()).collect())
                         }
+                        Query::Quarantined => {
+                            QueryAnswer::Quarantined(super::quarantine::listing(&self))
+                        }
                     };
                     let _ = reply.send(answer);
                 }
@@ -629,6 +659,21 @@ impl Core {
                     self.relay.rescan();
                 }
                 MeshMsg::Relay(cmd) => crate::relay::handle(&self, cmd),
+                MeshMsg::Quarantine { id, domain, reason } => {
+                    super::quarantine::apply(&self, id, &domain, &reason);
+                }
+                MeshMsg::Operator {
+                    id,
+                    op,
+                    scope,
+                    reply,
+                } => {
+                    let core = self.clone();
+                    tokio::task::spawn_local(async move {
+                        let n = super::quarantine::operate(&core, id, op, scope).await;
+                        let _ = reply.send(n);
+                    });
+                }
                 MeshMsg::Reclaim(reply) => {
                     let core = self.clone();
                     tokio::task::spawn_local(async move {
@@ -898,10 +943,13 @@ impl Core {
         let mut totals = (0, 0, 0);
         for journal in self.journals() {
             match journal.reclaim().await {
-                Ok(report) => {
+                Ok(mut report) => {
                     totals.0 += report.deleted.len();
                     totals.1 += usize::from(report.compacted.is_some());
                     totals.2 += report.relocated.len();
+                    for f in std::mem::take(&mut report.damaged) {
+                        super::quarantine::quarantine(self, f.id, f.domains, &f.reason);
+                    }
                     if !report.deleted.is_empty() || report.compacted.is_some() {
                         tracing::info!(
                             core = self.index,
@@ -944,6 +992,67 @@ impl Core {
             }
         }
         totals
+    }
+
+    /// The background scrub of this core's journals (see [`spool::Scrub`]): re-checks the
+    /// held mail of older segments at `spool.scrub_rate` bytes per second, quarantines what
+    /// fails, reports each pass in the log and the metrics, pauses `spool.scrub_interval`
+    /// between passes. The first pass starts a minute after start (sooner with a shorter
+    /// interval).
+    pub async fn run_scrub(self: Rc<Self>) {
+        let rate = self.shared.config.spool.scrub_rate;
+        if rate == 0 {
+            return;
+        }
+        let interval = self.shared.config.spool.scrub_interval;
+        // A quarter of a second's worth per step: reads stay small next to the sessions.
+        let budget = (rate / 4).max(64 << 10);
+        let mut pause = interval.min(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.stopped() => return,
+            }
+            pause = interval;
+            for journal in self.journals() {
+                let mut scrub = spool::Scrub::default();
+                loop {
+                    let step = journal.scrub_step(&mut scrub, budget).await;
+                    {
+                        let mut m = self.metrics.borrow_mut();
+                        let s = m.store_mut();
+                        s.scrub_bytes += step.bytes;
+                        s.scrub_damaged += step.damaged.len() as u64;
+                    }
+                    for f in step.damaged {
+                        super::quarantine::quarantine(&self, f.id, f.domains, &f.reason);
+                    }
+                    if let Some(pass) = step.pass_done {
+                        let now = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs();
+                        let mut m = self.metrics.borrow_mut();
+                        m.store_mut().scrub_passes += 1;
+                        m.store_mut().scrub_last_pass = Some(now);
+                        tracing::info!(
+                            core = self.index,
+                            journal = journal.status().core,
+                            messages = pass.messages,
+                            bytes = pass.bytes,
+                            damaged = pass.damaged,
+                            "journal scrub pass finished"
+                        );
+                        break;
+                    }
+                    let wait = std::time::Duration::from_secs_f64(step.bytes as f64 / rate as f64);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.stopped() => return,
+                    }
+                }
+            }
+        }
     }
 
     /// Resolves when this core was told to stop.

@@ -8,6 +8,7 @@
 //! - [`instance`]: one server per data directory and per port (the lock, the port probe).
 //! - [`outcome`]: per-recipient outcomes of a delivery attempt, settled as DONE or SETTLE
 //!   (shared by the reversal and the relay).
+//! - [`quarantine`]: held parts whose stored copy is damaged; the operator's bounce/delete.
 //! - [`report`]: RFC 3464 delivery reports (refusals, expiry).
 //! - [`reversal`]: delivering held mail after ATRN.
 //! - [`session`]: the session driver for the MX, ODMR and submission listeners.
@@ -19,6 +20,7 @@ pub mod hosted;
 pub mod ingest;
 pub mod instance;
 pub(crate) mod outcome;
+pub mod quarantine;
 pub mod report;
 pub mod reversal;
 pub mod server;

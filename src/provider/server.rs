@@ -134,10 +134,13 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
     }
 
     let mut recovered = spool::recover(&data_dir).map_err(io::Error::other)?;
-    for damage in &recovered.damage {
-        tracing::warn!(?damage, "journal damage found and cut at recovery");
-    }
-    tracing::info!(parts = recovered.parts.len(), "journal recovered");
+    tracing::info!(
+        parts = recovered.parts.len(),
+        damaged_stretches = recovered.damage.len(),
+        damaged_messages = recovered.damaged.len(),
+        missing_segments = recovered.missing.len(),
+        "journal recovered"
+    );
 
     check_ports_free(configured_addrs(&config))?;
     let listeners = bind_all(&config, cores)?;
@@ -164,10 +167,19 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
     // Split recovered parts by shard core, and the writers' state by core.
     let mut shards: Vec<spool::DomainIndex> =
         (0..cores).map(|_| spool::DomainIndex::new()).collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for part in recovered.parts.iter().cloned() {
         let shard = (part.domain.shard_hash() % cores as u64) as usize;
         shared.counters.counters(&part.domain).add(part.bytes);
+        let (id, domain) = (part.id, part.domain.clone());
         shards[shard].insert(part);
+        if recovered.damaged.contains(&id) {
+            let why = "body checksum mismatch (found at recovery)";
+            shards[shard].quarantine(id, &domain, why, now);
+            tracing::error!(%id, %domain, "held message quarantined at start: its stored body is damaged");
+        }
     }
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
@@ -230,6 +242,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
             let every =
                 (core.shared.config.spool.max_hold / 4).clamp(MAINTENANCE_MIN, MAINTENANCE_MAX);
             tokio::task::spawn_local(core.clone().run_maintenance(every));
+            tokio::task::spawn_local(core.clone().run_scrub());
             tokio::task::spawn_local(crate::relay::run(core.clone()));
             for (service, l) in my_listeners {
                 match Listener::from_std(core.shared.io, l) {

@@ -71,6 +71,17 @@ impl Error {
         matches!(self, Error::NoSpace { .. })
     }
 
+    /// True when the stored copy itself is bad or gone: bytes that fail their checksum or do
+    /// not decode, or a segment file that is missing. Retrying will not help; the part is
+    /// quarantined for the operator.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            Error::Corrupt { .. } => true,
+            Error::Io { source, .. } => source.kind() == io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+
     /// True when retrying later (after a restart, or once space is freed) may succeed: every
     /// variant except a caller's bad [`Location`](super::Location) or an oversize field. A
     /// transient spool error maps to `451 4.3.0`.

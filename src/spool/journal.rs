@@ -39,7 +39,7 @@ use super::pins::SegmentPins;
 use super::reader::read_msg_record;
 use super::reclaim::{Ledger, LivePart};
 use super::record::{self, encode_segment_header, Encoded, Outcome, Part, SEGMENT_HEADER_LEN};
-use super::recovery::DirRecovery;
+use super::recovery::{encode_manifest, DirRecovery, MANIFEST, MANIFEST_TMP};
 use super::stream::{self, Finished};
 use super::Error;
 use crate::types::{DomainName, Envelope, MessageId};
@@ -131,6 +131,12 @@ thread_local! {
     static FAKE_FULL_AT_OPEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Resolves once an appended record is durable, with its location.
+type Appended = oneshot::Receiver<Result<Location, Error>>;
+
+/// Record bytes compaction queues before it waits for them to be durable.
+const COMPACT_CHUNK: u64 = 256 << 10;
+
 /// How often a writer short of space tries again to allocate a segment for new messages.
 const SPACE_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -187,6 +193,9 @@ pub struct ReclaimReport {
     pub compacted: Option<u64>,
     /// Messages copied forward by compaction.
     pub relocated: Vec<Relocated>,
+    /// Messages compaction could not copy because their record is damaged: they stay where
+    /// they are (quarantine them).
+    pub damaged: Vec<super::ScrubFinding>,
 }
 
 /// A cloneable handle to this core's journal writer. `!Send`: it lives on its core.
@@ -200,6 +209,8 @@ struct Shared {
     dir: PathBuf,
     state: RefCell<State>,
     wake: Rc<Notify>,
+    /// One manifest write at a time (the flusher rotates while reclaim deletes).
+    manifest: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Shared {
@@ -214,6 +225,8 @@ struct State {
     closed: bool,
     /// Set while the disk is full: new messages are refused until a probe finds space.
     short: Option<Short>,
+    /// Segments reclaim is deleting: never listed in the manifest again.
+    deleting: std::collections::BTreeSet<u64>,
     current: Option<Current>,
     next_seq: u64,
     /// Encoded records waiting for the flusher, back to back.
@@ -462,10 +475,12 @@ impl JournalHandle {
             cfg,
             dir,
             wake: Rc::clone(&wake),
+            manifest: tokio::sync::Mutex::new(()),
             state: RefCell::new(State {
                 poisoned: false,
                 closed: false,
                 short: None,
+                deleting: Default::default(),
                 current: None,
                 next_seq,
                 buf: Vec::new(),
@@ -713,6 +728,43 @@ impl JournalHandle {
         self.shared.state.borrow().short.is_some()
     }
 
+    /// For the scrub: the oldest segment after `after` that is not the current one and
+    /// holds live messages, with those messages `(id, offset, len)` in record order.
+    pub(crate) fn scrub_next_segment(&self, after: u64) -> Option<(u64, Vec<super::scrub::Held>)> {
+        let st = self.shared.state.borrow();
+        let current = st.current.as_ref().map(|c| c.seq);
+        let (seq, _) = st
+            .ledger
+            .segments()
+            .find(|(seq, s)| *seq > after && Some(*seq) != current && s.live_parts > 0)?;
+        Some((seq, st.ledger.messages_in(seq)))
+    }
+
+    /// For the scrub: the live parts of `id` if its current copy is still at `seq`/`offset`.
+    pub(crate) fn scrub_still_at(
+        &self,
+        id: MessageId,
+        seq: u64,
+        offset: u64,
+    ) -> Option<Vec<DomainName>> {
+        let st = self.shared.state.borrow();
+        let m = st.ledger.message(id)?;
+        (m.seq == seq && m.offset == offset)
+            .then(|| m.parts.iter().map(|p| p.domain.clone()).collect())
+    }
+
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.shared.cfg.data_dir
+    }
+
+    pub(crate) fn core(&self) -> u16 {
+        self.shared.cfg.core
+    }
+
+    pub(crate) fn io(&self) -> IoKind {
+        self.shared.cfg.io
+    }
+
     /// The sequence number of the segment being appended to.
     pub fn current_segment(&self) -> Option<u64> {
         self.shared.state.borrow().current.as_ref().map(|c| c.seq)
@@ -792,8 +844,15 @@ impl JournalHandle {
             .map_err(|e| Error::io("open segment for compaction", Some(path.clone()), e))?;
         let ids = self.shared.state.borrow().ledger.messages_in(seq);
         let mut waiting = Vec::new();
+        let mut in_flight = 0u64;
         let mut buf = Vec::new();
         for (id, offset, len) in ids {
+            if in_flight >= COMPACT_CHUNK {
+                // Let the copies so far become durable before queueing more: a DONE that
+                // arrives meanwhile waits behind one chunk, not behind the whole segment.
+                Self::collect_copies(std::mem::take(&mut waiting), report).await?;
+                in_flight = 0;
+            }
             let (res, b) = read_msg_record(&file, &path, offset, len, buf).await;
             buf = b;
             let (meta, body_rel) = match res {
@@ -802,6 +861,17 @@ impl JournalHandle {
                     // Leave the message (and so the segment) where it is; it stays readable
                     // as far as it ever was, and an operator can look at it.
                     tracing::error!(%id, seq, offset, error = %e, "journal compaction skips a damaged record");
+                    if e.is_damage() {
+                        if let Some(domains) = self.scrub_still_at(id, seq, offset) {
+                            report.damaged.push(super::ScrubFinding {
+                                id,
+                                domains,
+                                seq,
+                                offset,
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
                     continue;
                 }
             };
@@ -833,12 +903,21 @@ impl JournalHandle {
                 .collect();
             let body = &buf[body_rel as usize..];
             let rx = self.enqueue_msg(id, meta.received_at, &meta.envelope, &parts, body)?;
+            in_flight += len;
             waiting.push((
                 id,
                 parts.into_iter().map(|p| p.domain).collect::<Vec<_>>(),
                 rx,
             ));
         }
+        Self::collect_copies(waiting, report).await
+    }
+
+    /// Waits for queued compaction copies and records where they landed.
+    async fn collect_copies(
+        waiting: Vec<(MessageId, Vec<DomainName>, Appended)>,
+        report: &mut ReclaimReport,
+    ) -> Result<(), Error> {
         for (id, domains, rx) in waiting {
             let location = rx.await.unwrap_or(Err(Error::Closed))?;
             report.relocated.push(Relocated {
@@ -861,16 +940,30 @@ impl JournalHandle {
                 .deletable(st.current.as_ref().map(|c| c.seq), |s| pinned.contains(&s))
         };
         let cfg = &self.shared.cfg;
+        if !dead.is_empty() {
+            // First the manifest without them: a crash between the two never reports a
+            // deleted segment as lost.
+            self.shared
+                .state
+                .borrow_mut()
+                .deleting
+                .extend(dead.iter().copied());
+            self.shared.write_manifest().await;
+        }
         for seq in dead {
             let path = segment_path(&cfg.data_dir, cfg.core, seq);
             match remove_durably(&path).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 // Stop here: later segments may depend on this one being gone first.
-                Err(e) => return Err(Error::io("delete segment", Some(path), e)),
+                Err(e) => {
+                    self.shared.state.borrow_mut().deleting.clear();
+                    return Err(Error::io("delete segment", Some(path), e));
+                }
             }
             let mut st = self.shared.state.borrow_mut();
             st.ledger.remove_segment(seq);
+            st.deleting.remove(&seq);
             st.stats.segments_deleted += 1;
             report.deleted.push(seq);
         }
@@ -1055,16 +1148,19 @@ impl Shared {
                 };
             }
         };
-        let mut st = self.state.borrow_mut();
-        st.ledger.add_segment(seq, SEGMENT_HEADER_LEN);
-        st.current = Some(Current {
-            file,
-            seq,
-            end: SEGMENT_HEADER_LEN,
-            msgs,
-        });
-        st.stats.segments_created += 1;
+        {
+            let mut st = self.state.borrow_mut();
+            st.ledger.add_segment(seq, SEGMENT_HEADER_LEN);
+            st.current = Some(Current {
+                file,
+                seq,
+                end: SEGMENT_HEADER_LEN,
+                msgs,
+            });
+            st.stats.segments_created += 1;
+        }
         tracing::debug!(core = cfg.core, seq, msgs, "journal segment opened");
+        self.write_manifest().await;
         Ok(())
     }
 
@@ -1158,6 +1254,7 @@ impl Shared {
             bytes = len,
             "streamed message became a segment"
         );
+        self.write_manifest().await;
         if let Some(old) = old {
             // Its preallocated tail would otherwise hold disk space until it is deleted.
             if let Err(e) = old.file.set_len(old.end).await {
@@ -1165,6 +1262,48 @@ impl Shared {
             }
         }
         true
+    }
+
+    /// Rewrites `<dir>/manifest` (atomically): the segments this writer keeps, minus those
+    /// being deleted, with their live parts. Advisory, so that recovery notices a segment that
+    /// disappeared: a failure is logged, never fatal.
+    async fn write_manifest(&self) {
+        let _one = self.manifest.lock().await;
+        let text = {
+            let st = self.state.borrow();
+            encode_manifest(
+                st.ledger
+                    .segments()
+                    .filter(|(seq, _)| !st.deleting.contains(seq))
+                    .map(|(seq, s)| (seq, s.live_parts)),
+            )
+        };
+        let dir = self.dir.clone();
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let tmp = dir.join(MANIFEST_TMP);
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(super::FILE_MODE)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, dir.join(MANIFEST))?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(core = self.cfg.core, error = %e, "could not write the journal manifest")
+            }
+            Err(e) => {
+                tracing::warn!(core = self.cfg.core, error = %e, "could not write the journal manifest")
+            }
+        }
     }
 
     fn poison(&self, st: &mut State, e: &Error) {

@@ -66,11 +66,12 @@ mod reader;
 mod reclaim;
 mod record;
 mod recovery;
+mod scrub;
 mod stream;
 
 pub use error::Error;
 pub use file::{free_bytes, private_dir, IoKind, SegmentFile, DIR_MODE, FILE_MODE};
-pub use index::{DomainIndex, DomainStats, HeldPart};
+pub use index::{DomainIndex, DomainStats, HeldPart, Quarantined};
 pub use journal::{
     journal_dir, segment_path, JournalConfig, JournalHandle, JournalStats, JournalStatus, Location,
     ReclaimReport, Relocated, DEFAULT_SEGMENT_SIZE,
@@ -78,7 +79,8 @@ pub use journal::{
 pub use pins::{PinGuard, SegmentPins};
 pub use reader::{BodyStream, Reader};
 pub use record::{parts_of, MsgMeta, Outcome, Part};
-pub use recovery::{recover, Damage, DirRecovery, Recovered, SegmentSummary};
+pub use recovery::{recover, Damage, DirRecovery, MissingSegment, Recovered, SegmentSummary};
+pub use scrub::{Scrub, ScrubFinding, ScrubPass, ScrubStep};
 pub use stream::StreamAppend;
 
 #[cfg(test)]

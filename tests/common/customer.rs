@@ -10,7 +10,7 @@ use std::net::TcpStream;
 
 use base64::Engine as _;
 
-use super::{password_for, SmtpClient, TestServer};
+use super::{password_for, TestServer};
 
 /// Config the server needs for this customer's AUTH PLAIN without TLS.
 pub const PLAINTEXT_AUTH: &str = "[odmr]\nallow_plaintext_auth = true\n";
@@ -54,31 +54,51 @@ pub fn atrn_drain(
     server: &TestServer,
     account: &str,
     domains: &str,
+    hook: impl FnMut(usize, &Delivered) -> Answer,
+) -> Drain {
+    atrn_drain_at(server.addr("odmr"), account, domains, hook)
+}
+
+/// [`atrn_drain`] against the ODMR listener at `odmr` (for a thread that does not hold the
+/// server). A provider that goes away at any point (a crash test kills it) ends the drain as
+/// cut, never with a panic.
+pub fn atrn_drain_at(
+    odmr: std::net::SocketAddr,
+    account: &str,
+    domains: &str,
     mut hook: impl FnMut(usize, &Delivered) -> Answer,
 ) -> Drain {
-    let mut c = SmtpClient::connect(server.addr("odmr"));
-    c.expect(220);
-    c.cmd("EHLO customer.test", 250);
+    let mut drain = Drain::default();
+    let Some(mut s) = Session::connect(odmr) else {
+        drain.cut = true;
+        return drain;
+    };
     let token = base64::engine::general_purpose::STANDARD
         .encode(format!("\0{account}\0{}", password_for(account)));
-    c.cmd(&format!("AUTH PLAIN {token}"), 235);
     let line = if domains.is_empty() {
         "ATRN".to_string()
     } else {
         format!("ATRN {domains}")
     };
-    c.send(&line);
-    let atrn = c.read_reply().expect("reply to ATRN");
-    let mut drain = Drain {
-        atrn: atrn.clone(),
-        ..Drain::default()
+    let atrn = (|| {
+        (s.reply()?.0 == 220).then_some(())?;
+        s.say("EHLO customer.test")?;
+        (s.reply()?.0 == 250).then_some(())?;
+        s.say(&format!("AUTH PLAIN {token}"))?;
+        let auth = s.reply()?;
+        assert_eq!(auth.0, 235, "AUTH PLAIN {account}: {auth:?}");
+        s.say(&line)?;
+        s.reply()
+    })();
+    let Some(atrn) = atrn else {
+        drain.cut = true;
+        return drain;
     };
-    if atrn.0 != 250 {
-        let _ = c.read_reply();
+    drain.atrn = atrn;
+    if drain.atrn.0 != 250 {
+        let _ = s.say("QUIT");
         return drain;
     }
-    let (reader, writer) = c.into_parts();
-    let mut s = Session { reader, writer };
     if s.serve(&mut drain, &mut hook).is_none() {
         drain.cut = true;
     }
@@ -91,6 +111,29 @@ struct Session {
 }
 
 impl Session {
+    fn connect(addr: std::net::SocketAddr) -> Option<Session> {
+        let stream = TcpStream::connect_timeout(&addr, super::IO_TIMEOUT).ok()?;
+        stream.set_read_timeout(Some(super::IO_TIMEOUT)).ok()?;
+        stream.set_write_timeout(Some(super::IO_TIMEOUT)).ok()?;
+        let _ = stream.set_nodelay(true);
+        let writer = stream.try_clone().ok()?;
+        Some(Session {
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    /// One reply of the provider before the turnaround: its code and last line's text.
+    fn reply(&mut self) -> Option<(u16, String)> {
+        loop {
+            let line = self.line()?;
+            let code = line.get(..3)?.parse().ok()?;
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Some((code, line.get(4..).unwrap_or("").to_string()));
+            }
+        }
+    }
+
     fn line(&mut self) -> Option<String> {
         let mut raw = Vec::new();
         match self.reader.read_until(b'\n', &mut raw) {
