@@ -143,15 +143,17 @@ fn drain_exactly(server: &TestServer, want: &[u64], what: &str) {
     assert_eq!(again.atrn.0, 453, "{what}: a second ATRN found mail again");
 }
 
-/// Waits (bounded) until a new RCPT is accepted again, without a restart.
+/// Waits (bounded) until a new RCPT is accepted again, without a restart, and every core's
+/// journal has left its short-of-space state (each core probes for space on its own, about
+/// once a second; a session lands on either core).
 fn wait_accepting(server: &TestServer, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (code, text) = rcpt_code(server);
-        if code == 250 {
+        if code == 250 && !journal_states(server).iter().any(|s| s == "short_of_space") {
             return;
         }
-        assert_eq!(code, 452, "{what}: {text}");
+        assert!(code == 250 || code == 452, "{what}: {text}");
         assert!(
             Instant::now() < deadline,
             "{what}: still refusing 30 s after the drain\n{}",
@@ -161,9 +163,14 @@ fn wait_accepting(server: &TestServer, what: &str) {
     }
 }
 
+/// The state of every journal writer that `turnpike queue --json` shows; none when the
+/// storage section is left out because every writer is fine and nothing was refused.
 fn journal_states(server: &TestServer) -> Vec<String> {
     let q = server.queue_json();
-    q["storage"]["journals"]
+    let Some(journals) = q.get("storage").map(|s| &s["journals"]) else {
+        return Vec::new();
+    };
+    journals
         .as_array()
         .expect("storage.journals in queue --json")
         .iter()

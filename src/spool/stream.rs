@@ -404,7 +404,10 @@ mod tests {
         });
         assert_eq!((small_loc.seq, done_loc.seq), (loc.seq, loc.seq));
         assert!(
-            files(&dir).iter().all(|f| f.ends_with(".seg")),
+            // No `.part` left behind: only segments and the writer's manifest.
+            files(&dir)
+                .iter()
+                .all(|f| f.ends_with(".seg") || f == "manifest"),
             "{:?}",
             files(&dir)
         );
