@@ -54,6 +54,8 @@
 //! max_hold = "30d"
 //! default_quota = "2GiB"             # held bytes per domain
 //! compact_live_ratio = 0.5
+//! scrub_rate = "4MiB"                # per second and core, re-checking older segments; 0 = off
+//! scrub_interval = "1d"              # pause between two scrub passes
 //! # fsync = true                     # accepted; false is refused (always fsync before 250)
 //!
 //! [submission]                       # per-account rate limits of authenticated submission
@@ -412,6 +414,11 @@ pub struct SpoolSettings {
     /// A segment whose live bytes fall below this fraction of its size is compacted
     /// (strictly between 0 and 1).
     pub compact_live_ratio: f64,
+    /// Bytes per second (per core) the background scrub re-reads to verify the checksums of
+    /// held mail in older segments; 0 turns it off.
+    pub scrub_rate: u64,
+    /// Pause between the end of one scrub pass and the start of the next.
+    pub scrub_interval: Duration,
 }
 
 impl Config {
@@ -506,6 +513,8 @@ impl Default for SpoolSettings {
             max_hold: Duration::from_secs(30 * DAY),
             default_quota: 2 * 1024 * MIB,
             compact_live_ratio: 0.5,
+            scrub_rate: 4 * MIB,
+            scrub_interval: Duration::from_secs(DAY),
         }
     }
 }
@@ -711,6 +720,8 @@ const SPOOL_KEYS: &[&str] = &[
     "max_hold",
     "default_quota",
     "compact_live_ratio",
+    "scrub_rate",
+    "scrub_interval",
     "fsync",
 ];
 
@@ -944,6 +955,12 @@ impl Parser<'_> {
                 return Err(self.invalid(key, expected, v));
             }
             s.compact_live_ratio = ratio;
+        }
+        if let Some(v) = t.get("scrub_rate") {
+            s.scrub_rate = self.size("spool.scrub_rate", v, 0)?;
+        }
+        if let Some(v) = t.get("scrub_interval") {
+            s.scrub_interval = self.duration("spool.scrub_interval", v)?;
         }
         if let Some(v) = t.get("fsync") {
             // Accepted so that `fsync = true` documents intent; there is deliberately no way

@@ -1,6 +1,6 @@
 //! The local control socket (`<data>/control.sock`) and the `turnpike queue` views.
 //!
-//! Protocol: the client writes one line (`summary`, `domain <name>` or `reload`), the server
+//! Protocol: the client writes one line (`summary`, `domain <name>`, `reclaim`, `reload`, ...), the server
 //! answers with one JSON document and closes. The server side runs on its own thread and asks
 //! the cores over the mesh, so it never touches a core's state directly. When no server is
 //! running, `turnpike queue` builds the same views by reading the journal (recovery is
@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::provider::core::{MeshMsg, Query, QueryAnswer};
+use crate::provider::quarantine::{Operation, Scope};
 use crate::runtime::mesh::Mesh;
 use crate::spool;
 use crate::types::DomainName;
@@ -31,6 +32,76 @@ pub struct QueueSummary {
     /// server; the schedule is not journaled).
     #[serde(default)]
     pub outbound: Vec<crate::relay::OutboundRow>,
+    /// Held parts whose stored copy is damaged, skipped until the operator bounces or
+    /// deletes them (only from a running server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<QuarantineRow>,
+    /// Disk space and the journal writers' state, when a writer is short of space or stopped,
+    /// or mail was refused for lack of space since start (only from a running server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageView>,
+}
+
+/// One quarantined part.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuarantineRow {
+    /// Message id (what `turnpike queue bounce|delete` takes).
+    pub id: String,
+    /// The part's domain.
+    pub domain: String,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// Arrival, unix seconds.
+    pub received: u64,
+    /// Envelope sender; empty for `<>`.
+    pub sender: String,
+    /// The part's recipients.
+    pub recipients: Vec<String>,
+    /// What is wrong with the stored copy.
+    pub reason: String,
+    /// When it was quarantined, unix seconds.
+    pub since: u64,
+}
+
+/// Disk space for held mail and the state of each journal writer.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StorageView {
+    /// Bytes free for the service user on the data directory's file system.
+    pub free_bytes: Option<u64>,
+    /// One row per journal writer (only from a running server).
+    pub journals: Vec<JournalRow>,
+}
+
+/// One journal writer (`journal/core-N`).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JournalRow {
+    /// The journal directory's core number.
+    pub core: u16,
+    /// `ok`, `short_of_space` (new mail refused with 452 4.3.1) or `poisoned` (a failed
+    /// write or fdatasync; restart needed).
+    pub state: String,
+    /// Seconds the writer has been short of space.
+    pub short_for_secs: Option<u64>,
+    /// Messages refused for lack of space since start.
+    pub refused: u64,
+}
+
+impl JournalRow {
+    fn from_status(s: &spool::JournalStatus) -> JournalRow {
+        let state = if s.poisoned {
+            "poisoned"
+        } else if s.short_for.is_some() {
+            "short_of_space"
+        } else {
+            "ok"
+        };
+        JournalRow {
+            core: s.core,
+            state: state.to_string(),
+            short_for_secs: s.short_for.map(|d| d.as_secs()),
+            refused: s.no_space_refused,
+        }
+    }
 }
 
 /// One domain's totals.
@@ -87,6 +158,8 @@ fn summary_from(stats: impl IntoIterator<Item = (DomainName, spool::DomainStats)
     QueueSummary {
         domains,
         outbound: Vec::new(),
+        quarantined: Vec::new(),
+        storage: None,
     }
 }
 
@@ -127,6 +200,7 @@ pub fn spawn_server(data_dir: &Path, mesh: Arc<Mesh<MeshMsg>>) -> io::Result<Con
     // A stale socket from a killed server; the data-dir lock proves no server owns it now.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
+    let data_dir = data_dir.to_path_buf();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     std::thread::Builder::new()
         .name("turnpike-control".into())
@@ -134,7 +208,7 @@ pub fn spawn_server(data_dir: &Path, mesh: Arc<Mesh<MeshMsg>>) -> io::Result<Con
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => {
-                        if let Err(e) = answer(s, &mesh) {
+                        if let Err(e) = answer(s, &mesh, &data_dir) {
                             tracing::debug!(error = %e, "control request failed");
                         }
                     }
@@ -145,7 +219,7 @@ pub fn spawn_server(data_dir: &Path, mesh: Arc<Mesh<MeshMsg>>) -> io::Result<Con
     Ok(ControlGuard(path))
 }
 
-fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>) -> io::Result<()> {
+fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>, data_dir: &Path) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
@@ -169,6 +243,53 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>) -> io::Result<()> {
         summary
             .outbound
             .sort_by(|a, b| a.destination.cmp(&b.destination));
+        let mut journals: Vec<JournalRow> = ask_all(mesh, |tx| MeshMsg::Query(Query::Storage, tx))
+            .into_iter()
+            .flat_map(|a| match a {
+                QueryAnswer::Storage(s) => s,
+                _ => Vec::new(),
+            })
+            .map(|s| JournalRow::from_status(&s))
+            .collect();
+        journals.sort_by_key(|j| j.core);
+        summary.quarantined = ask_all(mesh, |tx| MeshMsg::Query(Query::Quarantined, tx))
+            .into_iter()
+            .flat_map(|a| match a {
+                QueryAnswer::Quarantined(q) => q,
+                _ => Vec::new(),
+            })
+            .map(|q| QuarantineRow {
+                id: q.part.id.to_string(),
+                domain: q.part.domain.to_string(),
+                size: q.part.bytes,
+                received: q.part.received_at,
+                sender: q
+                    .part
+                    .sender
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default(),
+                recipients: q
+                    .part
+                    .recipients
+                    .iter()
+                    .map(|r| r.mailbox.to_string())
+                    .collect(),
+                reason: q.reason,
+                since: q.since,
+            })
+            .collect();
+        summary
+            .quarantined
+            .sort_by(|a, b| (&a.id, &a.domain).cmp(&(&b.id, &b.domain)));
+        // Shown when there is something to see: a writer short of space or stopped, or mail
+        // refused for lack of space since start.
+        if journals.iter().any(|j| j.state != "ok" || j.refused > 0) {
+            summary.storage = Some(StorageView {
+                free_bytes: spool::free_bytes(data_dir).ok(),
+                journals,
+            });
+        }
         serde_json::to_string(&summary)?
     } else if let Some(name) = line.strip_prefix("retry ") {
         let domain =
@@ -191,8 +312,13 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>) -> io::Result<()> {
             "{\"bounced\":null,\"busy\":true}".to_string()
         } else {
             let n: u64 = answers.into_iter().flatten().sum();
-            format!("{{\"bounced\":{n}}}")
+            let q = operate(mesh, id, Operation::Bounce);
+            format!("{{\"bounced\":{}}}", n + q)
         }
+    } else if let Some(id) = line.strip_prefix("delete ") {
+        let id = crate::types::MessageId::parse(id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a message id"))?;
+        format!("{{\"deleted\":{}}}", operate(mesh, id, Operation::Delete))
     } else if let Some(name) = line.strip_prefix("domain ") {
         let domain =
             DomainName::parse(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -204,6 +330,14 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>) -> io::Result<()> {
             _ => Vec::new(),
         };
         serde_json::to_string(&listing_from(&domain, parts))?
+    } else if line == "reclaim" {
+        let (mut deleted, mut compacted, mut moved) = (0, 0, 0);
+        for (d, c, m) in ask_all(mesh, MeshMsg::Reclaim) {
+            deleted += d;
+            compacted += c;
+            moved += m;
+        }
+        format!("{{\"deleted\":{deleted},\"compacted\":{compacted},\"moved\":{moved}}}")
     } else if line == "reload" {
         // The main thread owns reloads; SIGHUP is how it is told.
         // SAFETY: sending a signal to our own process.
@@ -217,6 +351,20 @@ fn answer(stream: UnixStream, mesh: &Mesh<MeshMsg>) -> io::Result<()> {
     };
     (&stream).write_all(json.as_bytes())?;
     (&stream).write_all(b"\n")
+}
+
+/// Applies an operator's [`Operation`] to message `id` on every core; the parts finished.
+/// Quarantined parts only, for now (the scope other held mail will use is the same request).
+fn operate(mesh: &Mesh<MeshMsg>, id: crate::types::MessageId, op: Operation) -> u64 {
+    ask_all(mesh, |reply| MeshMsg::Operator {
+        id,
+        op,
+        scope: Scope::Quarantined,
+        reply,
+    })
+    .into_iter()
+    .map(|n| n as u64)
+    .sum()
 }
 
 /// Asks every core and collects the answers that came in time.
@@ -285,6 +433,76 @@ pub fn queue_domain(data_dir: &Path, domain: &DomainName) -> io::Result<DomainLi
 
 /// Renders the summary like `mailq`: one row per domain and a total line.
 pub fn render_summary(s: &QueueSummary, now: u64) -> String {
+    let mut out = render_domains(s, now);
+    if !s.quarantined.is_empty() {
+        out += "\nQUARANTINED (stored copy damaged; turnpike queue bounce|delete ID)\n";
+        out += &format!(
+            "{:<32} {:<24} {:>10} {:>8}  REASON\n",
+            "ID", "DOMAIN", "SIZE", "AGE"
+        );
+        for q in &s.quarantined {
+            out += &format!(
+                "{:<32} {:<24} {:>10} {:>8}  {}\n",
+                q.id,
+                q.domain,
+                q.size,
+                age(now.saturating_sub(q.received)),
+                q.reason
+            );
+        }
+    }
+    if let Some(st) = &s.storage {
+        out += &render_storage(st);
+    }
+    out
+}
+
+/// The storage lines: free space, and every journal writer that is not fine.
+fn render_storage(st: &StorageView) -> String {
+    let mut out = String::new();
+    if let Some(free) = st.free_bytes {
+        out += &format!("\nStorage: {} free\n", human_bytes(free));
+    }
+    for j in &st.journals {
+        match j.state.as_str() {
+            "short_of_space" => {
+                out += &format!(
+                    "journal core-{}: SHORT OF SPACE for {}: new mail refused (452 4.3.1), {} \
+                     refused; deliveries still recorded\n",
+                    j.core,
+                    age(j.short_for_secs.unwrap_or(0)),
+                    j.refused
+                )
+            }
+            "poisoned" => {
+                out += &format!(
+                    "journal core-{}: STOPPED after a failed write or fdatasync: new mail gets \
+                     451; restart the server (see the log)\n",
+                    j.core
+                )
+            }
+            _ if j.refused > 0 => {
+                out += &format!(
+                    "journal core-{}: ok ({} refused for lack of space since start)\n",
+                    j.core, j.refused
+                )
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n < 10 << 10 => format!("{n} bytes"),
+        n if n < 10 << 20 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n if n < 10 << 30 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+        n => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+    }
+}
+
+fn render_domains(s: &QueueSummary, now: u64) -> String {
     if s.domains.is_empty() {
         return "Hold is empty.\n".to_string();
     }
@@ -400,6 +618,8 @@ mod tests {
                 last_error: Some("connect to 192.0.2.7:25: Connection refused".into()),
                 active: false,
             }],
+            quarantined: Vec::new(),
+            storage: None,
         };
         let text = render_summary(&s, 1_000);
         let row = text.lines().last().unwrap();

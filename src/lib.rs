@@ -24,11 +24,14 @@
 //!   session (TLS, AUTH, upload, ATRN, receive), the delivery targets and the outbox (the
 //!   office's outgoing queue on a spool journal of its own, with its local listener).
 //! - [`control`]: the local control socket behind `turnpike queue`.
+//! - [`bench`]: the load generators `turnpike bench mx`, `bench sink` and `bench day` (on the
+//!   client machine, the inbound machine and the customer session), with their report.
 //! - [`metrics`]: per-core counters and latency histograms, merged on scrape and served as
 //!   Prometheus text.
 #![warn(missing_docs)]
 
 pub mod accounts;
+pub mod bench;
 pub mod config;
 pub mod control;
 pub mod customer;

@@ -215,6 +215,219 @@ enum BenchAction {
         #[arg(long, value_enum, default_value_t = MechArg::Plain)]
         mechanism: MechArg,
     },
+    /// Inbound SMTP load against any server: msgs/s, MB/s, errors by reply code, latency
+    /// percentiles (connect to greeting, end of data to reply).
+    Mx(Box<MxArgs>),
+    /// An SMTP server that answers 250 to every message and stores nothing: the ceiling a load
+    /// generator reaches on this host.
+    Sink(SinkArgs),
+    /// A provider's day compressed into minutes: senders, customers on their schedules
+    /// (AUTH, upload, ATRN, a mix of 250/4xx/5xx, linger), every message checked delivered
+    /// exactly once; exits 1 if the check fails.
+    Day(Box<DayArgs>),
+}
+
+/// `--json`, `--plot` and the timeline interval, shared by the load generators.
+#[derive(clap::Args)]
+struct OutputArgs {
+    /// Write the report as JSON (schema in docs/benchmarks.md).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw throughput over time and latency percentiles into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Timeline interval (e.g. 1s, 250ms).
+    #[arg(long, default_value = "1s", value_parser = parse_bench_duration)]
+    interval: std::time::Duration,
+}
+
+/// `turnpike bench mx`.
+#[derive(clap::Args)]
+struct MxArgs {
+    /// The SMTP server, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:2525", value_name = "HOST:PORT")]
+    target: String,
+    /// Parallel SMTP sessions.
+    #[arg(long, default_value_t = 10)]
+    sessions: usize,
+    /// Messages to send (default 10000 unless --duration is given).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Send for this long (e.g. 30s, 2m) instead of a message count.
+    #[arg(long, value_parser = parse_bench_duration)]
+    duration: Option<std::time::Duration>,
+    /// Open loop: start this many messages per second, whether or not the server keeps up.
+    /// Without it: closed loop, each session sends as fast as the replies come.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Message size (e.g. 4096, 4KiB, 1MB), headers included.
+    #[arg(long, default_value = "4KiB", conflicts_with = "size_dist")]
+    size: String,
+    /// A size distribution instead of one size: `real` (1 KB to 10 MB, docs/benchmarks.md).
+    #[arg(long, value_name = "real")]
+    size_dist: Option<String>,
+    /// The recipient, LOCAL@DOMAIN.
+    #[arg(long, default_value = "user@example.com")]
+    to: String,
+    /// The sender (MAIL FROM and From:).
+    #[arg(long, default_value = "sender@client.test")]
+    from: String,
+    /// Recipients per message (LOCAL0@, LOCAL1@, ... when more than one).
+    #[arg(long, default_value_t = 1)]
+    recipients: usize,
+    /// Spread recipients over this many domains: d0.DOMAIN .. d<N-1>.DOMAIN (1: DOMAIN).
+    #[arg(long, default_value_t = 1)]
+    domains: usize,
+    /// Messages per connection; 1 = a new connection per message, 0 = no limit.
+    #[arg(long, default_value_t = 1)]
+    per_connection: u64,
+    /// Pipeline MAIL and RCPT (RFC 2920) when the server offers PIPELINING.
+    #[arg(long)]
+    pipelining: bool,
+    /// Send BDAT (RFC 3030) when the server offers CHUNKING; with --pipelining, many messages
+    /// travel in flight on each connection.
+    #[arg(long)]
+    chunking: bool,
+    /// TLS: none, starttls or implicit.
+    #[arg(long, value_enum, default_value_t = BenchTls::None)]
+    tls: BenchTls,
+    /// Verify the server's certificate against this CA or self-signed certificate (default:
+    /// any certificate is accepted, as between MX hosts).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The name in SNI and, with --ca, the name the certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Our EHLO name.
+    #[arg(long, default_value = "bench.localhost")]
+    helo: String,
+    /// Connect timeout and the bound on every reply.
+    #[arg(long, default_value = "60s", value_parser = parse_bench_duration)]
+    timeout: std::time::Duration,
+    /// Sample this server process's CPU and RSS from /proc during the run.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Seed for sizes and schedules.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The run id in every message's X-Bench-Id header (default: random).
+    #[arg(long)]
+    run_id: Option<String>,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// `turnpike bench day`.
+#[derive(clap::Args)]
+struct DayArgs {
+    /// Customers (accounts bench-day-NNN made in the running server's data directory).
+    #[arg(long, default_value_t = 20)]
+    customers: usize,
+    /// Instead: the accounts to use, one per line `NAME PASSWORD DOMAIN[,DOMAIN...] [linger]`
+    /// (needs --mx and --odmr).
+    #[arg(long, value_name = "FILE", requires_all = ["mx", "odmr"])]
+    accounts: Option<PathBuf>,
+    /// The provider's MX (default: from <data-dir>/listening).
+    #[arg(long, value_name = "HOST:PORT")]
+    mx: Option<std::net::SocketAddr>,
+    /// The provider's ODMR listener (default: from <data-dir>/listening).
+    #[arg(long, value_name = "HOST:PORT")]
+    odmr: Option<std::net::SocketAddr>,
+    /// Parallel sending SMTP sessions.
+    #[arg(long, default_value_t = 8)]
+    senders: usize,
+    /// Messages per sending connection.
+    #[arg(long, default_value_t = 10)]
+    per_connection: u64,
+    /// Mean inbound messages per second at midday (night 0.3x, morning 2x, evening 0.6x).
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Length of the day, real time (four phases of a quarter each), then the sweep.
+    #[arg(long, default_value = "2m", value_parser = parse_bench_duration)]
+    duration: std::time::Duration,
+    /// Simulated seconds per real second: customers connect every 1-15 simulated minutes.
+    #[arg(long, default_value_t = 60.0)]
+    time_scale: f64,
+    /// Message size, or `real` for the realistic mix.
+    #[arg(long, default_value = "real")]
+    size_dist: String,
+    /// The customers' answers during the day, CODE=WEIGHT,...
+    #[arg(long, default_value = "250=90,451=7,554=3")]
+    reply_mix: String,
+    /// Share of the customers that upload outgoing mail before ATRN (0 to 1).
+    #[arg(long, default_value_t = 0.2)]
+    submitters: f64,
+    /// Share of the made accounts that linger (push); with --accounts, the file says.
+    #[arg(long, default_value_t = 0.2)]
+    linger: f64,
+    /// A lingering customer leaves after this long without mail.
+    #[arg(long, default_value = "3s", value_parser = parse_bench_duration)]
+    linger_idle: std::time::Duration,
+    /// Customer TLS: none or starttls (trusting --ca, default <data-dir>/tls/cert.pem).
+    #[arg(long, value_enum, default_value_t = TlsArg::None)]
+    tls: TlsArg,
+    /// CA or certificate to trust for --tls starttls.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The name the provider's certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Customer SASL mechanism.
+    #[arg(long, value_enum, default_value_t = MechArg::CramMd5)]
+    mechanism: MechArg,
+    /// Bound on the sweep after the day.
+    #[arg(long, default_value = "2m", value_parser = parse_bench_duration)]
+    sweep_timeout: std::time::Duration,
+    /// The server process to sample (default: the holder of <data-dir>/lock).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The run id in every X-Bench-Id (default: random).
+    #[arg(long)]
+    run_id: Option<String>,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// `turnpike bench sink`.
+#[derive(clap::Args)]
+struct SinkArgs {
+    /// Where to listen; port 0 picks a free port (the address is printed first).
+    #[arg(long, default_value = "127.0.0.1:2626")]
+    listen: std::net::SocketAddr,
+    /// Core threads, each with its own listener.
+    #[arg(long, default_value_t = 1)]
+    cores: usize,
+    /// I/O driver.
+    #[arg(long, value_enum, default_value_t = IoArg::Auto)]
+    io: IoArg,
+    /// Stop after this many accepted messages.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Stop after this long (otherwise at SIGINT/SIGTERM).
+    #[arg(long, value_parser = parse_bench_duration)]
+    duration: Option<std::time::Duration>,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchTls {
+    None,
+    Starttls,
+    Implicit,
+}
+
+/// Durations for the bench options: `250ms`, or whole `s`/`m`/`h` as in the configuration.
+fn parse_bench_duration(s: &str) -> Result<std::time::Duration, String> {
+    if let Some(ms) = s.trim().strip_suffix("ms") {
+        if let Ok(n) = ms.trim().parse::<u64>() {
+            return Ok(std::time::Duration::from_millis(n));
+        }
+    }
+    config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 30s or 250ms"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -241,23 +454,37 @@ enum QueueAction {
         /// The recipient domain.
         destination: String,
     },
-    /// Report an outbound message to its sender as undeliverable and drop it.
+    /// Reclaim journal space now: delete segments with nothing live, compact the oldest
+    /// mostly-dead one (the running server).
+    Reclaim,
+    /// Report a message to its sender as undeliverable and drop it: an outbound message, or
+    /// a quarantined one (its stored copy is damaged).
     Bounce {
-        /// The message id (as `turnpike queue show` prints it).
+        /// The message id (as `turnpike queue show` or `turnpike queue` prints it).
+        id: String,
+    },
+    /// Drop a quarantined message without a report.
+    Delete {
+        /// The message id (as `turnpike queue` prints it under QUARANTINED).
         id: String,
     },
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The load generators run many sessions: their per-session lines would drown the report.
+    let default_level = match cli.command {
+        Command::Bench { .. } => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TURNPIKE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     // The customer's command has its own configuration (and exit codes); the provider's
     // configuration is never read for it.
     if let Command::Pull(args) = cli.command {
@@ -300,7 +527,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             server::serve(config, choice, cores)?;
         }
         Command::Account { action } => {
-            std::fs::create_dir_all(&data_dir)?;
+            turnpike::spool::private_dir(&data_dir)?;
             let path = data_dir.join("accounts.toml");
             let mut accounts = Accounts::load(&path)?;
             match action {
@@ -424,6 +651,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             )??;
             print!("{}", report.render());
         }
+        Command::Bench {
+            action: BenchAction::Mx(args),
+        } => bench_mx(*args)?,
+        Command::Bench {
+            action: BenchAction::Sink(args),
+        } => bench_sink(args)?,
+        Command::Bench {
+            action: BenchAction::Day(args),
+        } => bench_day(*args, &data_dir, config.odmr.linger_keepalive)?,
         Command::Pull(_) => unreachable!("dispatched in main"),
         Command::Queue { json, action } => {
             let now = std::time::SystemTime::now()
@@ -463,11 +699,41 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     if json {
                         println!("{answer}");
                     } else if v["bounced"] == 0 {
-                        return Err(format!("{id}: no such message in the outbound queue").into());
+                        return Err(format!(
+                            "{id}: no such message in the outbound queue or in quarantine"
+                        )
+                        .into());
                     } else {
                         println!(
                             "{id}: {} part(s) reported to the sender and removed",
                             v["bounced"]
+                        );
+                    }
+                }
+                Some(QueueAction::Delete { id }) => {
+                    turnpike::types::MessageId::parse(&id)
+                        .ok_or_else(|| format!("{id}: not a message id"))?;
+                    let answer = control::request(&data_dir, &format!("delete {id}"))?
+                        .ok_or("no running server (delete needs `turnpike serve`)")?;
+                    let v: serde_json::Value = serde_json::from_str(&answer)?;
+                    if json {
+                        println!("{}", answer.trim_end());
+                    } else if v["deleted"] == 0 {
+                        return Err(format!("{id}: no such message in quarantine").into());
+                    } else {
+                        println!("{id}: {} quarantined part(s) removed", v["deleted"]);
+                    }
+                }
+                Some(QueueAction::Reclaim) => {
+                    let answer = control::request(&data_dir, "reclaim")?
+                        .ok_or("no running server (reclaim needs `turnpike serve`)")?;
+                    let v: serde_json::Value = serde_json::from_str(&answer)?;
+                    if json {
+                        println!("{}", answer.trim_end());
+                    } else {
+                        println!(
+                            "{} segment(s) deleted, {} compacted, {} message(s) moved",
+                            v["deleted"], v["compacted"], v["moved"]
                         );
                     }
                 }
@@ -482,6 +748,218 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn bench_mx(a: MxArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use std::net::ToSocketAddrs;
+    use turnpike::bench::{message::SizeDist, mx};
+    let target = a
+        .target
+        .to_socket_addrs()
+        .map_err(|e| format!("--target {}: {e}", a.target))?
+        .next()
+        .ok_or_else(|| format!("--target {}: no address", a.target))?;
+    let sizes = match &a.size_dist {
+        Some(d) => SizeDist::parse(d),
+        None => SizeDist::parse(&a.size).filter(|d| *d != SizeDist::Real),
+    }
+    .ok_or("--size/--size-dist: expected a size up to 10MB (4096, 4KiB, 1MB) or `real`")?;
+    let mailbox = |what: &str, s: &str| {
+        s.rsplit_once('@')
+            .filter(|(l, d)| !l.is_empty() && DomainName::parse(d).is_ok())
+            .map(|(l, d)| turnpike::types::Mailbox {
+                local: l.to_string(),
+                domain: d.to_ascii_lowercase(),
+            })
+            .ok_or_else(|| format!("{what} {s}: expected LOCAL@DOMAIN"))
+    };
+    let to = mailbox("--to", &a.to)?;
+    let sender = mailbox("--from", &a.from)?;
+    let name = rustls::pki_types::ServerName::try_from(a.server_name.clone())
+        .map_err(|e| format!("--server-name: {e}"))?;
+    let tls_config = || -> Result<_, Box<dyn std::error::Error>> {
+        Ok(match &a.ca {
+            Some(ca) => turnpike::tls::client_config_trusting(ca)?,
+            None => turnpike::relay::tls::unverified(),
+        })
+    };
+    let tls = match a.tls {
+        BenchTls::None => mx::Tls::None,
+        BenchTls::Starttls => mx::Tls::StartTls(tls_config()?, name),
+        BenchTls::Implicit => mx::Tls::Implicit(tls_config()?, name),
+    };
+    if a.recipients == 0 || a.domains == 0 || a.sessions == 0 {
+        return Err("--sessions, --recipients and --domains must be at least 1".into());
+    }
+    let messages = match (a.messages, a.duration) {
+        (None, None) => Some(10_000),
+        (m, _) => m,
+    };
+    let client = mx::ClientConfig {
+        target,
+        sessions: a.sessions,
+        per_connection: a.per_connection,
+        pipelining: a.pipelining,
+        chunking: a.chunking,
+        tls,
+        helo: a.helo.clone(),
+        timeout: a.timeout,
+    };
+    let recipients = mx::Recipients {
+        local: to.local.clone(),
+        domain: to.domain.clone(),
+        per_message: a.recipients,
+        domains: a.domains,
+    };
+    let run_id = a.run_id.clone().unwrap_or_else(turnpike::bench::new_run_id);
+    let (duration, rate, seed) = (a.duration, a.rate, a.seed);
+    let report = turnpike::bench::run_mx(
+        client,
+        move |start| {
+            mx::MxLoad::new(
+                start, messages, duration, rate, sizes, recipients, sender, run_id, seed,
+            )
+        },
+        a.output.interval,
+        a.server_pid,
+    )?;
+    write_outputs(&report, &a.output)
+}
+
+fn bench_sink(a: SinkArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use turnpike::bench::sink;
+    let io = match a.io {
+        IoArg::Uring => turnpike::runtime::io::IoKind::Uring,
+        IoArg::Epoll => turnpike::runtime::io::IoKind::Epoll,
+        IoArg::Auto => {
+            turnpike::runtime::io::IoKind::detect().unwrap_or(turnpike::runtime::io::IoKind::Epoll)
+        }
+    };
+    let opts = sink::SinkOptions {
+        listen: a.listen,
+        cores: a.cores.max(1),
+        io,
+        messages: a.messages,
+        duration: a.duration,
+        interval: a.output.interval,
+    };
+    let (addr, listeners) = sink::bind(&opts).map_err(|e| format!("--listen {}: {e}", a.listen))?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "bench sink listening on {addr} ({} core(s), {})",
+            opts.cores,
+            io.name()
+        )?;
+        out.flush()?;
+    }
+    let report = sink::run(&opts, listeners)?;
+    write_outputs(&report, &a.output)
+}
+
+fn bench_day(
+    mut a: DayArgs,
+    data_dir: &std::path::Path,
+    keepalive: std::time::Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use turnpike::bench::{day, message::SizeDist};
+    let (mx, odmr, accounts, pid) = match &a.accounts {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("--accounts {}: {e}", file.display()))?;
+            let accounts = day::parse_accounts(&text)
+                .map_err(|e| format!("--accounts {}: {e}", file.display()))?;
+            let (mx, odmr) = (
+                a.mx.ok_or("--mx is required")?,
+                a.odmr.ok_or("--odmr is required")?,
+            );
+            (mx, odmr, accounts, None)
+        }
+        None => {
+            let local = day::prepare_local(data_dir, a.customers.max(1), a.linger)?;
+            // A lingering customer must leave (idle timeout) before the provider's NOOP.
+            if a.linger > 0.0 && a.linger_idle >= keepalive {
+                a.linger_idle = keepalive / 2;
+                eprintln!(
+                    "bench day: --linger-idle lowered to {:?}, under the server's \
+                     odmr.linger_keepalive ({keepalive:?})",
+                    a.linger_idle
+                );
+            }
+            (
+                a.mx.unwrap_or(local.mx),
+                a.odmr.unwrap_or(local.odmr),
+                local.accounts,
+                local.pid,
+            )
+        }
+    };
+    let tls = match a.tls {
+        TlsArg::None => session::Tls::None,
+        TlsArg::Starttls => {
+            let ca =
+                a.ca.clone()
+                    .unwrap_or_else(|| data_dir.join("tls/cert.pem"));
+            session::Tls::StartTls {
+                config: turnpike::tls::client_config_trusting(&ca)?,
+                server_name: rustls::pki_types::ServerName::try_from(a.server_name.clone())
+                    .map_err(|e| format!("--server-name: {e}"))?,
+            }
+        }
+    };
+    let run_id = a.run_id.clone().unwrap_or_else(turnpike::bench::new_run_id);
+    let opts = day::DayOptions {
+        mx,
+        odmr,
+        accounts,
+        senders: a.senders.max(1),
+        per_connection: a.per_connection,
+        rate: a.rate,
+        duration: a.duration,
+        time_scale: a.time_scale,
+        sizes: SizeDist::parse(&a.size_dist)
+            .ok_or("--size-dist: expected a size up to 10MB or `real`")?,
+        mix: day::ReplyMix::parse(&a.reply_mix).map_err(|e| format!("--reply-mix: {e}"))?,
+        submitters: a.submitters,
+        linger_idle: a.linger_idle,
+        tls,
+        mechanism: match a.mechanism {
+            MechArg::Plain => session::Mechanism::Plain,
+            MechArg::CramMd5 => session::Mechanism::CramMd5,
+        },
+        sweep_timeout: a.sweep_timeout,
+        seed: a.seed,
+        work_dir: std::env::temp_dir().join(format!("turnpike-bench-day-{run_id}")),
+        run_id,
+        interval: a.output.interval,
+        server_pid: a.server_pid.or(pid),
+        data_dir: a.accounts.is_none().then(|| data_dir.to_path_buf()),
+    };
+    let report = day::run(opts)?;
+    write_outputs(&report, &a.output)?;
+    match &report.verification {
+        Some(v) if v.ok => Ok(()),
+        _ => Err("verification FAILED (see the report)".into()),
+    }
+}
+
+/// Prints the summary and writes `--json` and `--plot`.
+fn write_outputs(
+    report: &turnpike::bench::report::Report,
+    out: &OutputArgs,
+) -> Result<(), Box<dyn std::error::Error>> {
+    print!("{}", report.render());
+    if let Some(path) = &out.json {
+        report
+            .write_json(path)
+            .map_err(|e| format!("--json {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &out.plot {
+        turnpike::bench::plot::write_svg(report, path)?;
     }
     Ok(())
 }

@@ -116,11 +116,14 @@ pub enum AtrnResult {
     Syntax,
     /// 530: `ATRN` before successful authentication.
     Unauthenticated,
+    /// 250, but the session delivered nothing: every message it reached was damaged and
+    /// quarantined (set after the reversal, for the domain gauge).
+    Damaged,
 }
 
 impl AtrnResult {
     /// Every result, in label order.
-    pub const ALL: [AtrnResult; 8] = [
+    pub const ALL: [AtrnResult; 9] = [
         AtrnResult::Accepted,
         AtrnResult::NotAuthorized,
         AtrnResult::NoMail,
@@ -129,6 +132,7 @@ impl AtrnResult {
         AtrnResult::Unavailable,
         AtrnResult::Syntax,
         AtrnResult::Unauthenticated,
+        AtrnResult::Damaged,
     ];
 
     /// The `result` label value (also suitable for [`DomainGauge::last_atrn_result`]).
@@ -142,6 +146,7 @@ impl AtrnResult {
             AtrnResult::Unavailable => "unavailable",
             AtrnResult::Syntax => "syntax",
             AtrnResult::Unauthenticated => "unauthenticated",
+            AtrnResult::Damaged => "damaged",
         }
     }
 }
@@ -242,6 +247,8 @@ pub struct Snapshot {
     atrn_decision: Latency,
     delivery: Latency,
     accept: Latency,
+    /// The store on a bad day: full disk, damage, scrub.
+    pub store: StoreMetrics,
 }
 
 impl Default for Snapshot {
@@ -276,6 +283,7 @@ impl Snapshot {
             atrn_decision: Latency::new(),
             delivery: Latency::new(),
             accept: Latency::new(),
+            store: StoreMetrics::default(),
         }
     }
 
@@ -298,6 +306,7 @@ impl Snapshot {
         self.atrn_decision.merge(&other.atrn_decision);
         self.delivery.merge(&other.delivery);
         self.accept.merge(&other.accept);
+        self.store.merge(&other.store);
     }
 
     /// Connections accepted on `service`.
@@ -373,6 +382,127 @@ impl Snapshot {
     /// From end of data to the `250` (group commit latency).
     pub fn accept(&self) -> &Latency {
         &self.accept
+    }
+}
+
+/// How the held-mail store is doing: counters the cores bump, and gauges each core sets just
+/// before it answers a scrape (merged by summing, so a gauge counts cores or parts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreMetrics {
+    /// Refusals because the disk was full (`452 4.3.1` at RCPT or at the end of data).
+    pub storage_refused: u64,
+    /// Finished parts whose DONE record could not be written (they come back after a
+    /// restart: at-least-once).
+    pub dones_unrecorded: u64,
+    /// Gauge: journal writers short of disk space (refusing new mail).
+    pub journals_short: u64,
+    /// Gauge: journal writers poisoned by a failed write or fdatasync (restart needed).
+    pub journals_poisoned: u64,
+    /// Gauge: bytes free for the service user on the data directory's file system, set by
+    /// the scraper.
+    pub free_bytes: Option<u64>,
+    /// Parts quarantined because their stored copy failed its checksum.
+    pub quarantined_total: u64,
+    /// Gauge: parts in quarantine now.
+    pub quarantined: u64,
+    /// Body bytes the background scrub verified.
+    pub scrub_bytes: u64,
+    /// Messages the background scrub found damaged.
+    pub scrub_damaged: u64,
+    /// Complete scrub passes over a journal's older segments.
+    pub scrub_passes: u64,
+    /// Gauge: when the last scrub pass ended, unix seconds (latest over the cores).
+    pub scrub_last_pass: Option<u64>,
+}
+
+impl StoreMetrics {
+    fn merge(&mut self, o: &StoreMetrics) {
+        self.storage_refused = self.storage_refused.wrapping_add(o.storage_refused);
+        self.dones_unrecorded = self.dones_unrecorded.wrapping_add(o.dones_unrecorded);
+        self.journals_short += o.journals_short;
+        self.journals_poisoned += o.journals_poisoned;
+        self.free_bytes = self.free_bytes.max(o.free_bytes);
+        self.quarantined_total = self.quarantined_total.wrapping_add(o.quarantined_total);
+        self.quarantined += o.quarantined;
+        self.scrub_bytes = self.scrub_bytes.wrapping_add(o.scrub_bytes);
+        self.scrub_damaged = self.scrub_damaged.wrapping_add(o.scrub_damaged);
+        self.scrub_passes = self.scrub_passes.wrapping_add(o.scrub_passes);
+        self.scrub_last_pass = self.scrub_last_pass.max(o.scrub_last_pass);
+    }
+}
+
+fn render_store(out: &mut String, s: &StoreMetrics) {
+    counter(
+        out,
+        "turnpike_storage_refused_total",
+        "Mail refused because the disk was full (452 4.3.1).",
+        s.storage_refused,
+    );
+    counter(
+        out,
+        "turnpike_done_unrecorded_total",
+        "Finished parts whose DONE record could not be written (offered again after a restart).",
+        s.dones_unrecorded,
+    );
+    let gauges = [
+        (
+            "turnpike_journal_short_of_space",
+            "Journal writers short of disk space, refusing new mail.",
+            s.journals_short,
+        ),
+        (
+            "turnpike_journal_poisoned",
+            "Journal writers stopped by a failed write or fdatasync; restart needed.",
+            s.journals_poisoned,
+        ),
+        (
+            "turnpike_quarantined_parts",
+            "Held parts in quarantine (stored copy damaged), waiting for the operator.",
+            s.quarantined,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        header(out, name, "gauge", help);
+        sample(out, name, &[], v);
+    }
+    if let Some(free) = s.free_bytes {
+        let name = "turnpike_spool_free_bytes";
+        header(
+            out,
+            name,
+            "gauge",
+            "Bytes free for the service user on the data directory's file system.",
+        );
+        sample(out, name, &[], free);
+    }
+    counter(
+        out,
+        "turnpike_quarantined_total",
+        "Held parts quarantined because their stored copy failed its checksum.",
+        s.quarantined_total,
+    );
+    counter(
+        out,
+        "turnpike_scrub_bytes_total",
+        "Stored body bytes verified by the background scrub.",
+        s.scrub_bytes,
+    );
+    counter(
+        out,
+        "turnpike_scrub_damaged_total",
+        "Held messages the background scrub found damaged.",
+        s.scrub_damaged,
+    );
+    counter(
+        out,
+        "turnpike_scrub_passes_total",
+        "Complete scrub passes over the older journal segments.",
+        s.scrub_passes,
+    );
+    if let Some(t) = s.scrub_last_pass {
+        let name = "turnpike_scrub_last_pass_timestamp_seconds";
+        header(out, name, "gauge", "When the last scrub pass ended (Unix).");
+        sample(out, name, &[], t);
     }
 }
 
@@ -456,6 +586,11 @@ impl CoreMetrics {
     /// A message was acknowledged `elapsed` after its end of data (group commit latency).
     pub fn record_accept(&mut self, elapsed: Duration) {
         self.s.accept.record(elapsed);
+    }
+
+    /// The store's counters, for the core to bump.
+    pub fn store_mut(&mut self) -> &mut StoreMetrics {
+        &mut self.s.store
     }
 
     /// A copy to send to the scraper.
@@ -789,6 +924,7 @@ pub fn render(merged: &Snapshot, domains: &[DomainGauge], info: &ServerInfo<'_>)
             );
         }
     }
+    render_store(&mut out, &s.store);
     out
 }
 

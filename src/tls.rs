@@ -80,7 +80,7 @@ pub fn ensure_self_signed(
         generate().map_err(|e| TlsError::new(&cert, TlsErrorKind::Generate(e)))?;
 
     write_file(&key, key_pem.as_bytes(), 0o600)?;
-    write_file(&cert, cert_pem.as_bytes(), 0o644)?;
+    write_file(&cert, cert_pem.as_bytes(), 0o600)?;
     File::open(&dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| TlsError::io(&dir, "cannot sync the directory", e))?;

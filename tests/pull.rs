@@ -808,9 +808,17 @@ struct SmtpSink {
 }
 
 impl SmtpSink {
-    fn start(dir: &Path, lmtp: bool) -> SmtpSink {
+    fn start(lmtp: bool) -> SmtpSink {
         use std::os::unix::fs::PermissionsExt;
-        let dump = dir.join("dump");
+        // Outside the provider's data directory (kept 0700): smtp-sink writes as nobody.
+        let dump = std::env::temp_dir().join(format!(
+            "turnpike-sink-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
         std::fs::create_dir_all(&dump).unwrap();
         // smtp-sink drops root privileges to nobody, who must be able to write the dumps.
         std::fs::set_permissions(&dump, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -857,6 +865,7 @@ impl Drop for SmtpSink {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dump);
     }
 }
 
@@ -868,7 +877,7 @@ fn smtp_and_lmtp_targets_through_turnpike_pull_with_postfix_smtp_sink() {
     let server = TestServer::start("", &[("office", &["office.test"])]);
     for (n, lmtp) in [false, true].into_iter().enumerate() {
         let dir = scratch(&server, &format!("customer-{n}"));
-        let sink = SmtpSink::start(&dir, lmtp);
+        let sink = SmtpSink::start(lmtp);
         let body = format!(
             "Subject: via {}\r\n\r\nline one\r\n",
             if lmtp { "LMTP" } else { "SMTP" }

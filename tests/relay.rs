@@ -380,7 +380,11 @@ impl SmtpSink {
     /// `smtp-sink` on 127.0.0.1:0, dumping each message into its own file; `extra` adds options
     /// (e.g. `-f RCPT` to refuse recipients).
     fn start(dir: &Path, extra: &[&str]) -> SmtpSink {
-        let dump = dir.join("sink");
+        // Beside the data directory, not in it: the server keeps that one 0700, and smtp-sink
+        // writes as nobody.
+        let mut name = dir.file_name().unwrap().to_os_string();
+        name.push("-sink");
+        let dump = dir.with_file_name(name);
         std::fs::create_dir_all(&dump).unwrap();
         // smtp-sink drops root for -u nobody; let that user write the dumps.
         std::fs::set_permissions(&dump, std::os::unix::fs::PermissionsExt::from_mode(0o777))
@@ -418,6 +422,7 @@ impl Drop for SmtpSink {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dump);
     }
 }
 

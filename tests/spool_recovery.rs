@@ -1,6 +1,11 @@
 //! Corrupt-journal fixtures: a journal written by the real writer, then truncated at every
 //! offset, flipped at every byte and followed by garbage. Recovery must never panic, never
-//! return a half message, and must return every record written completely before the damage.
+//! return a half message, must return every record written completely before the damage, and
+//! resynchronises after it: every record after a damaged one that proves itself (both
+//! checksums) is recovered too. A message whose body alone is damaged is kept (it was
+//! acknowledged) and reported for quarantine, unless it is the torn tail. A damaged DONE
+//! brings its part back (at-least-once). A segment the manifest lists but that is gone is
+//! reported with the parts it held.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -208,7 +213,20 @@ impl Fixture {
 /// Recovers `dir` and checks it against the model: exactly the expected parts, and every
 /// returned part's body readable byte-identically from the (damaged) file.
 fn check(dir: &Path, fx: &Fixture, keep: impl Fn(&Location) -> bool, what: &str) -> usize {
+    check_damaged(dir, fx, keep, &[], what)
+}
+
+/// [`check`], where the messages `damaged` are held with a damaged body: reported for
+/// quarantine, and their bodies not compared.
+fn check_damaged(
+    dir: &Path,
+    fx: &Fixture,
+    keep: impl Fn(&Location) -> bool,
+    damaged: &[MessageId],
+    what: &str,
+) -> usize {
     let rec = recover(dir).unwrap_or_else(|e| panic!("{what}: recovery failed: {e}"));
+    assert_eq!(rec.damaged, damaged, "{what}: messages reported damaged");
     let got: BTreeMap<_, _> = rec
         .parts
         .into_iter()
@@ -216,7 +234,7 @@ fn check(dir: &Path, fx: &Fixture, keep: impl Fn(&Location) -> bool, what: &str)
         .collect();
     let want = fx.expected(keep);
     assert_eq!(got, want, "{what}");
-    for p in got.values() {
+    for p in got.values().filter(|p| !damaged.contains(&p.id)) {
         let path = segment_path(dir, 0, p.location.seq);
         let bytes = std::fs::read(&path).unwrap();
         let l = p.location;
@@ -266,31 +284,137 @@ fn truncation_at_every_offset_keeps_exactly_the_complete_records() {
 }
 
 #[test]
-fn a_flipped_byte_anywhere_drops_that_record_and_everything_after() {
+fn a_flipped_byte_anywhere_costs_that_record_only() {
     let src = temp_dir("spool-fx-src");
     let fx = Fixture::build(&src, 1 << 20);
     let seq = fx.records[0].0.seq;
     let orig = std::fs::read(segment_path(&src, 0, seq)).unwrap();
     let dir = temp_dir("spool-fx-flip");
     std::fs::create_dir_all(segment_path(&dir, 0, seq).parent().unwrap()).unwrap();
+    let last = fx.records.last().unwrap().0;
     for i in 0..orig.len() {
         for mask in [0x01u8, 0xff] {
             let mut bad = orig.clone();
             bad[i] ^= mask;
             std::fs::write(segment_path(&dir, 0, seq), &bad).unwrap();
             let i = i as u64;
-            // A damaged segment header loses the whole (newest) segment.
-            let damage = check(
-                &dir,
-                &fx,
-                |l| i >= 32 && l.offset + l.len <= i,
-                &format!("flip {mask:#x} at {i}"),
-            );
-            assert_eq!(damage, 1, "flip at {i} reported");
+            let what = format!("flip {mask:#x} at {i}");
+            // The record the byte belongs to (none: the segment header).
+            let hit = fx
+                .records
+                .iter()
+                .find(|(l, _)| l.offset <= i && i < l.offset + l.len);
+            let damage = match hit {
+                // A damaged segment header: every record proves itself and is kept.
+                None => check(&dir, &fx, |_| true, &what),
+                // In a message body: the message is held (its head is intact) and, while it
+                // is live, reported damaged, since intact records follow it.
+                Some((l, Effect::Msg { id, .. })) if i >= l.body_offset => {
+                    assert_ne!(*l, last, "the fixture ends with a DONE");
+                    let live = fx.expected(|_| true).keys().any(|(m, _)| m == id);
+                    let damaged: &[MessageId] = if live { &[*id] } else { &[] };
+                    check_damaged(&dir, &fx, |_| true, damaged, &what)
+                }
+                // In a record head: that record alone is lost (a DONE's part is held again).
+                Some((l, e)) => {
+                    let rec = recover(&dir).unwrap();
+                    if matches!(e, Effect::Done { .. }) && i > l.offset {
+                        assert_eq!(rec.damage[0].kind, Some("DONE"), "{what}");
+                    }
+                    let l = *l;
+                    check(&dir, &fx, |x| *x != l, &what)
+                }
+            };
+            assert_eq!(damage, 1, "{what}: reported once");
         }
     }
     std::fs::remove_dir_all(src).unwrap();
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_torn_last_message_is_dropped_but_a_damaged_earlier_one_is_kept() {
+    let dir = temp_dir("spool-fx-torn");
+    let (ids, locs) = run_local(async {
+        let cfg = JournalConfig {
+            preallocate: false,
+            ..JournalConfig::new(&dir, 0, IoKind::Epoll)
+        };
+        let j = JournalHandle::open(cfg, DirRecovery::empty(0))
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        let mut locs = Vec::new();
+        for k in 1..=3u64 {
+            let id = MessageId::new(1_700_000_000_000, 0, k);
+            let loc = j
+                .append_message(id, 1, &envelope(&["a@x.example"]), &body(k, 400))
+                .await
+                .unwrap();
+            ids.push(id);
+            locs.push(loc);
+        }
+        j.close().await;
+        (ids, locs)
+    });
+    let path = segment_path(&dir, 0, locs[0].seq);
+    let orig = std::fs::read(&path).unwrap();
+    // The last message's body, as a crash mid-write leaves it: never acknowledged.
+    let mut bad = orig.clone();
+    bad[locs[2].body_offset as usize + 5] ^= 0x01;
+    std::fs::write(&path, &bad).unwrap();
+    let rec = recover(&dir).unwrap();
+    let mut held: Vec<MessageId> = rec.parts.iter().map(|p| p.id).collect();
+    held.sort();
+    assert_eq!(held, ids[..2], "the torn tail is not held");
+    assert!(rec.damaged.is_empty());
+    assert_eq!(rec.damage.len(), 1);
+    assert_eq!(rec.damage[0].offset, locs[2].offset);
+    // The same damage in the middle: the message was written whole once, then rotted.
+    let mut bad = orig.clone();
+    bad[locs[1].body_offset as usize + 5] ^= 0x01;
+    std::fs::write(&path, &bad).unwrap();
+    let rec = recover(&dir).unwrap();
+    let mut held: Vec<MessageId> = rec.parts.iter().map(|p| p.id).collect();
+    held.sort();
+    assert_eq!(held, ids, "kept");
+    assert_eq!(rec.damaged, [ids[1]], "and reported for quarantine");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_missing_segment_is_reported_with_the_parts_it_held() {
+    let src = temp_dir("spool-fx-missing");
+    let fx = Fixture::build(&src, 2048);
+    let seqs: Vec<u64> = {
+        let mut s: Vec<u64> = fx.records.iter().map(|(l, _)| l.seq).collect();
+        s.dedup();
+        s
+    };
+    assert!(seqs.len() >= 3, "{seqs:?}");
+    let before = recover(&src).unwrap();
+    assert!(before.missing.is_empty());
+    let gone = seqs[1];
+    let live_there = before
+        .parts
+        .iter()
+        .filter(|p| p.location.seq == gone)
+        .count() as u64;
+    assert!(live_there > 0);
+    std::fs::remove_file(segment_path(&src, 0, gone)).unwrap();
+    let rec = recover(&src).unwrap();
+    assert_eq!(rec.missing.len(), 1, "{:?}", rec.missing);
+    assert_eq!(rec.missing[0].seq, gone);
+    assert!(
+        rec.missing[0].live_parts >= live_there,
+        "{:?} vs {live_there}",
+        rec.missing[0]
+    );
+    assert!(rec.parts.iter().all(|p| p.location.seq != gone));
+    // Its number is never used again.
+    let mut rec = rec;
+    assert!(rec.take_dir(0).next_seq() > *seqs.last().unwrap());
+    std::fs::remove_dir_all(src).unwrap();
 }
 
 #[test]
@@ -373,13 +497,22 @@ fn damage_in_an_older_segment_spares_the_newer_ones() {
     );
     assert_eq!(damage, 1);
 
-    // A broken header of an older segment skips that segment only; the file stays.
+    // A broken header of an older segment costs nothing that can be proven intact: its
+    // records pass both checksums and are kept; the damage is reported.
     let mut bad = orig.clone();
     bad[3] ^= 0xff;
     std::fs::write(&path, &bad).unwrap();
-    let damage = check(&src, &fx, |l| l.seq != first, "older segment header");
+    let damage = check(&src, &fx, |_| true, "older segment header");
     assert_eq!(damage, 1);
     assert!(path.exists());
+    // A damaged record head in an older segment: that record is lost, recovery resyncs and
+    // keeps every later record of the segment.
+    let mut bad = orig.clone();
+    let hit = in_first[0];
+    bad[(hit.offset + 30) as usize] ^= 0x01;
+    std::fs::write(&path, &bad).unwrap();
+    let damage = check(&src, &fx, |l| *l != hit, "older segment record head");
+    assert_eq!(damage, 1);
     std::fs::write(&path, &orig).unwrap();
 
     // Bodies of older segments are not read by recovery; the reader's checksum catches a

@@ -137,6 +137,10 @@ pub trait Sink {
     fn check_recipient(&self, _rcpt: &Mailbox) -> RcptVerdict {
         RcptVerdict::Accept
     }
+
+    /// The provider answered ATRN with `code` after `waited` (for load generators that
+    /// measure it). Default: nothing.
+    fn atrn_answered(&mut self, _code: u16, _waited: Duration) {}
 }
 
 /// Why a session ended without receiving.
@@ -262,8 +266,10 @@ pub async fn run_with_outbox(
         let list: Vec<&str> = cfg.domains.iter().map(|d| d.as_str()).collect();
         format!("ATRN {}", list.join(","))
     };
+    let asked = std::time::Instant::now();
     c.send(&atrn).await?;
     let (code, text) = c.reply(cfg.atrn_timeout).await?;
+    sink.atrn_answered(code, asked.elapsed());
     if code != 250 {
         let _ = c.send("QUIT").await;
         return Err(SessionError::AtrnRefused { code, text });

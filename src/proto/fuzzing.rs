@@ -283,6 +283,7 @@ fn inbound_in(data: &[u8], mode: Mode) {
                 acted = true;
                 match action {
                     Action::StoreChunk(bytes) => {
+                        assert!(m.receiving().is_some(), "a chunk outside a message");
                         let c = chunk.expect("chunks only when configured");
                         assert!(bytes.len() >= c && bytes.len() <= c + piece, "chunk size");
                         stored.extend_from_slice(&bytes);

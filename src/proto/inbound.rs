@@ -692,10 +692,13 @@ impl Inbound {
                 }
                 Phase::ReadingData { txn, scanner } => {
                     let take = txn.intake(rest.len(), self.cfg.body_chunk);
-                    let progress = scanner.feed(&rest[..take], &mut txn.body);
-                    self.body_taken();
-                    match progress {
-                        Progress::NeedMore => pos += take,
+                    // A chunk goes out only while the message goes on, so that the driver
+                    // always meets it with the transaction open ([`Inbound::receiving`]).
+                    match scanner.feed(&rest[..take], &mut txn.body) {
+                        Progress::NeedMore => {
+                            pos += take;
+                            self.body_taken();
+                        }
                         Progress::Finished { consumed } => {
                             pos += consumed;
                             self.end_of_data();
@@ -720,7 +723,10 @@ impl Inbound {
                     *remaining -= n as u64;
                     pos += n;
                     let done = *remaining == 0;
-                    self.body_taken();
+                    let last = matches!(self.phase, Phase::ReadingBdat { last: true, .. });
+                    if !(done && last) {
+                        self.body_taken();
+                    }
                     if done {
                         self.end_of_chunk();
                     }
@@ -758,6 +764,19 @@ impl Inbound {
     #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// The message being received, without its body: what [`Action::Deliver`] will carry
+    /// (envelope, HELO name, "with" type, account), for a driver that starts storing it at the
+    /// first [`Action::StoreChunk`] (whenever one is polled, this is `Some`). `None` outside a
+    /// mail transaction.
+    pub fn receiving(&self) -> Option<Incoming> {
+        let txn = match &self.phase {
+            Phase::AwaitRcpt(txn) | Phase::ReadingData { txn, .. } => txn,
+            Phase::ReadingBdat { txn: Some(txn), .. } => txn,
+            _ => return None,
+        };
+        Some(self.incoming(txn.envelope.clone(), Vec::new()))
     }
 
     /// Gives a written [`Action::StoreChunk`] buffer back, so the next chunk needs no new
@@ -1463,23 +1482,29 @@ impl Inbound {
             self.reply(r);
             return self.check_limits();
         }
-        let protocol = Protocol {
-            esmtp: self.session.esmtp,
-            tls: self.session.tls,
-            auth: self.session.account.is_some(),
-            utf8: txn.envelope.smtputf8,
-        };
         let Transaction { envelope, body, .. } = txn;
         self.phase = Phase::AwaitStored;
         // The delivery completes the chunks handed out so far.
         self.streaming = false;
-        self.actions.push_back(Action::Deliver(Incoming {
+        let incoming = self.incoming(envelope, body);
+        self.actions.push_back(Action::Deliver(incoming));
+    }
+
+    /// An [`Incoming`] of this session.
+    fn incoming(&self, envelope: Envelope, body: Vec<u8>) -> Incoming {
+        let protocol = Protocol {
+            esmtp: self.session.esmtp,
+            tls: self.session.tls,
+            auth: self.session.account.is_some(),
+            utf8: envelope.smtputf8,
+        };
+        Incoming {
             envelope,
             body,
             helo: self.session.helo.clone().unwrap_or_default(),
             protocol: protocol.with_type(),
             account: self.session.account.clone(),
-        }));
+        }
     }
 
     fn starttls(&mut self) {
@@ -1868,6 +1893,7 @@ mod tests {
                         acted = true;
                         match action {
                             Action::StoreChunk(bytes) => {
+                                assert!(m.receiving().is_some(), "a chunk outside a message");
                                 let c = chunk.expect("chunks only when configured");
                                 // A held-back CR and its follower may come out together.
                                 assert!(
@@ -2303,6 +2329,9 @@ mod tests {
                     match a {
                         Action::StoreChunk(bytes) => {
                             chunks += 1;
+                            let r = m.receiving().expect("a message is being received");
+                            assert_eq!((r.helo.as_str(), r.protocol), ("c", "ESMTP"));
+                            assert_eq!(r.envelope.recipients[0].mailbox.local, "u");
                             got.log.push(("chunk", consumed, bytes.len()));
                             if abandon_after.is_some_and(|k| chunks > k) {
                                 stored.clear();
@@ -2526,7 +2555,8 @@ mod tests {
     #[test]
     fn chunks_of_a_transaction_that_ends_undelivered_are_discarded_first() {
         // RSET between BDAT chunks, then a new transaction: its chunks must not be appended
-        // to the old ones. And a session closing mid-DATA discards before it closes.
+        // to the old ones (its last 100 bytes come as the delivery's tail: a chunk goes out
+        // only while the message goes on). A session closing mid-DATA discards first.
         let mut input =
             b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.org>\r\nBDAT 300\r\n".to_vec();
         input.extend_from_slice(&lines(30));
@@ -2549,8 +2579,8 @@ mod tests {
             assert_eq!(
                 kinds,
                 [
-                    "chunk", "chunk", "chunk", "discard", "chunk", "chunk", "chunk", "deliver",
-                    "chunk", "chunk", "chunk"
+                    "chunk", "chunk", "chunk", "discard", "chunk", "chunk", "deliver", "chunk",
+                    "chunk", "chunk"
                 ],
                 "piece {piece}"
             );
@@ -3310,13 +3340,6 @@ mod tests {
 
     #[test]
     fn odmr_cram_md5_and_scram_plus_exchanges() {
-        use sha2::{Digest, Sha256};
-        let hmac = |key: &[u8], data: &[u8]| -> [u8; 32] {
-            use hmac::Mac;
-            let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).unwrap();
-            mac.update(data);
-            mac.finalize().into_bytes().into()
-        };
         let enc = |b: &[u8]| {
             use base64::Engine;
             base64::engine::general_purpose::STANDARD.encode(b)
@@ -3333,16 +3356,9 @@ mod tests {
         cbind.extend_from_slice(&[0xab; 32]);
         let without_proof = format!("c={},r=cnonce{}", enc(&cbind), enc(&r2));
         let auth_message = format!("{bare},{server_first},{without_proof}");
-        let mut salted = [0u8; 32];
-        pbkdf2::pbkdf2_hmac::<Sha256>(b"pencil", b"salt", 16, &mut salted);
-        let client_key = hmac(&salted, b"Client Key");
-        let signature = hmac(&Sha256::digest(client_key), auth_message.as_bytes());
-        let proof: Vec<u8> = client_key
-            .iter()
-            .zip(signature)
-            .map(|(k, s)| k ^ s)
-            .collect();
-        let server_signature = hmac(&hmac(&salted, b"Server Key"), auth_message.as_bytes());
+        let keys = sasl::scram::ClientKeys::derive(b"pencil", b"salt", 16);
+        let proof = keys.client_proof(auth_message.as_bytes());
+        let server_signature = keys.server_signature(auth_message.as_bytes());
         let run = check_in(
             &odmr_setup(true, false),
             &odmr_session(&format!(

@@ -8,25 +8,32 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::metrics;
-use crate::proto::inbound::{Directory, InboundConfig, Incoming, RcptVerdict};
+use crate::proto::inbound::{Directory, InboundConfig, RcptVerdict};
 use crate::proto::reply::Reply;
-use crate::proto::trace;
 use crate::runtime::limiter::Limiter;
 use crate::runtime::mesh::Mesh;
 use crate::runtime::IoKind;
 use crate::spool;
-use crate::types::{BodyType, DomainName, Envelope, Mailbox, MessageId};
+use crate::types::{DomainName, Envelope, Mailbox, MessageId};
 
 use super::hosted::{CounterTable, Hosted};
 use super::report;
 use crate::proto::reply::EnhancedStatus;
+
+/// How long reclaim waits for the shard cores to apply relocations.
+const RELOCATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often journals short of disk space are reclaimed.
+const SPACE_RECLAIM: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a DONE may wait for the disk before its part leaves the index anyway.
+const DONE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Work one core sends another.
 pub enum MeshMsg {
@@ -57,6 +64,8 @@ pub enum MeshMsg {
         domain: DomainName,
         /// The new copy.
         location: spool::Location,
+        /// Dropped once the index points at the copy: then the old segment may go.
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
     },
     /// To a shard core: lease these domains (all on this shard) for ATRN session `session`
     /// and return their held parts; all or nothing.
@@ -142,6 +151,30 @@ pub enum MeshMsg {
     Metrics(std::sync::mpsc::Sender<(metrics::Snapshot, Vec<metrics::DomainGauge>)>),
     /// A snapshot of the queue for the control socket.
     Query(Query, std::sync::mpsc::Sender<QueryAnswer>),
+    /// To the shard core: the stored copy of this part is damaged or gone; quarantine it.
+    Quarantine {
+        /// The message.
+        id: MessageId,
+        /// The part.
+        domain: DomainName,
+        /// What was found.
+        reason: String,
+    },
+    /// The operator's request about one message, to every core (each acts on its shard);
+    /// answered with the number of parts it finished.
+    Operator {
+        /// The message.
+        id: MessageId,
+        /// Bounce or delete.
+        op: super::quarantine::Operation,
+        /// Which parts.
+        scope: super::quarantine::Scope,
+        /// Where the count goes.
+        reply: std::sync::mpsc::Sender<usize>,
+    },
+    /// The operator asks for reclaim now: delete dead segments and compact, in this core's
+    /// journals; answered with (segments deleted, segments compacted, messages moved).
+    Reclaim(std::sync::mpsc::Sender<(usize, usize, usize)>),
     /// New hosted-domain snapshot after a reload.
     Reload(Arc<Hosted>),
     /// An operator's request to this core's outbound relay.
@@ -166,6 +199,10 @@ pub enum Query {
     Summary,
     /// The held parts of one domain (only its shard core answers with data).
     Domain(DomainName),
+    /// The state of this core's journal writers (disk full, poisoned).
+    Storage,
+    /// The quarantined parts of this core's shard.
+    Quarantined,
 }
 
 /// A core's answer to a [`Query`].
@@ -174,6 +211,10 @@ pub enum QueryAnswer {
     Summary(Vec<(DomainName, spool::DomainStats)>),
     /// The parts of one domain.
     Domain(Vec<spool::HeldPart>),
+    /// This core's journal writers.
+    Storage(Vec<spool::JournalStatus>),
+    /// Quarantined parts.
+    Quarantined(Vec<spool::Quarantined>),
 }
 
 /// State shared by all cores, read-only after start.
@@ -201,6 +242,8 @@ pub struct Shared {
     pub sessions: std::sync::atomic::AtomicU64,
     /// Per-account submission counts for the `[submission]` rate limits (all cores).
     pub submit_rates: std::sync::Mutex<super::submit::Rates>,
+    /// Segments that sessions read from: the journals delete none of them.
+    pub pins: Arc<spool::SegmentPins>,
 }
 
 impl Shared {
@@ -254,6 +297,8 @@ pub struct Core {
     leases: RefCell<HashMap<DomainName, u64>>,
     /// Lingering sessions: where newly held parts of their leased domains go.
     pushes: RefCell<HashMap<u64, tokio::sync::mpsc::UnboundedSender<spool::HeldPart>>>,
+    /// Per ATRN session: the segments its parts are in, pinned until its leases end.
+    lease_pins: RefCell<HashMap<u64, Vec<spool::PinGuard>>>,
     /// Failed-login throttle for sessions on this core.
     pub throttle: RefCell<crate::proto::throttle::Throttle>,
     /// This core's counters and latency histograms.
@@ -292,6 +337,7 @@ impl Core {
             next_seq: Cell::new(u64::from_le_bytes(seed) >> 16),
             leases: RefCell::new(HashMap::new()),
             pushes: RefCell::new(HashMap::new()),
+            lease_pins: RefCell::new(HashMap::new()),
             expiring: RefCell::new(Default::default()),
             metrics: RefCell::new(metrics::CoreMetrics::new()),
             throttle: RefCell::new(throttle),
@@ -317,6 +363,11 @@ impl Core {
         }
     }
 
+    /// This core's journal writer and the ones it adopted.
+    pub fn journals(&self) -> impl Iterator<Item = &spool::JournalHandle> {
+        std::iter::once(&self.journal).chain(self.adopted.values())
+    }
+
     /// `domains` grouped by the core that shards each one.
     pub fn by_shard(
         &self,
@@ -334,7 +385,8 @@ impl Core {
         (domain.shard_hash() % self.shared.mesh.cores() as u64) as usize
     }
 
-    fn new_id(&self, now_ms: u64) -> MessageId {
+    /// A fresh message id of this core.
+    pub(crate) fn new_id(&self, now_ms: u64) -> MessageId {
         let seq = self.next_seq.get();
         self.next_seq.set(seq.wrapping_add(1));
         MessageId::new(now_ms, self.index as u16, seq)
@@ -356,52 +408,22 @@ impl Core {
             chunking: true,
             smtputf8: true,
             pipelining: true,
-            body_chunk: None,
+            body_chunk: Some(super::ingest::BODY_CHUNK),
         }
     }
 
-    /// Writes an accepted message to this core's journal (returns after fdatasync), then
-    /// hands each domain part to its shard core. The result feeds `Inbound::stored`.
-    pub async fn store(&self, mut incoming: Incoming, peer: SocketAddr) -> Result<String, Reply> {
-        // Record what the body really is: 8-bit content sent without BODY=8BITMIME is stored
-        // as 8BITMIME, so the reversal never sends it to a customer without 8BITMIME.
-        if incoming.envelope.body == BodyType::SevenBit && !incoming.body.is_ascii() {
-            incoming.envelope.body = BodyType::EightBitMime;
-        }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let id = self.new_id(now.as_millis() as u64);
-        let received = trace::received(&trace::Trace {
-            host: self.shared.config.server.hostname.as_str(),
-            helo: &incoming.helo,
-            peer_ip: &peer.ip().to_string(),
-            protocol: incoming.protocol,
-            recipient: single_recipient(&incoming),
-            id: &id.to_string(),
-            account: incoming.account.as_deref(),
-            unix_secs: now.as_secs(),
-        });
-        let mut body = Vec::with_capacity(received.len() + incoming.body.len());
-        body.extend_from_slice(received.as_bytes());
-        body.extend_from_slice(&incoming.body);
-        drop(incoming.body);
-        match self.hold(id, now.as_secs(), &incoming.envelope, body).await {
-            Ok(()) => {
-                let sender = incoming.envelope.sender.as_ref().map(|m| m.to_string());
-                let rcpts = incoming.envelope.recipients.len();
-                tracing::info!(%id, %peer, ?sender, rcpts, "held");
-                Ok(id.to_string())
-            }
-            Err(e) => {
-                tracing::error!(%id, %peer, error = %e, "journal append failed; answering 451");
-                Err(Reply::with_status(
-                    451,
-                    (4, 3, 0),
-                    "Temporary storage failure, try again later",
-                ))
-            }
-        }
+    /// The refusal for new mail while this core's journal cannot take it (the disk is full,
+    /// or the writer is poisoned), checked at RCPT so the client learns it before DATA.
+    pub fn storage_refusal(&self) -> Option<Reply> {
+        let err = if self.journal.is_poisoned() {
+            spool::Error::Poisoned
+        } else if self.journal.short_of_space() {
+            self.metrics.borrow_mut().store_mut().storage_refused += 1;
+            spool::Error::NoSpace { op: "RCPT" }
+        } else {
+            return None;
+        };
+        Some(storage_reply(&err))
     }
 
     /// Stores a message this server wrote itself (a delivery report) through the same durable
@@ -435,6 +457,20 @@ impl Core {
             .append_message(id, received_at, env, &body)
             .await?;
         drop(body);
+        self.announce_held(id, received_at, env, location, started);
+        Ok(())
+    }
+
+    /// A message is durable in this core's journal at `location` (appended since
+    /// `started`): counts it and indexes each domain part on its shard core.
+    pub(crate) fn announce_held(
+        &self,
+        id: MessageId,
+        received_at: u64,
+        env: &Envelope,
+        location: spool::Location,
+        started: std::time::Instant,
+    ) {
         let mut m = self.metrics.borrow_mut();
         m.message_held(location.body_len);
         m.record_accept(started.elapsed());
@@ -443,7 +479,6 @@ impl Core {
             let shard = self.shard_of(&part.domain);
             self.shared.mesh.send(shard, MeshMsg::Held(part));
         }
-        Ok(())
     }
 
     /// Applies mesh messages for this core until shutdown.
@@ -457,8 +492,11 @@ impl Core {
                         .or_insert_with(|| self.shared.counters.counters(&part.domain));
                     c.add(part.bytes);
                     let session = self.leases.borrow().get(&part.domain).copied();
-                    if let Some(push) = session.and_then(|s| self.pushes.borrow().get(&s).cloned())
+                    if let Some((s, push)) =
+                        session.and_then(|s| Some((s, self.pushes.borrow().get(&s).cloned()?)))
                     {
+                        let pin = self.shared.pins.hold([&part.location]);
+                        self.lease_pins.borrow_mut().entry(s).or_default().push(pin);
                         let _ = push.send(part.clone());
                     }
                     if crate::relay::is_outbound(&self, &part.domain) {
@@ -482,10 +520,12 @@ impl Core {
                     id,
                     domain,
                     location,
+                    ack,
                 } => {
                     self.index_shard
                         .borrow_mut()
                         .relocate(id, &domain, location);
+                    drop(ack);
                 }
                 MeshMsg::Lease {
                     session,
@@ -501,6 +541,7 @@ impl Core {
                 }
                 MeshMsg::Release { session, domains } => {
                     self.pushes.borrow_mut().remove(&session);
+                    self.lease_pins.borrow_mut().remove(&session);
                     let mut leases = self.leases.borrow_mut();
                     for d in domains {
                         if leases.get(&d) == Some(&session) {
@@ -558,7 +599,14 @@ impl Core {
                         .deferred += 1;
                 }
                 MeshMsg::Metrics(reply) => {
-                    let _ = reply.send((self.metrics.borrow().snapshot(), self.domain_gauges()));
+                    let mut snapshot = self.metrics.borrow().snapshot();
+                    for j in self.journals() {
+                        snapshot.store.journals_short += u64::from(j.short_of_space());
+                        snapshot.store.journals_poisoned += u64::from(j.is_poisoned());
+                    }
+                    snapshot.store.quarantined =
+                        self.index_shard.borrow().quarantined().count() as u64;
+                    let _ = reply.send((snapshot, self.domain_gauges()));
                 }
                 MeshMsg::Retire {
                     id,
@@ -592,6 +640,12 @@ impl Core {
                     let answer = match q {
                         Query::Summary => QueryAnswer::Summary(idx.all_stats()),
                         Query::Domain(d) => QueryAnswer::Domain(idx.parts(&d).cloned().collect()),
+                        Query::Storage => {
+                            QueryAnswer::Storage(self.journals().map(|j| j.status()).collect())
+                        }
+                        Query::Quarantined => {
+                            QueryAnswer::Quarantined(super::quarantine::listing(&self))
+                        }
                     };
                     let _ = reply.send(answer);
                 }
@@ -605,6 +659,27 @@ impl Core {
                     self.relay.rescan();
                 }
                 MeshMsg::Relay(cmd) => crate::relay::handle(&self, cmd),
+                MeshMsg::Quarantine { id, domain, reason } => {
+                    super::quarantine::apply(&self, id, &domain, &reason);
+                }
+                MeshMsg::Operator {
+                    id,
+                    op,
+                    scope,
+                    reply,
+                } => {
+                    let core = self.clone();
+                    tokio::task::spawn_local(async move {
+                        let n = super::quarantine::operate(&core, id, op, scope).await;
+                        let _ = reply.send(n);
+                    });
+                }
+                MeshMsg::Reclaim(reply) => {
+                    let core = self.clone();
+                    tokio::task::spawn_local(async move {
+                        let _ = reply.send(core.reclaim_journals().await);
+                    });
+                }
                 MeshMsg::Shutdown => {
                     self.stopping.set(true);
                     self.shutdown.notify_waiters();
@@ -675,8 +750,19 @@ impl Core {
         let mut granted = Vec::with_capacity(domains.len());
         for d in domains {
             leases.insert(d.clone(), session);
-            granted.push((d.clone(), index.parts(d).cloned().collect()));
+            granted.push((d.clone(), index.parts(d).cloned().collect::<Vec<_>>()));
         }
+        // In the same step as the locations are handed out: compaction may move these
+        // messages during the session, but the segments it reads stay until it ends.
+        let locations = granted
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|p| &p.location));
+        let pin = self.shared.pins.hold(locations);
+        self.lease_pins
+            .borrow_mut()
+            .entry(session)
+            .or_default()
+            .push(pin);
         LeaseAnswer::Granted(granted)
     }
 
@@ -691,24 +777,35 @@ impl Core {
             tracing::error!(%id, core = self.index, "DONE routed to a core without its journal");
             return;
         };
-        match journal.append_done(id, &domain, outcome).await {
-            Ok(_) => {
-                let shard = self.shard_of(&domain);
-                self.shared.mesh.send(
-                    shard,
-                    MeshMsg::Retire {
-                        id,
-                        domain,
-                        outcome,
-                        ack,
-                    },
-                );
+        let shard = self.shard_of(&domain);
+        let retire = |ack| MeshMsg::Retire {
+            id,
+            domain: domain.clone(),
+            outcome,
+            ack,
+        };
+        let mut ack = Some(ack);
+        let durable = journal.append_done(id, &domain, outcome);
+        tokio::pin!(durable);
+        let res = tokio::select! {
+            r = &mut durable => r,
+            _ = tokio::time::sleep(DONE_PATIENCE) => {
+                // The DONE waits for disk space. The customer has the message: take the part
+                // out of the index now, so the next ATRN does not send it again.
+                tracing::warn!(%id, %domain, "DONE waits for disk space; the part leaves the index now");
+                self.shared.mesh.send(shard, retire(ack.take().flatten()));
+                durable.await
             }
-            // The part stays held and is offered again at the next ATRN: a duplicate at
+        };
+        if let Err(e) = &res {
+            // The part is finished in this process (never offered again until a restart),
+            // but its record is not on disk: after a restart it is held again, a duplicate at
             // worst, never a loss.
-            Err(e) => {
-                tracing::error!(%id, %domain, error = %e, "could not record DONE; part stays held")
-            }
+            self.metrics.borrow_mut().store_mut().dones_unrecorded += 1;
+            tracing::error!(%id, %domain, error = %e, "could not record DONE; the part leaves the index but stays on disk and will be offered again after a restart");
+        }
+        if let Some(ack) = ack {
+            self.shared.mesh.send(shard, retire(ack));
         }
     }
 
@@ -724,23 +821,32 @@ impl Core {
             tracing::error!(%id, core = self.index, "SETTLE routed to a core without its journal");
             return;
         };
-        match journal.append_settle(id, &domain, &recipients).await {
-            Ok(_) => {
-                let shard = self.shard_of(&domain);
-                let indices = recipients.iter().map(|(i, _)| *i).collect();
-                let msg = MeshMsg::Settled {
-                    id,
-                    domain,
-                    indices,
-                    ack,
-                };
-                self.shared.mesh.send(shard, msg);
+        let shard = self.shard_of(&domain);
+        let settled = |ack| MeshMsg::Settled {
+            id,
+            domain: domain.clone(),
+            indices: recipients.iter().map(|(i, _)| *i).collect(),
+            ack,
+        };
+        let mut ack = Some(ack);
+        let durable = journal.append_settle(id, &domain, &recipients);
+        tokio::pin!(durable);
+        // As for a DONE: a SETTLE that waits for disk space, or fails, still narrows the part
+        // in this process, so the finished recipients are not sent again before a restart.
+        let res = tokio::select! {
+            r = &mut durable => r,
+            _ = tokio::time::sleep(DONE_PATIENCE) => {
+                tracing::warn!(%id, %domain, "SETTLE waits for disk space; the part is narrowed now");
+                self.shared.mesh.send(shard, settled(ack.take().flatten()));
+                durable.await
             }
-            // The recipients stay held and are offered again: a duplicate (or a second
-            // report) at worst, never a loss.
-            Err(e) => {
-                tracing::error!(%id, %domain, error = %e, "could not record SETTLE; recipients stay held")
-            }
+        };
+        if let Err(e) = &res {
+            self.metrics.borrow_mut().store_mut().dones_unrecorded += 1;
+            tracing::error!(%id, %domain, error = %e, "could not record SETTLE; the recipients leave the index but stay on disk and will be offered again after a restart");
+        }
+        if let Some(ack) = ack {
+            self.shared.mesh.send(shard, settled(ack));
         }
     }
 
@@ -802,9 +908,19 @@ impl Core {
     pub async fn run_maintenance(self: Rc<Self>, every: std::time::Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While a journal is short of space, deleting what deliveries finished is what brings
+        // new mail back: reclaim every second then, not at the slow pace.
+        let mut space_tick = tokio::time::interval(SPACE_RECLAIM);
+        space_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = space_tick.tick() => {
+                    if self.journals().any(|j| j.short_of_space()) {
+                        self.reclaim_journals().await;
+                    }
+                    continue;
+                }
                 _ = self.stopped() => return,
             }
             let now = SystemTime::now()
@@ -817,33 +933,122 @@ impl Core {
                     .mesh
                     .send(self.writer_of(part.id), MeshMsg::Expire(part));
             }
-            let journals = std::iter::once(&self.journal).chain(self.adopted.values());
-            for journal in journals {
-                match journal.reclaim().await {
-                    Ok(report) => {
-                        if !report.deleted.is_empty() || report.compacted.is_some() {
-                            tracing::info!(
-                                core = self.index,
-                                deleted = report.deleted.len(),
-                                compacted = ?report.compacted,
-                                moved = report.relocated.len(),
-                                "journal space reclaimed"
-                            );
-                        }
-                        for moved in report.relocated {
-                            for domain in moved.domains {
-                                let shard = self.shard_of(&domain);
-                                let msg = MeshMsg::Relocated {
-                                    id: moved.id,
-                                    domain,
-                                    location: moved.location,
-                                };
-                                self.shared.mesh.send(shard, msg);
-                            }
+            self.reclaim_journals().await;
+        }
+    }
+
+    /// Deletes dead segments and compacts, in this core's journals; tells the shard cores
+    /// where compaction moved their parts. Returns (deleted, compacted, moved).
+    async fn reclaim_journals(&self) -> (usize, usize, usize) {
+        let mut totals = (0, 0, 0);
+        for journal in self.journals() {
+            match journal.reclaim().await {
+                Ok(mut report) => {
+                    totals.0 += report.deleted.len();
+                    totals.1 += usize::from(report.compacted.is_some());
+                    totals.2 += report.relocated.len();
+                    for f in std::mem::take(&mut report.damaged) {
+                        super::quarantine::quarantine(self, f.id, f.domains, &f.reason);
+                    }
+                    if !report.deleted.is_empty() || report.compacted.is_some() {
+                        tracing::info!(
+                            core = self.index,
+                            deleted = report.deleted.len(),
+                            compacted = ?report.compacted,
+                            moved = report.relocated.len(),
+                            "journal space reclaimed"
+                        );
+                    }
+                    let mut applied = Vec::new();
+                    for moved in report.relocated {
+                        for domain in moved.domains {
+                            let shard = self.shard_of(&domain);
+                            let (ack, done) = tokio::sync::oneshot::channel();
+                            applied.push(done);
+                            let msg = MeshMsg::Relocated {
+                                id: moved.id,
+                                domain,
+                                location: moved.location,
+                                ack: Some(ack),
+                            };
+                            self.shared.mesh.send(shard, msg);
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(core = self.index, error = %e, "journal reclaim failed")
+                    // The compacted segment is deleted by a later reclaim, and only once every
+                    // shard hands out the new locations (sessions that got the old ones hold
+                    // pins on it).
+                    let all = async {
+                        for done in applied {
+                            let _ = done.await;
+                        }
+                    };
+                    if tokio::time::timeout(RELOCATE_TIMEOUT, all).await.is_err() {
+                        tracing::warn!(core = self.index, "shards slow to apply relocations");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(core = self.index, error = %e, "journal reclaim failed")
+                }
+            }
+        }
+        totals
+    }
+
+    /// The background scrub of this core's journals (see [`spool::Scrub`]): re-checks the
+    /// held mail of older segments at `spool.scrub_rate` bytes per second, quarantines what
+    /// fails, reports each pass in the log and the metrics, pauses `spool.scrub_interval`
+    /// between passes. The first pass starts a minute after start (sooner with a shorter
+    /// interval).
+    pub async fn run_scrub(self: Rc<Self>) {
+        let rate = self.shared.config.spool.scrub_rate;
+        if rate == 0 {
+            return;
+        }
+        let interval = self.shared.config.spool.scrub_interval;
+        // A quarter of a second's worth per step: reads stay small next to the sessions.
+        let budget = (rate / 4).max(64 << 10);
+        let mut pause = interval.min(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.stopped() => return,
+            }
+            pause = interval;
+            for journal in self.journals() {
+                let mut scrub = spool::Scrub::default();
+                loop {
+                    let step = journal.scrub_step(&mut scrub, budget).await;
+                    {
+                        let mut m = self.metrics.borrow_mut();
+                        let s = m.store_mut();
+                        s.scrub_bytes += step.bytes;
+                        s.scrub_damaged += step.damaged.len() as u64;
+                    }
+                    for f in step.damaged {
+                        super::quarantine::quarantine(&self, f.id, f.domains, &f.reason);
+                    }
+                    if let Some(pass) = step.pass_done {
+                        let now = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs();
+                        let mut m = self.metrics.borrow_mut();
+                        m.store_mut().scrub_passes += 1;
+                        m.store_mut().scrub_last_pass = Some(now);
+                        tracing::info!(
+                            core = self.index,
+                            journal = journal.status().core,
+                            messages = pass.messages,
+                            bytes = pass.bytes,
+                            damaged = pass.damaged,
+                            "journal scrub pass finished"
+                        );
+                        break;
+                    }
+                    let wait = std::time::Duration::from_secs_f64(step.bytes as f64 / rate as f64);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.stopped() => return,
                     }
                 }
             }
@@ -859,7 +1064,6 @@ impl Core {
     }
 }
 
-/// Sends a retirement acknowledgement when dropped, i.e. after the index was updated.
 /// The failed-login throttle's limits from `[odmr]`.
 fn throttle_config(o: &crate::config::OdmrSettings) -> crate::proto::throttle::ThrottleConfig {
     crate::proto::throttle::ThrottleConfig {
@@ -872,6 +1076,7 @@ fn throttle_config(o: &crate::config::OdmrSettings) -> crate::proto::throttle::T
     }
 }
 
+/// Sends a retirement acknowledgement when dropped, i.e. after the index was updated.
 struct AckOnDrop(Option<tokio::sync::oneshot::Sender<()>>);
 
 impl Drop for AckOnDrop {
@@ -897,15 +1102,25 @@ struct Activity {
     bounced: u64,
 }
 
-fn single_recipient(incoming: &Incoming) -> Option<&Mailbox> {
-    match incoming.envelope.recipients.as_slice() {
-        [one] => Some(&one.mailbox),
-        _ => None,
+/// The SMTP reply for a journal append that failed: a full disk is `452 4.3.1` (RFC 3463:
+/// mail system full), anything else `451 4.3.0`.
+pub fn storage_reply(e: &spool::Error) -> Reply {
+    if e.is_no_space() {
+        Reply::with_status(
+            452,
+            (4, 3, 1),
+            "Insufficient system storage, try again later",
+        )
+    } else {
+        Reply::with_status(451, (4, 3, 0), "Temporary storage failure, try again later")
     }
 }
 
 impl Directory for Core {
     fn check_rcpt(&self, rcpt: &Mailbox, declared_size: Option<u64>) -> RcptVerdict {
+        if let Some(refusal) = self.storage_refusal() {
+            return RcptVerdict::Reject(refusal);
+        }
         let Ok(domain) = DomainName::parse(&rcpt.domain) else {
             return RcptVerdict::Reject(relay_refused(&rcpt.domain));
         };
@@ -954,6 +1169,9 @@ impl Directory for Core {
         accepted: usize,
         declared_size: Option<u64>,
     ) -> RcptVerdict {
+        if let Some(refusal) = self.storage_refusal() {
+            return RcptVerdict::Reject(refusal);
+        }
         super::submit::check_rcpt(self, account, rcpt, accepted, declared_size)
     }
 }

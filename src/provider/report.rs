@@ -35,10 +35,10 @@ pub async fn queue_failure(
     envelope: &Envelope,
     failures: &[Failure],
 ) -> bool {
-    let Some(sender) = envelope.sender.as_ref() else {
+    if envelope.sender.is_none() {
         tracing::info!(%id, "failed mail from the null sender: no report (never bounce a bounce)");
         return true;
-    };
+    }
     let ret = dsn::default_ret(envelope.ret);
     let original = match read_original(core, location, ret).await {
         Ok(b) => b,
@@ -47,6 +47,24 @@ pub async fn queue_failure(
             Vec::new()
         }
     };
+    queue_report(core, id, received_at, envelope, failures, original).await
+}
+
+/// [`queue_failure`] with the returned content given (empty: none, e.g. when the stored copy
+/// is damaged).
+pub async fn queue_report(
+    core: &Core,
+    id: MessageId,
+    received_at: u64,
+    envelope: &Envelope,
+    failures: &[Failure],
+    original: Vec<u8>,
+) -> bool {
+    let Some(sender) = envelope.sender.as_ref() else {
+        tracing::info!(%id, "failed mail from the null sender: no report (never bounce a bounce)");
+        return true;
+    };
+    let ret = dsn::default_ret(envelope.ret);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();

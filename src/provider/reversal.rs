@@ -90,6 +90,8 @@ pub struct Summary {
     pub deferred: u64,
     /// Messages bounced (report queued to the sender).
     pub bounced: u64,
+    /// Messages skipped because their stored copy is damaged (quarantined).
+    pub quarantined: u64,
 }
 
 /// Delivers the leased domains' mail over `conn`, then returns (leases are released by the
@@ -128,57 +130,68 @@ pub async fn run(
         while let Some(action) = machine.poll_action() {
             match action {
                 Action::NeedMessage => {
-                    if loaded.is_empty() && !ending {
-                        load_ahead(core, &mut queue, &mut loaded).await;
-                    }
-                    let next = match loaded.pop_front() {
-                        Some(l) if !ending => Some(l),
-                        // Messages in flight: let them settle first (the machine asks again).
-                        _ if machine.in_flight() > 0 => {
-                            machine.no_more();
-                            None
+                    // A message whose stored copy is damaged is quarantined and skipped: the
+                    // drain goes on with the next one.
+                    let next = loop {
+                        if loaded.is_empty() && !ending {
+                            load_ahead(core, &mut queue, &mut loaded).await;
                         }
-                        _ if ending => {
-                            wait_retired(std::mem::take(&mut retiring)).await;
-                            machine.no_more();
-                            None
-                        }
-                        // Push mode: wait for new mail for the leased domains, keeping the
-                        // session alive with NOOP, until linger_max.
-                        _ => match leases.pushed.as_mut() {
-                            None => {
-                                // Everything delivered is retired before our QUIT, so the
-                                // customer's next ATRN finds neither the parts nor (after
-                                // the 221) the leases.
+                        let next = match loaded.pop_front() {
+                            Some(l) if !ending => Some(l),
+                            // Messages in flight: let them settle first (the machine asks again).
+                            _ if machine.in_flight() > 0 => {
+                                machine.no_more();
+                                None
+                            }
+                            _ if ending => {
                                 wait_retired(std::mem::take(&mut retiring)).await;
                                 machine.no_more();
                                 None
                             }
-                            Some(pushed) => {
-                                let keepalive = odmr.linger_keepalive;
-                                match linger(pushed, keepalive, linger_until).await {
-                                    Lingered::Mail(part) => {
-                                        let q = Queued {
-                                            id: part.id,
-                                            location: part.location,
-                                            received_at: part.received_at,
-                                            parts: vec![*part],
-                                        };
-                                        let l = load(core, &q).await;
-                                        Some((q, l))
-                                    }
-                                    Lingered::Keepalive => {
-                                        machine.keepalive();
-                                        None
-                                    }
-                                    Lingered::Done => {
-                                        wait_retired(std::mem::take(&mut retiring)).await;
-                                        machine.no_more();
-                                        None
+                            // Push mode: wait for new mail for the leased domains, keeping the
+                            // session alive with NOOP, until linger_max.
+                            _ => match leases.pushed.as_mut() {
+                                None => {
+                                    // Everything delivered is retired before our QUIT, so the
+                                    // customer's next ATRN finds neither the parts nor (after
+                                    // the 221) the leases.
+                                    wait_retired(std::mem::take(&mut retiring)).await;
+                                    machine.no_more();
+                                    None
+                                }
+                                Some(pushed) => {
+                                    let keepalive = odmr.linger_keepalive;
+                                    match linger(pushed, keepalive, linger_until).await {
+                                        Lingered::Mail(part) => {
+                                            let q = Queued {
+                                                id: part.id,
+                                                location: part.location,
+                                                received_at: part.received_at,
+                                                parts: vec![*part],
+                                            };
+                                            let l = load(core, &q).await;
+                                            Some((q, l))
+                                        }
+                                        Lingered::Keepalive => {
+                                            machine.keepalive();
+                                            None
+                                        }
+                                        Lingered::Done => {
+                                            wait_retired(std::mem::take(&mut retiring)).await;
+                                            machine.no_more();
+                                            None
+                                        }
                                     }
                                 }
+                            },
+                        };
+                        match next {
+                            Some((q, Err(e))) if e.is_damage() => {
+                                skip_damaged(core, peer, &q, &e);
+                                summary.quarantined += 1;
                             }
-                        },
+                            other => break other,
+                        }
                     };
                     match next {
                         Some((q, Ok(l))) => {
@@ -239,13 +252,16 @@ pub async fn run(
                     let _ = flush(conn, &mut wire, &mut machine).await;
                     match reason {
                         CloseReason::Done => {
-                            tracing::info!(%peer, delivered = summary.delivered, deferred = summary.deferred, bounced = summary.bounced, "reversal finished");
+                            tracing::info!(%peer, delivered = summary.delivered, deferred = summary.deferred, bounced = summary.bounced, quarantined = summary.quarantined, "reversal finished");
                         }
                         other => {
                             tracing::info!(%peer, reason = %other, delivered = summary.delivered, "reversal ended early; undelivered mail stays held");
                         }
                     }
                     wait_retired(retiring).await;
+                    if summary.delivered == 0 && summary.quarantined > 0 {
+                        note_damaged(core, leases);
+                    }
                     return summary;
                 }
             }
@@ -316,7 +332,37 @@ async fn load(core: &Core, q: &Queued) -> Result<Loaded, spool::Error> {
         });
     }
     let meta = core.reader.read_message(&q.location).await?;
+    // Checked before anything is sent: a damaged body found at its end would have to be cut
+    // off mid-transfer, and with it the whole session.
+    core.reader.verify_body(&q.location).await?;
     Ok(Loaded { meta, body: None })
+}
+
+/// A held message that cannot be read intact: quarantine its leased parts (their shard cores
+/// log it and keep them for the operator) and go on without it.
+fn skip_damaged(core: &Core, peer: SocketAddr, q: &Queued, e: &spool::Error) {
+    tracing::error!(%peer, id = %q.id, error = %e, "held message damaged; quarantined and skipped");
+    let domains = q.parts.iter().map(|p| p.domain.clone());
+    super::quarantine::quarantine(core, q.id, domains, &e.to_string());
+}
+
+/// The session was turned around but delivered nothing, only damaged mail: say so in the
+/// domains' last ATRN result rather than "accepted".
+fn note_damaged(core: &Core, leases: &Leases) {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let domains = leases.parts.iter().map(|(d, _)| d.clone());
+    for (shard, domains) in core.by_shard(domains) {
+        let result = crate::metrics::AtrnResult::Damaged;
+        let msg = MeshMsg::AtrnNoted {
+            domains,
+            result,
+            at,
+        };
+        core.shared.mesh.send(shard, msg);
+    }
 }
 
 /// Waits until every part this session finished has left its shard's index (bounded: a

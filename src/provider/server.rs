@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +24,7 @@ use crate::spool;
 
 use super::core::{Core, MeshMsg, Shared};
 use super::hosted::{CounterTable, Hosted};
+use super::instance::{check_ports_free, InstanceLock};
 use super::session::{self, Kind};
 
 /// How often each core runs expiry and journal reclaim: a quarter of the maximum hold, within
@@ -81,8 +82,9 @@ pub enum IoChoice {
 /// Runs the provider until SIGTERM or SIGINT. SIGHUP reloads the accounts file.
 pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::Result<()> {
     let data_dir = config.server.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)?;
-    let _lock = lock_data_dir(&data_dir)?;
+    spool::private_dir(&data_dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", data_dir.display())))?;
+    let _lock = InstanceLock::acquire(&data_dir)?;
 
     // Signals go to the main thread only: block them before any thread starts (threads
     // inherit the mask), then wait for them with sigwait below.
@@ -132,11 +134,15 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
     }
 
     let mut recovered = spool::recover(&data_dir).map_err(io::Error::other)?;
-    for damage in &recovered.damage {
-        tracing::warn!(?damage, "journal damage found and cut at recovery");
-    }
-    tracing::info!(parts = recovered.parts.len(), "journal recovered");
+    tracing::info!(
+        parts = recovered.parts.len(),
+        damaged_stretches = recovered.damage.len(),
+        damaged_messages = recovered.damaged.len(),
+        missing_segments = recovered.missing.len(),
+        "journal recovered"
+    );
 
+    check_ports_free(configured_addrs(&config))?;
     let listeners = bind_all(&config, cores)?;
     let mesh = Arc::new(Mesh::new(cores));
     let shared = Arc::new(Shared {
@@ -155,15 +161,25 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         last_atrn: Default::default(),
         sessions: Default::default(),
         submit_rates: Default::default(),
+        pins: Default::default(),
     });
 
     // Split recovered parts by shard core, and the writers' state by core.
     let mut shards: Vec<spool::DomainIndex> =
         (0..cores).map(|_| spool::DomainIndex::new()).collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for part in recovered.parts.iter().cloned() {
         let shard = (part.domain.shard_hash() % cores as u64) as usize;
         shared.counters.counters(&part.domain).add(part.bytes);
+        let (id, domain) = (part.id, part.domain.clone());
         shards[shard].insert(part);
+        if recovered.damaged.contains(&id) {
+            let why = "body checksum mismatch (found at recovery)";
+            shards[shard].quarantine(id, &domain, why, now);
+            tracing::error!(%id, %domain, "held message quarantined at start: its stored body is damaged");
+        }
     }
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
@@ -177,6 +193,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         let mut journal_cfg = spool::JournalConfig::new(&data_dir, index as u16, io);
         journal_cfg.segment_size = shared.config.spool.segment_size;
         journal_cfg.compact_below = shared.config.spool.compact_live_ratio;
+        journal_cfg.pins = Some(shared.pins.clone());
         let writer_state = recovered.take_dir(index as u16);
         // Journals of cores that no longer run (fewer cores than last time) are adopted by
         // core `n % cores`, which appends their DONE/EXPIRE records from now on.
@@ -225,6 +242,7 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
             let every =
                 (core.shared.config.spool.max_hold / 4).clamp(MAINTENANCE_MIN, MAINTENANCE_MAX);
             tokio::task::spawn_local(core.clone().run_maintenance(every));
+            tokio::task::spawn_local(core.clone().run_scrub());
             tokio::task::spawn_local(crate::relay::run(core.clone()));
             for (service, l) in my_listeners {
                 match Listener::from_std(core.shared.io, l) {
@@ -261,7 +279,8 @@ pub fn serve(config: Config, io_choice: IoChoice, cores: Option<usize>) -> io::R
         })?;
         metrics_addrs.push(listener.local_addr()?);
         let mesh = mesh.clone();
-        crate::metrics::serve_http(listener, move || scrape(&mesh, io))?;
+        let dir = data_dir.clone();
+        crate::metrics::serve_http(listener, move || scrape(&mesh, io, &dir))?;
     }
     let mut bound: Vec<(&str, SocketAddr)> = listeners
         .bound
@@ -408,7 +427,7 @@ fn bind_all(config: &Config, cores: usize) -> io::Result<Bound> {
 }
 
 /// Asks every core for its metrics, merges them, renders the Prometheus text.
-fn scrape(mesh: &Mesh<MeshMsg>, io: IoKind) -> String {
+fn scrape(mesh: &Mesh<MeshMsg>, io: IoKind, data_dir: &Path) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     for core in 0..mesh.cores() {
         mesh.send(core, MeshMsg::Metrics(tx.clone()));
@@ -422,6 +441,7 @@ fn scrape(mesh: &Mesh<MeshMsg>, io: IoKind) -> String {
         }
     }
     gauges.sort_by(|a, b| a.domain.cmp(&b.domain));
+    merged.store.free_bytes = spool::free_bytes(data_dir).ok();
     let info = crate::metrics::ServerInfo {
         version: env!("CARGO_PKG_VERSION"),
         io_driver: io.name(),
@@ -431,10 +451,35 @@ fn scrape(mesh: &Mesh<MeshMsg>, io: IoKind) -> String {
 }
 
 fn write_listening(data_dir: &Path, bound: &[(&str, SocketAddr)]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let text: String = bound.iter().map(|(s, a)| format!("{s} {a}\n")).collect();
     let tmp = data_dir.join("listening.tmp");
-    std::fs::write(&tmp, text)?;
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(spool::FILE_MODE)
+        .open(&tmp)?
+        .write_all(text.as_bytes())?;
     std::fs::rename(tmp, data_dir.join("listening"))
+}
+
+/// Every address the configuration asks us to listen on, with its service name.
+fn configured_addrs(config: &Config) -> Vec<(&'static str, SocketAddr)> {
+    let services = [
+        (Service::Mx, &config.listen.mx),
+        (Service::Odmr, &config.listen.odmr),
+        (Service::Odmrs, &config.listen.odmrs),
+        (Service::Submission, &config.listen.submission),
+        (Service::Submissions, &config.listen.submissions),
+    ];
+    let mut out: Vec<(&'static str, SocketAddr)> = services
+        .iter()
+        .flat_map(|(s, addrs)| addrs.iter().map(move |a| (s.name(), *a)))
+        .collect();
+    out.extend(config.listen.metrics.iter().map(|a| ("metrics", *a)));
+    out
 }
 
 /// Reads `<data>/listening` (written by a running server) into service -> address.
@@ -473,26 +518,6 @@ fn auth_secret(data_dir: &Path) -> io::Result<[u8; 32]> {
     f.write_all(&secret)?;
     f.sync_all()?;
     Ok(secret)
-}
-
-/// An exclusive lock on `<data>/lock`, so two servers never append to the same journal.
-fn lock_data_dir(data_dir: &Path) -> io::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let path: PathBuf = data_dir.join("lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)?;
-    // SAFETY: flock on a file descriptor we own.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(io::Error::other(format!(
-            "{} is locked: another turnpike server uses this data directory",
-            path.display()
-        )));
-    }
-    Ok(f)
 }
 
 fn block_signals() -> libc::sigset_t {

@@ -10,8 +10,9 @@
 //! transfer at `min_data_rate` at least; a slowloris client cannot stretch either). The
 //! machine never sees a socket, the driver never parses SMTP.
 //!
-//! A 250 for a message is written only after [`Core::store`] returned, and that returns only
-//! after the journal's group commit fdatasync'ed the record. A 250 to ATRN is written only once
+//! Message bodies go to the journal through [`Ingest`]: small ones whole, big ones in chunks
+//! while they arrive. A 250 for a message is written only after [`Ingest::deliver`] returned,
+//! and that returns only after its record was fdatasync'ed. A 250 to ATRN is written only once
 //! the leases are held and the index said there is mail; the reversal then runs on this
 //! connection, outside the session time limit (it has its own per-reply timeouts).
 
@@ -27,6 +28,7 @@ use crate::runtime::deadline::RequestClock;
 
 use super::atrn::{self, Leases, Verdict};
 use super::core::{Core, MeshMsg};
+use super::ingest::Ingest;
 use super::{reversal, submit};
 
 /// Bytes asked for per socket read. Small messages fit whole; big ones stream through.
@@ -122,6 +124,8 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
     };
     let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut pos = 0usize;
+    // The message being streamed to the journal; dropping it (the session ends) removes it.
+    let mut ingest = Ingest::default();
     let min_rate = core.shared.config.limits.min_data_rate;
     let mut clock = RequestClock::new(idle, min_rate, Instant::now());
     // A command was consumed or an action or decision carried out since the last read: the
@@ -142,15 +146,15 @@ async fn run(core: &Rc<Core>, conn: &mut Conn, peer: SocketAddr, kind: Kind) -> 
                 Action::Deliver(incoming) => {
                     let submitted = incoming.account.clone();
                     let rcpts = incoming.envelope.recipients.len();
-                    let result = core.store(incoming, peer).await;
+                    let result = ingest.deliver(core, incoming, peer).await;
                     if let (Some(account), Ok(id)) = (&submitted, &result) {
                         submit::record(core, account, rcpts);
                         tracing::info!(%peer, %account, %id, rcpts, "submitted");
                     }
                     machine.stored(result);
                 }
-                // Bodies come whole until the journal takes streamed messages.
-                Action::StoreChunk(_) | Action::DiscardChunks => {}
+                Action::StoreChunk(bytes) => ingest.chunk(core, &mut machine, bytes, peer).await,
+                Action::DiscardChunks => ingest.discard().await,
                 Action::StartTls => {
                     if let Err(e) = flush(core, conn, &mut machine, peer).await {
                         return End::Io(e);

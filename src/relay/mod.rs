@@ -193,7 +193,13 @@ pub async fn run(core: Rc<Core>) {
         for group in due(&core, &setup) {
             let (core, setup) = (core.clone(), setup.clone());
             core.relay.sessions.set(core.relay.sessions.get() + 1);
+            // Compaction must not delete a segment this attempt reads from.
+            let locations = group
+                .iter()
+                .flat_map(|(_, p)| p.iter().map(|p| &p.location));
+            let pin = core.shared.pins.hold(locations);
             tokio::task::spawn_local(async move {
+                let _pin = pin;
                 deliver(&core, &setup, group).await;
                 core.relay.sessions.set(core.relay.sessions.get() - 1);
                 core.relay.wake();

@@ -25,6 +25,14 @@ pub enum Error {
     },
     /// An earlier write or fdatasync failed; this writer accepts nothing until restart.
     Poisoned,
+    /// The file system (or the service user's quota) is full: the record was not written, and
+    /// nothing on disk changed. Not poisoning: the writer refuses new messages while space is
+    /// short (`452 4.3.1`), keeps writing `DONE`/`EXPIRE` records into its reserve, and takes
+    /// new messages again once space returns.
+    NoSpace {
+        /// What needed the space ("create segment", "write batch", ...).
+        op: &'static str,
+    },
     /// The writer was closed (or dropped) before the append could be made durable.
     Closed,
     /// Bytes read back from disk do not match their checksum or cannot be decoded.
@@ -48,9 +56,30 @@ pub enum Error {
     },
 }
 
+/// True when `e` says the file system or the quota is full (`ENOSPC`, `EDQUOT`).
+pub(crate) fn out_of_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
 impl Error {
     pub(crate) fn io(op: &'static str, path: Option<PathBuf>, source: io::Error) -> Self {
         Error::Io { op, path, source }
+    }
+
+    /// True for [`Error::NoSpace`]: the disk is full, answer `452 4.3.1`.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Error::NoSpace { .. })
+    }
+
+    /// True when the stored copy itself is bad or gone: bytes that fail their checksum or do
+    /// not decode, or a segment file that is missing. Retrying will not help; the part is
+    /// quarantined for the operator.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            Error::Corrupt { .. } => true,
+            Error::Io { source, .. } => source.kind() == io::ErrorKind::NotFound,
+            _ => false,
+        }
     }
 
     /// True when retrying later (after a restart, or once space is freed) may succeed: every
@@ -84,6 +113,12 @@ impl fmt::Display for Error {
                 f.write_str("journal writer is poisoned by an earlier failed write or fdatasync")
             }
             Error::Closed => f.write_str("journal writer is closed"),
+            Error::NoSpace { op } => {
+                write!(
+                    f,
+                    "no space left for the journal ({op}); nothing was written"
+                )
+            }
             Error::Corrupt {
                 path,
                 offset,

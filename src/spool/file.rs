@@ -11,13 +11,50 @@
 //! write is positional, never an append-mode write.
 
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use tokio_uring::buf::BoundedBuf;
+
+/// Mode of every file the spool creates: the service user only.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory the spool creates.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` (and missing parents) with mode 0700 whatever the umask, and sets 0700 on an
+/// existing `dir` that is open to anyone else (with a warning): held mail is for the service
+/// user only.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode != DIR_MODE {
+        tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "directory was open to other users; setting 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))?;
+    }
+    Ok(())
+}
+
+/// Bytes free for an unprivileged user on the file system holding `path` (statvfs
+/// `f_bavail`): what the operator sees as "free" for the spool.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs fills the zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+}
 
 /// Which I/O driver the spool uses on this core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +94,8 @@ where
 }
 
 impl SegmentFile {
-    /// Creates a new file for reading and writing; fails if `path` exists.
+    /// Creates a new file for reading and writing, mode 0600 whatever the umask (held mail is
+    /// for the service user only); fails if `path` exists.
     pub async fn create_new(path: &Path, io: IoKind) -> io::Result<Self> {
         match io {
             IoKind::Uring => {
@@ -65,6 +103,7 @@ impl SegmentFile {
                     .read(true)
                     .write(true)
                     .create_new(true)
+                    .mode(FILE_MODE)
                     .open(path)
                     .await?;
                 Ok(SegmentFile::Uring(Rc::new(f)))
@@ -76,6 +115,7 @@ impl SegmentFile {
                         .read(true)
                         .write(true)
                         .create_new(true)
+                        .mode(FILE_MODE)
                         .open(path)
                 })
                 .await?;

@@ -99,6 +99,20 @@ impl Queue {
 #[derive(Default)]
 pub struct DomainIndex {
     domains: HashMap<DomainName, Queue>,
+    /// Parts whose stored copy is damaged or gone: out of the delivery queues (never offered
+    /// to a session), kept for the operator to bounce or delete.
+    quarantine: BTreeMap<(MessageId, DomainName), Quarantined>,
+}
+
+/// A part taken out of delivery because its stored copy cannot be read intact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The part, as it was held.
+    pub part: HeldPart,
+    /// What was wrong ("body checksum mismatch", "segment missing", ...).
+    pub reason: String,
+    /// When it was quarantined, unix seconds.
+    pub since: u64,
 }
 
 impl DomainIndex {
@@ -118,8 +132,16 @@ impl DomainIndex {
         old
     }
 
-    /// Removes the `domain` part of `id` (after its DONE is durable).
+    /// Removes the `domain` part of `id` (after its DONE is durable), also from quarantine.
     pub fn remove(&mut self, id: MessageId, domain: &DomainName) -> Option<HeldPart> {
+        if let Some(q) = self.quarantine.remove(&(id, domain.clone())) {
+            return Some(q.part);
+        }
+        self.take(id, domain)
+    }
+
+    /// Takes the `domain` part of `id` out of its delivery queue.
+    fn take(&mut self, id: MessageId, domain: &DomainName) -> Option<HeldPart> {
         let q = self.domains.get_mut(domain)?;
         let key = q.key(id)?;
         q.received.remove(&id);
@@ -130,6 +152,45 @@ impl DomainIndex {
             self.domains.remove(domain);
         }
         Some(part)
+    }
+
+    /// Moves the `domain` part of `id` from its delivery queue into quarantine (its stored copy
+    /// failed a checksum or is gone). True when it was newly quarantined; false if it is
+    /// unknown or already there.
+    pub fn quarantine(
+        &mut self,
+        id: MessageId,
+        domain: &DomainName,
+        reason: &str,
+        now: u64,
+    ) -> bool {
+        let Some(part) = self.take(id, domain) else {
+            return false;
+        };
+        self.quarantine.insert(
+            (id, domain.clone()),
+            Quarantined {
+                part,
+                reason: reason.to_string(),
+                since: now,
+            },
+        );
+        true
+    }
+
+    /// Every quarantined part, by message id.
+    pub fn quarantined(&self) -> impl Iterator<Item = &Quarantined> {
+        self.quarantine.values()
+    }
+
+    /// The quarantined parts of message `id`.
+    pub fn quarantined_of(&self, id: MessageId) -> Vec<&Quarantined> {
+        // The quarantine is small (damage is rare): a scan is fine.
+        self.quarantine
+            .iter()
+            .filter(|((i, _), _)| *i == id)
+            .map(|(_, q)| q)
+            .collect()
     }
 
     /// Points the `domain` part of `id` at a compaction copy. False if the part is unknown
@@ -384,6 +445,41 @@ mod tests {
         assert!(ix.relocate(MessageId(1), &x, loc(7, 5)));
         assert_eq!(ix.get(MessageId(1), &x).unwrap().location.seq, 7);
         assert!(!ix.relocate(MessageId(2), &x, loc(7, 5)));
+    }
+
+    #[test]
+    fn a_quarantined_part_leaves_delivery_but_stays_known() {
+        let mut ix = DomainIndex::new();
+        let (x, y) = (d("x.example"), d("y.example"));
+        let e = env(&["a@x.example", "b@y.example"]);
+        for id in [1u128, 2] {
+            for p in HeldPart::for_message(MessageId(id), 10, &e, loc(1, 5)) {
+                ix.insert(p);
+            }
+        }
+        assert!(ix.quarantine(MessageId(1), &x, "body checksum mismatch", 99));
+        assert!(!ix.quarantine(MessageId(1), &x, "again", 100), "once");
+        assert!(!ix.quarantine(MessageId(7), &x, "unknown", 100));
+        let ids: Vec<u128> = ix.parts(&x).map(|p| p.id.0).collect();
+        assert_eq!(ids, [2], "never offered to a session");
+        assert_eq!(ix.stats(&x).messages, 1);
+        assert_eq!(ix.quarantined_of(MessageId(1)).len(), 1);
+        assert_eq!(
+            ix.quarantined().next().unwrap().reason,
+            "body checksum mismatch"
+        );
+        assert!(
+            ix.get(MessageId(1), &y).is_some(),
+            "the other domain's part is untouched"
+        );
+        // A DONE (operator bounce or delete) ends it like any part.
+        assert_eq!(ix.remove(MessageId(1), &x).unwrap().id, MessageId(1));
+        assert!(ix.quarantined().next().is_none());
+        assert!(ix.quarantine(MessageId(2), &x, "x", 1));
+        assert!(
+            !ix.has_mail(&x),
+            "only quarantined parts left: no mail to offer"
+        );
     }
 
     #[test]

@@ -50,8 +50,9 @@
 //! [`JournalHandle::open`], then [`JournalHandle::append_message`] /
 //! [`JournalHandle::append_done`] / [`JournalHandle::append_expire`] from sessions,
 //! [`JournalHandle::reclaim`] on a timer (forward [`ReclaimReport::relocated`] to the shard
-//! cores, which call [`DomainIndex::relocate`]), and a [`Reader`] to stream bodies during a
-//! reversal. [`IoKind`] picks io_uring or the blocking-pool fallback for all file I/O.
+//! cores, which call [`DomainIndex::relocate`], and wait until they did before the next
+//! reclaim), and a [`Reader`] to stream bodies during a reversal. Whoever hands out
+//! locations to a session pins their segments in [`SegmentPins`] for the session's life. [`IoKind`] picks io_uring or the blocking-pool fallback for all file I/O.
 //!
 //! Not done here: adopting journal directories of cores that no longer exist (fewer cores
 //! after a restart), and `O_DIRECT` reads for cold queues.
@@ -60,21 +61,27 @@ mod error;
 mod file;
 mod index;
 mod journal;
+mod pins;
 mod reader;
 mod reclaim;
 mod record;
 mod recovery;
+mod scrub;
+mod stream;
 
 pub use error::Error;
-pub use file::{IoKind, SegmentFile};
-pub use index::{DomainIndex, DomainStats, HeldPart};
+pub use file::{free_bytes, private_dir, IoKind, SegmentFile, DIR_MODE, FILE_MODE};
+pub use index::{DomainIndex, DomainStats, HeldPart, Quarantined};
 pub use journal::{
-    journal_dir, segment_path, JournalConfig, JournalHandle, JournalStats, Location, ReclaimReport,
-    Relocated, DEFAULT_SEGMENT_SIZE,
+    journal_dir, segment_path, JournalConfig, JournalHandle, JournalStats, JournalStatus, Location,
+    ReclaimReport, Relocated, DEFAULT_SEGMENT_SIZE,
 };
+pub use pins::{PinGuard, SegmentPins};
 pub use reader::{BodyStream, Reader};
 pub use record::{parts_of, MsgMeta, Outcome, Part};
-pub use recovery::{recover, Damage, DirRecovery, Recovered, SegmentSummary};
+pub use recovery::{recover, Damage, DirRecovery, MissingSegment, Recovered, SegmentSummary};
+pub use scrub::{Scrub, ScrubFinding, ScrubPass, ScrubStep};
+pub use stream::StreamAppend;
 
 #[cfg(test)]
 pub(crate) mod testutil {

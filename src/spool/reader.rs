@@ -9,9 +9,9 @@
 //! checksum matches. Ranges ([`Reader::read_body_range`]) are bounds-checked but not
 //! checksummed: a range cannot be checked on its own.
 //!
-//! A segment may be deleted by compaction while a reader has it open; reads through the open
-//! descriptor keep working. Opening a deleted segment fails with `NotFound`: the caller looks
-//! the message up again (its index entry was updated with the relocated copy).
+//! Sessions read at the locations they were given when they started; the segments behind
+//! them are pinned ([`SegmentPins`](super::SegmentPins)) so compaction never deletes them in
+//! the meantime. A segment deleted anyway (by hand) fails with `NotFound`.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -21,6 +21,9 @@ use super::file::{IoKind, SegmentFile};
 use super::journal::{segment_path, Location};
 use super::record::{decode_meta, FixedHeader, Meta, MsgMeta, RECORD_HEADER_LEN};
 use super::Error;
+
+/// Bytes per read when a body is verified before sending.
+const VERIFY_CHUNK: usize = 256 << 10;
 
 /// How many segment files one reader keeps open.
 const OPEN_FILES: usize = 16;
@@ -320,6 +323,18 @@ impl Reader {
             });
         }
         Ok(buf)
+    }
+
+    /// Reads the body through once and checks its checksum, without keeping it: a large body
+    /// is verified before its transfer starts, so a damaged one is never half sent (a body
+    /// cut off mid-transfer would cost the whole session).
+    pub async fn verify_body(&self, loc: &Location) -> Result<(), Error> {
+        let mut stream = self.body_stream(*loc, VERIFY_CHUNK);
+        let mut buf = Vec::with_capacity(VERIFY_CHUNK.min(loc.body_len as usize));
+        while let Some(b) = stream.next_chunk(buf).await? {
+            buf = b;
+        }
+        Ok(())
     }
 
     /// Streams the body in chunks of at most `chunk` bytes, verifying the checksum at the end.

@@ -266,11 +266,13 @@ impl Ledger {
         v
     }
 
-    /// Segments that may be deleted now, oldest first (see the module invariants).
-    pub(crate) fn deletable(&self, current: Option<u64>) -> Vec<u64> {
+    /// Segments that may be deleted now, oldest first (see the module invariants). `keep`
+    /// names segments that must stay (pinned by a reader); segments that depend on them stay
+    /// too.
+    pub(crate) fn deletable(&self, current: Option<u64>, keep: impl Fn(u64) -> bool) -> Vec<u64> {
         let mut gone = BTreeSet::new();
         for (seq, s) in &self.segments {
-            if Some(*seq) == current || s.live_parts != 0 {
+            if Some(*seq) == current || s.live_parts != 0 || keep(*seq) {
                 continue;
             }
             let refs_gone = s
@@ -284,11 +286,12 @@ impl Ledger {
         gone.into_iter().collect()
     }
 
-    /// The oldest segment, when it is worth compacting: not current, some live data, and live
-    /// bytes below `ratio` of its record bytes.
+    /// The oldest segment with live data, when it is worth compacting: not current, and live
+    /// bytes below `ratio` of its record bytes. Dead segments before it are skipped (one that
+    /// a reader pins stays a while).
     pub(crate) fn compaction_candidate(&self, current: Option<u64>, ratio: f64) -> Option<u64> {
-        let (seq, s) = self.segments.iter().next()?;
-        if Some(*seq) == current || s.live_parts == 0 {
+        let (seq, s) = self.segments.iter().find(|(_, s)| s.live_parts > 0)?;
+        if Some(*seq) == current {
             return None;
         }
         let used = s.written.saturating_sub(SEGMENT_HEADER_LEN);
@@ -338,10 +341,14 @@ mod tests {
         );
         assert_eq!(l.segment(2).unwrap().refs, BTreeSet::from([1]));
         // Segment 2 holds the DONEs for segment 1: it can only go after segment 1.
-        assert_eq!(l.deletable(Some(3)), vec![1, 2]);
-        assert_eq!(l.deletable(Some(2)), vec![1]);
+        assert_eq!(l.deletable(Some(3), |_| false), vec![1, 2]);
+        assert_eq!(l.deletable(Some(2), |_| false), vec![1]);
+        assert!(
+            l.deletable(Some(3), |s| s == 1).is_empty(),
+            "a pinned segment stays, and so does the one holding its DONEs"
+        );
         l.remove_segment(1);
-        assert_eq!(l.deletable(Some(3)), vec![2]);
+        assert_eq!(l.deletable(Some(3), |_| false), vec![2]);
     }
 
     #[test]
@@ -354,7 +361,7 @@ mod tests {
         l.add_segment(2, 32);
         l.place_done(2, MessageId(1), &d("a.example"));
         assert!(
-            l.deletable(Some(3)).is_empty(),
+            l.deletable(Some(3), |_| false).is_empty(),
             "segment 1 still holds message 2"
         );
         assert_eq!(
@@ -401,7 +408,7 @@ mod tests {
         assert_eq!(l.segment(1).unwrap().live_bytes, 0);
         assert_eq!(l.segment(2).unwrap().live_parts, 2);
         assert_eq!(l.messages_in(2), vec![(MessageId(1), 32, 90)]);
-        assert_eq!(l.deletable(Some(2)), vec![1]);
+        assert_eq!(l.deletable(Some(2), |_| false), vec![1]);
     }
 
     #[test]
@@ -420,7 +427,7 @@ mod tests {
         l.place_msg(MessageId(1), 3, 32, 100, live(&["a.example"]));
         assert_eq!(l.settled(MessageId(1)), [0, 2]);
         assert_eq!(
-            l.deletable(Some(3)),
+            l.deletable(Some(3), |_| false),
             [1, 2],
             "the settle segment goes with the old copy"
         );

@@ -176,6 +176,7 @@ pub(crate) struct Encoded {
 }
 
 /// Appends a `MSG` record to `out`. On error `out` is left as it was.
+#[cfg(test)]
 pub(crate) fn encode_msg(
     out: &mut Vec<u8>,
     id: MessageId,
@@ -184,18 +185,56 @@ pub(crate) fn encode_msg(
     parts: &[Part],
     body: &[u8],
 ) -> Result<Encoded, Error> {
-    let start = out.len();
-    out.reserve(RECORD_HEADER_LEN as usize + 128 + body.len());
-    out.extend_from_slice(&[0u8; RECORD_HEADER_LEN as usize]);
-    let r = encode_msg_meta(out, id, received_at, env, parts);
-    if let Err(e) = r {
-        out.truncate(start);
-        return Err(e);
-    }
-    let body_crc = crc32fast::hash(body);
-    let enc = finish_header(out, start, KIND_MSG, body.len() as u64, body_crc)?;
-    out.extend_from_slice(body);
+    encode_msg_pieces(out, id, received_at, env, parts, &[body])
+}
+
+/// [`encode_msg`] with a body given in pieces (our `Received:` field, then the message), so
+/// that no caller has to copy a body just to put a prefix in front of it.
+pub(crate) fn encode_msg_pieces(
+    out: &mut Vec<u8>,
+    id: MessageId,
+    received_at: u64,
+    env: &Envelope,
+    parts: &[Part],
+    body: &[&[u8]],
+) -> Result<Encoded, Error> {
+    let body_len: usize = body.iter().map(|p| p.len()).sum();
+    let mut crc = crc32fast::Hasher::new();
+    body.iter().for_each(|p| crc.update(p));
+    out.reserve(RECORD_HEADER_LEN as usize + 128 + body_len);
+    let enc = encode_msg_head(
+        out,
+        id,
+        received_at,
+        env,
+        parts,
+        body_len as u64,
+        crc.finalize(),
+    )?;
+    body.iter().for_each(|p| out.extend_from_slice(p));
     Ok(enc)
+}
+
+/// Appends the fixed header and the meta of a `MSG` record whose body (`body_len` bytes with
+/// CRC-32 `body_crc`) is written elsewhere: by a streamed append, which writes the body while
+/// it arrives and this head last. On error `out` is left as it was.
+pub(crate) fn encode_msg_head(
+    out: &mut Vec<u8>,
+    id: MessageId,
+    received_at: u64,
+    env: &Envelope,
+    parts: &[Part],
+    body_len: u64,
+    body_crc: u32,
+) -> Result<Encoded, Error> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER_LEN as usize]);
+    let r = encode_msg_meta(out, id, received_at, env, parts)
+        .and_then(|()| finish_header(out, start, KIND_MSG, body_len, body_crc));
+    if r.is_err() {
+        out.truncate(start);
+    }
+    r
 }
 
 /// Appends a `DONE` record to `out`.

@@ -12,6 +12,8 @@
 //! driver (`--io`) so the same tests run under both drivers.
 #![allow(dead_code)] // Each test binary uses a different subset of the harness.
 
+pub mod customer;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -40,6 +42,7 @@ hostname = "mx.test"
 [listen]
 mx = ["127.0.0.1:0"]
 odmr = ["127.0.0.1:0"]
+odmrs = ["127.0.0.1:0"]
 submission = ["127.0.0.1:0"]
 submissions = ["127.0.0.1:0"]
 metrics = ["127.0.0.1:0"]
@@ -105,7 +108,16 @@ impl TestServer {
     /// `(account, domains)` through `turnpike account add`, starts the server and waits for its
     /// `listening` file. Panics with the server's logs if any step fails.
     pub fn start(config_extra: &str, accounts: &[(&str, &[&str])]) -> TestServer {
-        let data_dir = unique_temp_dir();
+        Self::start_in(unique_temp_dir(), config_extra, accounts)
+    }
+
+    /// [`start`](Self::start) with a data directory the test chose (an empty directory, for
+    /// example on a small tmpfs); it is removed on drop like the default one.
+    pub fn start_in(
+        data_dir: PathBuf,
+        config_extra: &str,
+        accounts: &[(&str, &[&str])],
+    ) -> TestServer {
         let config_path = data_dir.join("turnpike.toml");
         fs::write(&config_path, merged_config(config_extra)).expect("write test config");
         let mut server = TestServer {
@@ -196,6 +208,19 @@ impl TestServer {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// The Prometheus text of the server's metrics listener (`GET /metrics`).
+    pub fn metrics(&self) -> String {
+        let mut http = TcpStream::connect_timeout(&self.addr("metrics"), IO_TIMEOUT)
+            .expect("connect to the metrics listener");
+        http.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("metrics request");
+        let mut text = String::new();
+        http.read_to_string(&mut text).expect("metrics response");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text
     }
 
     /// The first listener address of `service` (`mx`, `odmr`, `submission`, `submissions`).
@@ -558,6 +583,97 @@ pub fn require_program(name: &str) -> bool {
     false
 }
 
+/// True when the test runs as root. Otherwise prints a SKIP line naming `what` needs root,
+/// and returns false, except under `CI=true` (the CI runs as root), where it fails.
+pub fn require_root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    skip_or_fail(&format!("{what} needs root"));
+    false
+}
+
+/// Prints a visible SKIP line for the current test, or panics under `CI=true`.
+pub fn skip_or_fail(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why}, and CI=true does not allow skipping");
+    }
+    let test = thread::current().name().unwrap_or("?").to_string();
+    let _ = writeln!(io::stderr(), "SKIP: {test}: {why}");
+}
+
+/// A tmpfs of a fixed size mounted on a fresh temporary directory, unmounted (lazily, so a
+/// process still holding files there cannot keep it) and removed on drop.
+pub struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a `size_mib` MiB tmpfs, or prints SKIP (fails under `CI=true`) and returns
+    /// `None` where mounting is not permitted.
+    pub fn mount(size_mib: u64) -> Option<Tmpfs> {
+        let dir = unique_temp_dir();
+        let out = run_bounded(
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size_mib}m,mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(&dir),
+            None,
+            CLI_TIMEOUT,
+        );
+        if !out.status.success() {
+            let _ = fs::remove_dir(&dir);
+            skip_or_fail(&format!(
+                "cannot mount a tmpfs ({})",
+                output_text(&out).trim()
+            ));
+            return None;
+        }
+        Some(Tmpfs { dir })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A fresh empty directory inside the mount.
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let d = self.dir.join(name);
+        fs::create_dir(&d).expect("create dir on tmpfs");
+        d
+    }
+
+    /// Bytes free for unprivileged files on the mount (statvfs `f_bavail`).
+    pub fn free_bytes(&self) -> u64 {
+        let c = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+        unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            assert_eq!(libc::statvfs(c.as_ptr(), &mut st), 0, "statvfs");
+            st.f_bavail as u64 * st.f_frsize as u64
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
 /// The Debian package that installs the program `name`, for the SKIP hint.
 fn debian_package(name: &str) -> &str {
     match name {
@@ -759,6 +875,13 @@ fn bad_reply(line: &str, why: &str) -> io::Error {
         io::ErrorKind::InvalidData,
         format!("malformed reply line {line:?}: {why}"),
     )
+}
+
+/// The value of the unlabelled sample `name` in Prometheus text, if present.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Sum of `f(x)` over the entries of a JSON array (0 for a missing or non-array value).
