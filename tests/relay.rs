@@ -907,13 +907,17 @@ fn sigkill_while_delivering_loses_nothing() {
     assert!(seen.values().all(|n| *n <= 2), "{seen:?}");
 }
 
-/// A smarthost that requires AUTH: the relay authenticates with `username` and the first line
-/// of `password_file`, then delivers; a wrong password keeps the mail queued with the 535 shown.
-#[test]
-fn smarthost_auth_plain() {
-    let policy: Policy = Arc::new(|a: &str| {
+/// A smarthost sink whose AUTH is `auth` (the sink's `?auth` policy), and a server relaying
+/// to it as user "relay" with `password` in its `password_file`, holding one message for
+/// `rcpt`. Returns the sink, the server and the password file.
+fn smarthost_with_auth(
+    auth: &'static str,
+    password: &str,
+    rcpt: &str,
+) -> (Sink, TestServer, std::path::PathBuf) {
+    let policy: Policy = Arc::new(move |a: &str| {
         if a == "?auth" {
-            "required".into()
+            auth.into()
         } else {
             "250 2.1.5 Ok".into()
         }
@@ -925,7 +929,7 @@ fn smarthost_auth_plain() {
     );
     let mut server = TestServer::start("", &[ACME]);
     let pw = server.data_dir().join("relay-password");
-    std::fs::write(&pw, "wrong\n").unwrap();
+    std::fs::write(&pw, format!("{password}\n")).unwrap();
     let config = format!(
         "{}\n[relay]\nsmarthost = \"{}\"\nsmarthost_tls = \"none\"\nusername = \"relay\"\n\
          password_file = \"{}\"\nfirst_retry = \"1s\"\n",
@@ -936,12 +940,16 @@ fn smarthost_auth_plain() {
     std::fs::write(server.config_path(), config).unwrap();
     seed(
         &mut server,
-        &[(
-            "boss@acme.example",
-            &["x@auth.example"],
-            b"Subject: a\r\n\r\na\r\n",
-        )],
+        &[("boss@acme.example", &[rcpt], b"Subject: a\r\n\r\na\r\n")],
     );
+    (sink, server, pw)
+}
+
+/// A smarthost that requires AUTH: the relay authenticates with `username` and the first line
+/// of `password_file`, then delivers; a wrong password keeps the mail queued with the 535 shown.
+#[test]
+fn smarthost_auth_plain() {
+    let (sink, mut server, pw) = smarthost_with_auth("required", "wrong", "x@auth.example");
     wait_until("the refused AUTH", 20, &server, || {
         outbound_row(&server, "auth.example").is_some_and(|r| {
             r["last_error"]
@@ -961,37 +969,7 @@ fn smarthost_auth_plain() {
 /// (user name, then password) and delivers.
 #[test]
 fn smarthost_auth_login_fallback() {
-    let policy: Policy = Arc::new(|a: &str| {
-        if a == "?auth" {
-            "login".into()
-        } else {
-            "250 2.1.5 Ok".into()
-        }
-    });
-    let sink = Sink::start(
-        TcpListener::bind("127.0.0.1:0").unwrap(),
-        policy,
-        Arc::new(|| {}),
-    );
-    let mut server = TestServer::start("", &[ACME]);
-    let pw = server.data_dir().join("relay-password");
-    std::fs::write(&pw, "s3cret\n").unwrap();
-    let config = format!(
-        "{}\n[relay]\nsmarthost = \"{}\"\nsmarthost_tls = \"none\"\nusername = \"relay\"\n\
-         password_file = \"{}\"\nfirst_retry = \"1s\"\n",
-        std::fs::read_to_string(server.config_path()).unwrap(),
-        sink.addr,
-        pw.display()
-    );
-    std::fs::write(server.config_path(), config).unwrap();
-    seed(
-        &mut server,
-        &[(
-            "boss@acme.example",
-            &["x@login.example"],
-            b"Subject: a\r\n\r\na\r\n",
-        )],
-    );
+    let (sink, server, _) = smarthost_with_auth("login", "s3cret", "x@login.example");
     wait_until("delivery after AUTH LOGIN", 20, &server, || {
         sink.got().len() == 1 && queue_entry(&server.queue_json(), "login.example").is_none()
     });

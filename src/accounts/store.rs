@@ -117,26 +117,14 @@ impl Accounts {
 
     /// Turns push delivery (linger) on or off for the account `name`.
     pub fn set_linger(&mut self, name: &str, linger: bool) -> Result<(), AccountsError> {
-        let account = AccountName::parse(name)
-            .ok()
-            .and_then(|n| self.by_name.get_mut(&n))
-            .ok_or_else(|| {
-                AccountsError::new(AccountsErrorKind::NoSuchAccount).for_account(name)
-            })?;
-        account.linger = linger;
+        self.existing_mut(name)?.linger = linger;
         Ok(())
     }
 
     /// Lets the account `name` submit mail from any address (`true`) or only from its own
     /// domains (`false`, the default).
     pub fn set_any_sender(&mut self, name: &str, any: bool) -> Result<(), AccountsError> {
-        let account = AccountName::parse(name)
-            .ok()
-            .and_then(|n| self.by_name.get_mut(&n))
-            .ok_or_else(|| {
-                AccountsError::new(AccountsErrorKind::NoSuchAccount).for_account(name)
-            })?;
-        account.any_sender = any;
+        self.existing_mut(name)?.any_sender = any;
         Ok(())
     }
 
@@ -193,6 +181,14 @@ impl Accounts {
         self.cert_owner
             .get(fingerprint)
             .and_then(|name| self.by_name.get(name))
+    }
+
+    /// The existing account `name`, or `NoSuchAccount`.
+    fn existing_mut(&mut self, name: &str) -> Result<&mut Account, AccountsError> {
+        AccountName::parse(name)
+            .ok()
+            .and_then(|n| self.by_name.get_mut(&n))
+            .ok_or_else(|| AccountsError::new(AccountsErrorKind::NoSuchAccount).for_account(name))
     }
 
     /// The name of an existing account, or `NoSuchAccount`.
